@@ -1,0 +1,72 @@
+export { binomial, degreeFeatureCount, featureCount } from './algebra.js';
+export {
+  type Availability,
+  type BackendCapabilities,
+  type BackendState,
+  type BackwardRequest,
+  type BackwardResult,
+  type DType,
+  type FastmaxBackend,
+  type ForwardRequest,
+  type ForwardResult,
+  type ResolvedStateOptions,
+  SPEC_VERSION,
+  type SpecVersion,
+  type StateOptions,
+  type StepResult,
+} from './contract.js';
+export {
+  describeValue,
+  FastmaxError,
+  type FastmaxErrorCode,
+  type FastmaxErrorDetails,
+  isFastmaxError,
+} from './errors.js';
+export {
+  type AttentionResult,
+  type CallOptions,
+  type CreateFastmaxOptions,
+  checkCapabilities,
+  createFastmax,
+  type Fastmax,
+  type FastmaxState,
+  type SkippedBackend,
+} from './fastmax.js';
+export {
+  type AttentionPath,
+  type DegenerateRowPolicy,
+  defaultCoefficients,
+  type FastmaxOptions,
+  NORMALIZATION_KINDS,
+  type Normalization,
+  type NormalizationKind,
+  type NormalizationMode,
+  type Order,
+  type ResolvedNormalization,
+  type ResolvedOptions,
+  resolveOptions,
+  SUPPORTED_ORDERS,
+} from './options.js';
+export { type AttentionPlan, chooseChunkSize, estimateCosts, planAttention } from './planner.js';
+export { type PreparationTrace, type PreparedScores, prepareScores, prepareScoresBackward } from './prepare.js';
+export { resolveStateOptions, validateStepInputs } from './state.js';
+export {
+  type DeviceTensor,
+  type HostTensor,
+  hostTensor,
+  isDeviceTensor,
+  isHostTensor,
+  type Shape4,
+  shapeSize,
+  type Tensor,
+  toHost,
+} from './tensor.js';
+export {
+  type AttentionShape,
+  checkFinite,
+  keyLimit,
+  kvHeadOf,
+  validateAttentionInputs,
+  validateOutputGradient,
+  validKeyCount,
+} from './validate.js';

@@ -1,0 +1,2 @@
+// Filled in by the reference work: referenceAttention, referenceBackward, softmaxAttention, referenceBackend.
+export {};

@@ -1,0 +1,167 @@
+import { FastmaxError, describeValue } from './errors.js';
+import type { ResolvedOptions } from './options.js';
+import { type Shape4, type Tensor, isDeviceTensor, shapeSize } from './tensor.js';
+
+/** The sizes of one attention call: q is [B, H, N, D], k is [B, Hkv, M, D], v is [B, Hkv, M, Dv]. */
+export interface AttentionShape {
+  readonly batch: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  /** N */
+  readonly queryLength: number;
+  /** M */
+  readonly keyLength: number;
+  /** D */
+  readonly headDim: number;
+  /** Dv */
+  readonly valueDim: number;
+}
+
+function checkTensor(tensor: unknown, name: string): Shape4 {
+  if (typeof tensor !== 'object' || tensor === null || !('shape' in tensor)) {
+    throw new FastmaxError('INVALID_SHAPE', `${name} must be a tensor { shape, data }`, {
+      argument: name,
+      expected: '{ shape: [B, H, N, D], data: Float32Array }',
+      actual: describeValue(tensor),
+    });
+  }
+  const shape = (tensor as { shape: unknown }).shape;
+  if (!Array.isArray(shape) || shape.length !== 4) {
+    throw new FastmaxError('INVALID_SHAPE', `${name} must have rank 4 (row-major B×H×N×D)`, {
+      argument: `${name}.shape`,
+      expected: 'rank 4',
+      actual: Array.isArray(shape) ? `rank ${shape.length} ${describeValue(shape)}` : describeValue(shape),
+    });
+  }
+  shape.forEach((size, axis) => {
+    if (!Number.isInteger(size) || (size as number) < 0) {
+      throw new FastmaxError('INVALID_SHAPE', `${name} dimensions must be non-negative integers`, {
+        argument: `${name}.shape[${axis}]`,
+        expected: 'an integer >= 0',
+        actual: describeValue(size),
+      });
+    }
+  });
+  const typedShape = shape as unknown as Shape4;
+  if (!isDeviceTensor(tensor as Tensor)) {
+    const data = (tensor as unknown as { data: unknown }).data;
+    if (!(data instanceof Float32Array)) {
+      throw new FastmaxError('INVALID_SHAPE', `${name}.data must be a Float32Array`, {
+        argument: `${name}.data`,
+        expected: 'Float32Array',
+        actual: data === null || data === undefined ? String(data) : (data as object).constructor.name,
+      });
+    }
+    if (data.length !== shapeSize(typedShape)) {
+      throw new FastmaxError('INVALID_SHAPE', `${name}.data length does not match its shape`, {
+        argument: `${name}.data`,
+        expected: `${shapeSize(typedShape)} values for shape ${describeValue(shape)}`,
+        actual: `${data.length} values`,
+      });
+    }
+  }
+  return typedShape;
+}
+
+function mismatch(argument: string, expected: number, actual: number, what: string): FastmaxError {
+  return new FastmaxError('SHAPE_MISMATCH', `${what} must agree`, {
+    argument,
+    expected: String(expected),
+    actual: String(actual),
+  });
+}
+
+/** Rejects NaN and ±Infinity in a host tensor, naming the first bad flat index. */
+export function checkFinite(tensor: Tensor, name: string): void {
+  if (isDeviceTensor(tensor)) return;
+  const data = tensor.data;
+  for (let i = 0; i < data.length; i++) {
+    const value = data[i]!;
+    // value - value is 0 for every finite number and NaN for NaN and ±Infinity.
+    if (value - value !== 0) {
+      throw new FastmaxError('NON_FINITE_INPUT', `${name} holds a non-finite value`, {
+        argument: `${name}.data[${i}]`,
+        expected: 'a finite number',
+        actual: describeValue(value),
+      });
+    }
+  }
+}
+
+export function validateAttentionInputs(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  options: ResolvedOptions,
+): AttentionShape {
+  const [batch, heads, queryLength, headDim] = checkTensor(q, 'q');
+  const [kBatch, kvHeads, keyLength, kDim] = checkTensor(k, 'k');
+  const [vBatch, vHeads, vLength, valueDim] = checkTensor(v, 'v');
+  if (kBatch !== batch) throw mismatch('k.shape[0]', batch, kBatch, 'batch sizes of q and k');
+  if (vBatch !== batch) throw mismatch('v.shape[0]', batch, vBatch, 'batch sizes of q and v');
+  if (kDim !== headDim) throw mismatch('k.shape[3]', headDim, kDim, 'head dims D of q and k');
+  if (vHeads !== kvHeads) throw mismatch('v.shape[1]', kvHeads, vHeads, 'head counts of k and v');
+  if (vLength !== keyLength) throw mismatch('v.shape[2]', keyLength, vLength, 'sequence lengths M of k and v');
+  if (kvHeads === 0 || heads % kvHeads !== 0) {
+    throw new FastmaxError('INVALID_HEADS', 'query heads must be a multiple of key/value heads', {
+      argument: 'k.shape[1]',
+      expected: `a divisor of H = ${heads} (and > 0)`,
+      actual: String(kvHeads),
+    });
+  }
+  const keyLengths = options.keyLengths;
+  if (keyLengths !== null) {
+    if (keyLengths.length !== batch) {
+      throw new FastmaxError('INVALID_KEY_LENGTHS', 'keyLengths needs one entry per batch', {
+        argument: 'options.keyLengths',
+        expected: `${batch} entries`,
+        actual: `${keyLengths.length} entries`,
+      });
+    }
+    keyLengths.forEach((length, b) => {
+      if (length < 0 || length > keyLength) {
+        throw new FastmaxError('INVALID_KEY_LENGTHS', 'a key length is out of range', {
+          argument: `options.keyLengths[${b}]`,
+          expected: `an integer in [0, ${keyLength}]`,
+          actual: String(length),
+        });
+      }
+    });
+  }
+  if (options.checkFinite) {
+    checkFinite(q, 'q');
+    checkFinite(k, 'k');
+    checkFinite(v, 'v');
+  }
+  return { batch, heads, kvHeads, queryLength, keyLength, headDim, valueDim };
+}
+
+/** dOut must have the output's shape [B, H, N, Dv]. */
+export function validateOutputGradient(dOut: Tensor, shape: AttentionShape, options: ResolvedOptions): void {
+  const [b, h, n, dv] = checkTensor(dOut, 'dOut');
+  const expected = [shape.batch, shape.heads, shape.queryLength, shape.valueDim];
+  [b, h, n, dv].forEach((size, axis) => {
+    if (size !== expected[axis]) throw mismatch(`dOut.shape[${axis}]`, expected[axis]!, size, 'dOut and the output shape');
+  });
+  if (options.checkFinite) checkFinite(dOut, 'dOut');
+}
+
+/** The key/value head that query head h reads: consecutive query heads share one (GQA/MQA). */
+export function kvHeadOf(head: number, shape: AttentionShape): number {
+  return Math.floor(head / (shape.heads / shape.kvHeads));
+}
+
+/** Number of keys of batch b that are not padding. */
+export function validKeyCount(batch: number, shape: AttentionShape, options: ResolvedOptions): number {
+  return options.keyLengths === null ? shape.keyLength : options.keyLengths[batch]!;
+}
+
+/**
+ * One past the last key query i may see: min(valid keys, i + M - N + 1) when causal, else the valid
+ * key count. Everything a backend needs to mask is this one number per query row.
+ */
+export function keyLimit(batch: number, query: number, shape: AttentionShape, options: ResolvedOptions): number {
+  const valid = validKeyCount(batch, shape, options);
+  if (!options.causal) return valid;
+  return Math.max(0, Math.min(valid, query + shape.keyLength - shape.queryLength + 1));
+}
