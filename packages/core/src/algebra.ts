@@ -19,3 +19,20 @@ export function featureCount(headDim: number, order: Order): number {
   for (let l = 0; l <= order; l++) total += degreeFeatureCount(headDim, l);
   return total;
 }
+
+/**
+ * The Fastmax kernel f(s) = Σ_{l<=p} a_l s^l, by Horner's rule (p + 1 multiply-adds, and the most
+ * accurate ordering for a short polynomial). `coefficients` holds a_0..a_p.
+ */
+export function kernelValue(coefficients: ArrayLike<number>, s: number): number {
+  let value = 0;
+  for (let l = coefficients.length - 1; l >= 0; l--) value = value * s + coefficients[l]!;
+  return value;
+}
+
+/** f'(s) = Σ_{l>=1} l·a_l s^(l-1): how a weight moves with its score, used by every backward pass. */
+export function kernelDerivative(coefficients: ArrayLike<number>, s: number): number {
+  let slope = 0;
+  for (let l = coefficients.length - 1; l >= 1; l--) slope = slope * s + l * coefficients[l]!;
+  return slope;
+}

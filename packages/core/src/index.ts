@@ -1,4 +1,5 @@
-export { binomial, degreeFeatureCount, featureCount } from './algebra.js';
+export { binomial, degreeFeatureCount, featureCount, kernelDerivative, kernelValue } from './algebra.js';
+export { chunkRanges, type QueryChunk, querySchedule } from './chunked.js';
 export {
   type Availability,
   type BackendCapabilities,
@@ -32,6 +33,17 @@ export {
   type FastmaxState,
   type SkippedBackend,
 } from './fastmax.js';
+export {
+  type FeatureLayout,
+  featureCoefficients,
+  featureLayout,
+  keyFeatures,
+  keyFeaturesBackward,
+  MAX_LAYOUT_FEATURES,
+  monomialTable,
+  multinomialWeights,
+  queryFeatures,
+} from './features.js';
 export {
   type AttentionPath,
   type DegenerateRowPolicy,

@@ -40,7 +40,12 @@ export interface PreparationTrace {
   readonly keyArgmax: Int32Array;
 }
 
-function center(source: Float32Array | Float64Array, rows: number, dim: number, centered: boolean): Float64Array {
+function center(
+  source: Float32Array | Float64Array,
+  rows: number,
+  dim: number,
+  centered: boolean,
+): Float64Array {
   const out = new Float64Array(rows * dim);
   for (let r = 0; r < rows; r++) {
     const base = r * dim;
@@ -246,7 +251,8 @@ export function prepareScoresBackward(
     for (let g = 0; g < Hkv; g++) {
       const head = (b * Hkv + g) * M;
       if (mode === 'max-norm') {
-        const argmax = keyArgmax[(b * H + g * groupSize) * N]!;
+        // The key argmax is stored per query row; with no query row (N = 0) dy is 0 anyway.
+        const argmax = N > 0 ? keyArgmax[(b * H + g * groupSize) * N]! : -1;
         const divisor = argmax < 0 ? 1 : rowNorm(ck, head + argmax, D);
         let dDivisor = 0;
         for (let j = 0; j < M; j++) {
@@ -256,12 +262,16 @@ export function prepareScoresBackward(
             dDivisor -= (dy[row * D + d]! * y[row * D + d]!) / divisor;
           }
         }
-        if (argmax >= 0 && N > 0) addNormGradient(dck, ck, head + argmax, dDivisor);
+        if (argmax >= 0) addNormGradient(dck, ck, head + argmax, dDivisor);
       } else if (mode === 'l2') {
         for (let j = 0; j < M; j++) {
           const row = head + j;
           const norm = rowNorm(ck, row, D);
-          if (norm === 0) continue;
+          if (norm === 0) {
+            // The norm was replaced by the constant 1 (y = c), exactly as for a zero-norm query.
+            for (let d = 0; d < D; d++) dck[row * D + d]! += dy[row * D + d]!;
+            continue;
+          }
           let projection = 0;
           for (let d = 0; d < D; d++) projection += dy[row * D + d]! * y[row * D + d]!;
           for (let d = 0; d < D; d++) {

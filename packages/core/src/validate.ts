@@ -34,10 +34,11 @@ function checkTensor(tensor: unknown, name: string): Shape4 {
     });
   }
   shape.forEach((size, axis) => {
-    if (!Number.isInteger(size) || (size as number) < 0) {
-      throw new FastmaxError('INVALID_SHAPE', `${name} dimensions must be non-negative integers`, {
+    // Empty dimensions are refused rather than special-cased in every backend.
+    if (!Number.isInteger(size) || (size as number) < 1) {
+      throw new FastmaxError('INVALID_SHAPE', `${name} dimensions must be positive integers`, {
         argument: `${name}.shape[${axis}]`,
-        expected: 'an integer >= 0',
+        expected: 'an integer >= 1',
         actual: describeValue(size),
       });
     }

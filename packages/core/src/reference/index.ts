@@ -1,2 +1,3 @@
-// Filled in by the reference work: referenceAttention, referenceBackward, softmaxAttention, referenceBackend.
-export {};
+export { type ReferenceAttentionResult, referenceAttention, referenceBackward } from './oracle.js';
+export { softmaxAttention } from './softmax.js';
+export { referenceBackend } from './backend.js';

@@ -1,0 +1,340 @@
+// Fastmax CPU kernels (AssemblyScript, compiled to WebAssembly with 128-bit SIMD).
+//
+// Every pointer is a byte offset into this module's memory and every matrix is float32, row-major
+// with an explicit leading dimension `ld*` counted in floats. The host (src/engine.ts) lays the
+// buffers out, pads them (rows of queries to a multiple of 4, value columns to a multiple of 8) and
+// drives the chunk loop; these functions are the hot loops only.
+//
+// All matrix products share one register-blocked micro-kernel: a 4×8 tile of the result kept in 8
+// f32x4 accumulators while the shared dimension K streams through. Each step loads two vectors of
+// the B operand and broadcasts four scalars of the A operand: 16 multiply-adds for 6 loads, and 11
+// live vector registers, which leaves room in the 15 that V8 allocates on x64 (no spills).
+
+
+
+@inline
+function madd(a: v128, b: v128, c: v128): v128 {
+  if (ASC_FEATURE_RELAXED_SIMD) return f32x4.relaxed_madd(a, b, c);
+  return f32x4.add(f32x4.mul(a, b), c);
+}
+
+// Accumulators of the current tile, spilled once per tile (not per step) for the write-back.
+let t0: v128 = f32x4.splat(0);
+let t1: v128 = f32x4.splat(0);
+let t2: v128 = f32x4.splat(0);
+let t3: v128 = f32x4.splat(0);
+let t4: v128 = f32x4.splat(0);
+let t5: v128 = f32x4.splat(0);
+let t6: v128 = f32x4.splat(0);
+let t7: v128 = f32x4.splat(0);
+
+/**
+ * tile[r][0..8) = Σ_k A(k, r) · B(k, 0..8) with A(k, r) at a_r + k·aStep and B(k, ·) at b + k·bStep.
+ * Rows r = 0..3 are the tile's rows (t{2r}, t{2r+1} hold its 8 columns).
+ */
+@inline
+function tile4x8(a0: usize, a1: usize, a2: usize, a3: usize, aStep: usize, b: usize, bStep: usize, k: i32): void {
+  let c00 = f32x4.splat(0);
+  let c01 = f32x4.splat(0);
+  let c10 = f32x4.splat(0);
+  let c11 = f32x4.splat(0);
+  let c20 = f32x4.splat(0);
+  let c21 = f32x4.splat(0);
+  let c30 = f32x4.splat(0);
+  let c31 = f32x4.splat(0);
+  for (let i = 0; i < k; i++) {
+    const b0 = v128.load(b);
+    const b1 = v128.load(b, 16);
+    let a = v128.load32_splat(a0);
+    c00 = madd(a, b0, c00);
+    c01 = madd(a, b1, c01);
+    a = v128.load32_splat(a1);
+    c10 = madd(a, b0, c10);
+    c11 = madd(a, b1, c11);
+    a = v128.load32_splat(a2);
+    c20 = madd(a, b0, c20);
+    c21 = madd(a, b1, c21);
+    a = v128.load32_splat(a3);
+    c30 = madd(a, b0, c30);
+    c31 = madd(a, b1, c31);
+    a0 += aStep;
+    a1 += aStep;
+    a2 += aStep;
+    a3 += aStep;
+    b += bStep;
+  }
+  t0 = c00;
+  t1 = c01;
+  t2 = c10;
+  t3 = c11;
+  t4 = c20;
+  t5 = c21;
+  t6 = c30;
+  t7 = c31;
+}
+
+@inline
+function tileRow0(r: i32): v128 {
+  return r == 0 ? t0 : r == 1 ? t2 : r == 2 ? t4 : t6;
+}
+
+@inline
+function tileRow1(r: i32): v128 {
+  return r == 0 ? t1 : r == 1 ? t3 : r == 2 ? t5 : t7;
+}
+
+/** Adds the tile into out (4 rows of 8 floats, row stride ldOut floats). */
+@inline
+function addTile(out: usize, ldOut: i32): void {
+  const step = <usize>ldOut << 2;
+  for (let r = 0; r < 4; r++) {
+    const p = out + <usize>r * step;
+    v128.store(p, f32x4.add(v128.load(p), tileRow0(r)));
+    v128.store(p, f32x4.add(v128.load(p, 16), tileRow1(r)), 16);
+  }
+}
+
+/** Kahan-compensated s += w·tile, so the running sum's rounding error does not grow with the count. */
+@inline
+function kahanAdd(s: usize, comp: usize, value: v128): void {
+  const y = f32x4.sub(value, v128.load(comp));
+  const old = v128.load(s);
+  const t = f32x4.add(old, y);
+  v128.store(comp, f32x4.sub(f32x4.sub(t, old), y));
+  v128.store(s, t);
+}
+
+export function heapBase(): usize {
+  return __heap_base;
+}
+
+/**
+ * Monomial features, feature-major: out[f - f0][j] = Π_t src[idx_t(f)][j] for j < 4·n4, where the
+ * table holds (degree, packed indices) per feature, one index per byte, degree 0 giving 1.
+ */
+export function features(
+  src: usize,
+  ldSrc: i32,
+  n4: i32,
+  table: usize,
+  f0: i32,
+  f1: i32,
+  out: usize,
+  ldOut: i32,
+): void {
+  const rowBytes = <usize>ldSrc << 2;
+  const one = f32x4.splat(1);
+  for (let f = f0; f < f1; f++) {
+    const degree = load<i32>(table + (<usize>f << 3));
+    const packed = load<u32>(table + (<usize>f << 3), 4);
+    const dst = out + ((<usize>(f - f0) * <usize>ldOut) << 2);
+    const r0 = src + <usize>(packed & 255) * rowBytes;
+    const r1 = src + <usize>((packed >> 8) & 255) * rowBytes;
+    const r2 = src + <usize>((packed >> 16) & 255) * rowBytes;
+    const r3 = src + <usize>(packed >> 24) * rowBytes;
+    if (degree == 0) {
+      for (let j = 0; j < n4; j++) v128.store(dst + (<usize>j << 4), one);
+    } else if (degree == 1) {
+      for (let j = 0; j < n4; j++) {
+        const o = <usize>j << 4;
+        v128.store(dst + o, v128.load(r0 + o));
+      }
+    } else if (degree == 2) {
+      for (let j = 0; j < n4; j++) {
+        const o = <usize>j << 4;
+        v128.store(dst + o, f32x4.mul(v128.load(r0 + o), v128.load(r1 + o)));
+      }
+    } else if (degree == 3) {
+      for (let j = 0; j < n4; j++) {
+        const o = <usize>j << 4;
+        v128.store(dst + o, f32x4.mul(f32x4.mul(v128.load(r0 + o), v128.load(r1 + o)), v128.load(r2 + o)));
+      }
+    } else {
+      for (let j = 0; j < n4; j++) {
+        const o = <usize>j << 4;
+        const ab = f32x4.mul(v128.load(r0 + o), v128.load(r1 + o));
+        const cd = f32x4.mul(v128.load(r2 + o), v128.load(r3 + o));
+        v128.store(dst + o, f32x4.mul(ab, cd));
+      }
+    }
+  }
+}
+
+/**
+ * Moment update for one block of nf (multiple of 4) features and nTok tokens:
+ *   S[f][c] += w_f · Σ_j U[f][j] · V[j][c]   (c < nc, a multiple of 8)
+ *   z[f]    += w_f · Σ_j U[f][j]
+ * with Kahan compensation (comp, zComp) on both running sums. w holds one weight per feature.
+ * V and S are stored in panels of 8 columns (panel p holds columns 8p..8p+7 of every row, rows
+ * 32 bytes apart, panels vPanel / sPanel bytes apart) so that every tile streams contiguous memory.
+ */
+export function moments(
+  u: usize,
+  ldU: i32,
+  nf: i32,
+  v: usize,
+  vPanel: i32,
+  nTok: i32,
+  nc: i32,
+  s: usize,
+  comp: usize,
+  sPanel: i32,
+  w: usize,
+  z: usize,
+  zComp: usize,
+): void {
+  const uRow = <usize>ldU << 2;
+  for (let f = 0; f < nf; f += 4) {
+    const a0 = u + <usize>f * uRow;
+    const w0 = f32x4.splat(load<f32>(w + (<usize>f << 2)));
+    const w1 = f32x4.splat(load<f32>(w + (<usize>f << 2), 4));
+    const w2 = f32x4.splat(load<f32>(w + (<usize>f << 2), 8));
+    const w3 = f32x4.splat(load<f32>(w + (<usize>f << 2), 12));
+    for (let c = 0; c < nc >> 3; c++) {
+      tile4x8(a0, a0 + uRow, a0 + 2 * uRow, a0 + 3 * uRow, 4, v + <usize>c * <usize>vPanel, 32, nTok);
+      const sp = s + <usize>c * <usize>sPanel + (<usize>f << 5);
+      const cp = comp + <usize>c * <usize>sPanel + (<usize>f << 5);
+      kahanAdd(sp, cp, f32x4.mul(t0, w0));
+      kahanAdd(sp + 16, cp + 16, f32x4.mul(t1, w0));
+      kahanAdd(sp + 32, cp + 32, f32x4.mul(t2, w1));
+      kahanAdd(sp + 48, cp + 48, f32x4.mul(t3, w1));
+      kahanAdd(sp + 64, cp + 64, f32x4.mul(t4, w2));
+      kahanAdd(sp + 80, cp + 80, f32x4.mul(t5, w2));
+      kahanAdd(sp + 96, cp + 96, f32x4.mul(t6, w3));
+      kahanAdd(sp + 112, cp + 112, f32x4.mul(t7, w3));
+    }
+  }
+  const n4 = nTok >> 2;
+  for (let f = 0; f < nf; f++) {
+    const row = u + <usize>f * uRow;
+    let acc = f32x4.splat(0);
+    for (let j = 0; j < n4; j++) acc = f32x4.add(acc, v128.load(row + (<usize>j << 4)));
+    let total: f32 =
+      f32x4.extract_lane(acc, 0) + f32x4.extract_lane(acc, 1) + f32x4.extract_lane(acc, 2) + f32x4.extract_lane(acc, 3);
+    for (let j = n4 << 2; j < nTok; j++) total += load<f32>(row + (<usize>j << 2));
+    const value: f32 = total * load<f32>(w + (<usize>f << 2));
+    const zp = z + (<usize>f << 2);
+    const cp = zComp + (<usize>f << 2);
+    const y = value - load<f32>(cp);
+    const old = load<f32>(zp);
+    const t = old + y;
+    store<f32>(cp, t - old - y);
+    store<f32>(zp, t);
+  }
+}
+
+/**
+ * Query side for one block of nf features and 4·nq4 queries:
+ *   O[i][c] += Σ_f U[f][i] · S[f][c]   (c < nc, a multiple of 8; S in panels as in `moments`)
+ *   den[i]  += Σ_f U[f][i] · z[f]
+ */
+export function readout(
+  u: usize,
+  ldU: i32,
+  nf: i32,
+  s: usize,
+  sPanel: i32,
+  z: usize,
+  nq4: i32,
+  nc: i32,
+  o: usize,
+  ldO: i32,
+  den: usize,
+): void {
+  const uRow = <usize>ldU << 2;
+  for (let i = 0; i < nq4 << 2; i += 4) {
+    const a0 = u + (<usize>i << 2);
+    for (let c = 0; c < nc; c += 8) {
+      tile4x8(a0, a0 + 4, a0 + 8, a0 + 12, uRow, s + <usize>(c >> 3) * <usize>sPanel, 32, nf);
+      addTile(o + ((<usize>i * <usize>ldO + <usize>c) << 2), ldO);
+    }
+    let acc = f32x4.splat(0);
+    let row = a0;
+    for (let f = 0; f < nf; f++) {
+      acc = madd(v128.load(row), v128.load32_splat(z + (<usize>f << 2)), acc);
+      row += uRow;
+    }
+    const dp = den + (<usize>i << 2);
+    v128.store(dp, f32x4.add(v128.load(dp), acc));
+  }
+}
+
+/** W[i][j] = Σ_d X[d][i] · Y[d][j] for i < 4·nq4, j < 8·nk8 (X, Y feature-major, D rows). */
+export function scores(x: usize, ldX: i32, nq4: i32, y: usize, ldY: i32, nk8: i32, d: i32, w: usize, ldW: i32): void {
+  const xRow = <usize>ldX << 2;
+  const yRow = <usize>ldY << 2;
+  const wRow = <usize>ldW << 2;
+  for (let i = 0; i < nq4 << 2; i += 4) {
+    const a0 = x + (<usize>i << 2);
+    for (let j = 0; j < nk8 << 3; j += 8) {
+      tile4x8(a0, a0 + 4, a0 + 8, a0 + 12, xRow, y + (<usize>j << 2), yRow, d);
+      const p = w + <usize>i * wRow + (<usize>j << 2);
+      v128.store(p, t0);
+      v128.store(p, t1, 16);
+      v128.store(p + wRow, t2);
+      v128.store(p + wRow, t3, 16);
+      v128.store(p + 2 * wRow, t4);
+      v128.store(p + 2 * wRow, t5, 16);
+      v128.store(p + 3 * wRow, t6);
+      v128.store(p + 3 * wRow, t7, 16);
+    }
+  }
+}
+
+/**
+ * W[i][j] = f(W[i][j]) = Σ_l a_l W^l for j < limit_i, else 0, for j < 8·nk8 and every row i < nq.
+ * coefficients: order + 1 floats a_0..a_p; limits: one i32 per row.
+ */
+export function polynomial(w: usize, ldW: i32, nq: i32, nk8: i32, limits: usize, coefficients: usize, order: i32): void {
+  const wRow = <usize>ldW << 2;
+  const top = f32x4.splat(load<f32>(coefficients + (<usize>order << 2)));
+  const lane = i32x4(0, 1, 2, 3);
+  for (let i = 0; i < nq; i++) {
+    const row = w + <usize>i * wRow;
+    const limit = i32x4.splat(load<i32>(limits + (<usize>i << 2)));
+    for (let j = 0; j < nk8 << 1; j++) {
+      const p = row + (<usize>j << 4);
+      const s = v128.load(p);
+      let acc = top;
+      for (let l = order - 1; l >= 0; l--) {
+        acc = madd(acc, s, f32x4.splat(load<f32>(coefficients + (<usize>l << 2))));
+      }
+      const visible = i32x4.lt_s(i32x4.add(lane, i32x4.splat(j << 2)), limit);
+      v128.store(p, v128.and(acc, visible));
+    }
+  }
+}
+
+/**
+ * O[i][c] += Σ_j W[i][j] · V[j][c] for j < nk (c < nc, a multiple of 8; V in panels as in
+ * `moments`), den[i] += Σ_j W[i][j],
+ * for i < 4·nq4. Columns of W at or past nk are ignored.
+ */
+export function weighted(
+  w: usize,
+  ldW: i32,
+  nq4: i32,
+  nk: i32,
+  v: usize,
+  vPanel: i32,
+  nc: i32,
+  o: usize,
+  ldO: i32,
+  den: usize,
+): void {
+  const wRow = <usize>ldW << 2;
+  for (let i = 0; i < nq4 << 2; i += 4) {
+    const a0 = w + <usize>i * wRow;
+    for (let c = 0; c < nc; c += 8) {
+      tile4x8(a0, a0 + wRow, a0 + 2 * wRow, a0 + 3 * wRow, 4, v + <usize>(c >> 3) * <usize>vPanel, 32, nk);
+      addTile(o + ((<usize>i * <usize>ldO + <usize>c) << 2), ldO);
+    }
+    for (let r = 0; r < 4; r++) {
+      const row = a0 + <usize>r * wRow;
+      let total: f32 = 0;
+      for (let j = 0; j < nk; j++) total += load<f32>(row + (<usize>j << 2));
+      const dp = den + (<usize>(i + r) << 2);
+      store<f32>(dp, load<f32>(dp) + total);
+    }
+  }
+}

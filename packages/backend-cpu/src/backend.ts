@@ -1,0 +1,408 @@
+import {
+  type Availability,
+  type BackendCapabilities,
+  type BackendState,
+  type BackwardRequest,
+  type BackwardResult,
+  chooseChunkSize,
+  chunkRanges,
+  FastmaxError,
+  type FastmaxBackend,
+  type ForwardRequest,
+  type ForwardResult,
+  type HostTensor,
+  isDeviceTensor,
+  NORMALIZATION_KINDS,
+  querySchedule,
+  type ResolvedStateOptions,
+  SPEC_VERSION,
+  type StepResult,
+  SUPPORTED_ORDERS,
+  type Tensor,
+  validKeyCount,
+} from '@fastmax/core';
+import { cpuBackward } from './backward.js';
+import { type AttentionJob, Engine, type HeadState, type NormalizationSpec, type WorkUnit } from './engine.js';
+import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
+import { WorkerPool, workerFactory } from './pool.js';
+import { kernelSetup } from './setup.js';
+
+export interface CpuBackendOptions {
+  /**
+   * Threads to compute with, the calling one included in the count: 1 runs everything in the
+   * calling thread; more starts a pool of workers (Node `worker_threads`, or Web Workers where
+   * `SharedArrayBuffer` is available). Default: the available cores.
+   */
+  readonly threads?: number;
+  /**
+   * Calls estimated below this many multiply-adds run in the calling thread even with a pool,
+   * because handing work to workers costs more than it saves. Default 2^22 (a few milliseconds).
+   */
+  readonly parallelThreshold?: number;
+  /** Use relaxed-SIMD fused multiply-add where the engine supports it. Default true. */
+  readonly relaxedSimd?: boolean;
+}
+
+/** Largest moment state (S, its compensation and z) one thread may hold, in bytes. */
+const MAX_STATE_BYTES = 2 ** 31;
+
+const CAPABILITIES: BackendCapabilities = {
+  orders: SUPPORTED_ORDERS,
+  normalizations: NORMALIZATION_KINDS,
+  maxHeadDim: 256,
+  causal: true,
+  keyPadding: true,
+  groupedQuery: true,
+  crossAttention: true,
+  backward: true,
+  state: true,
+  dtypes: ['float32'],
+  paths: ['factorized', 'direct'],
+  deviceTensors: false,
+};
+
+function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+function defaultThreads(): number {
+  const nav = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator;
+  if (typeof nav?.hardwareConcurrency === 'number' && nav.hardwareConcurrency > 0) return nav.hardwareConcurrency;
+  return 1;
+}
+
+async function availableCores(): Promise<number> {
+  if (typeof process === 'object' && typeof process.versions?.node === 'string') {
+    const os = await import('node:os');
+    return typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+  }
+  return defaultThreads();
+}
+
+function host(tensor: Tensor, name: string): HostTensor {
+  if (isDeviceTensor(tensor)) {
+    throw new FastmaxError('UNSUPPORTED_CAPABILITY', 'the CPU backend takes host tensors', {
+      argument: name,
+      expected: '{ shape, data: Float32Array }',
+      actual: `a device tensor of ${tensor.backend}`,
+    });
+  }
+  return tensor;
+}
+
+/** A Float32Array the workers can read without a copy: the input itself when already shared. */
+function shared(data: Float32Array): Float32Array {
+  if (data.buffer instanceof SharedArrayBuffer) return data;
+  const copy = new Float32Array(new SharedArrayBuffer(data.byteLength));
+  copy.set(data);
+  return copy;
+}
+
+function normalizationSpec(options: ForwardRequest['options']): NormalizationSpec {
+  const n = options.normalization;
+  return n.kind === 'scale' ? { kind: 'scale', scale: n.scale } : { kind: n.kind };
+}
+
+/** Bytes of moment state per thread for F features and `columns` value columns. */
+function stateBytes(paddedFeatures: number, columns: number): number {
+  const W = Math.ceil(columns / 8) * 8;
+  return (2 * paddedFeatures * W + 2 * paddedFeatures) * 4;
+}
+
+function refuseLargeState(bytes: number, what: string): void {
+  if (bytes > MAX_STATE_BYTES) {
+    throw new FastmaxError('RESOURCE_EXHAUSTED', `the factorized moment state is too large for WebAssembly memory`, {
+      argument: 'options.path',
+      expected: `a state of at most ${MAX_STATE_BYTES} bytes per thread, or path: 'direct'`,
+      actual: `${bytes} bytes (${what})`,
+    });
+  }
+}
+
+/**
+ * Splits the (batch, head) pairs, and their value columns when there are fewer pairs than threads,
+ * into work units, grouped in a few batches per thread so idle workers keep finding work.
+ */
+function planUnits(heads: number, valueDim: number, threads: number): WorkUnit[][] {
+  const panels = Math.max(1, Math.ceil(valueDim / 8));
+  const splits = heads >= threads ? 1 : Math.min(Math.ceil(threads / heads), panels);
+  const perSplit = Math.ceil(panels / splits);
+  const units: WorkUnit[] = [];
+  for (let head = 0; head < heads; head++) {
+    for (let s = 0; s < splits; s++) {
+      const c0 = s * perSplit * 8;
+      const c1 = Math.min(valueDim, (s + 1) * perSplit * 8);
+      if (c0 < c1 || (s === 0 && valueDim === 0)) units.push({ head, c0, c1 });
+    }
+  }
+  const batchCount = Math.min(units.length, threads * 4);
+  const size = Math.ceil(units.length / Math.max(1, batchCount));
+  const batches: WorkUnit[][] = [];
+  for (let i = 0; i < units.length; i += size) batches.push(units.slice(i, i + size));
+  return batches;
+}
+
+/**
+ * The CPU backend: WebAssembly SIMD kernels (compiled from asm/kernels.ts and embedded), driven
+ * per head by src/engine.ts, in the calling thread or on a pool of worker threads.
+ */
+export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
+  const requested = options.threads;
+  if (requested !== undefined && (!Number.isInteger(requested) || requested < 1)) {
+    throw new FastmaxError('INVALID_OPTION', 'threads must be a positive integer', {
+      argument: 'threads',
+      expected: 'an integer >= 1',
+      actual: String(requested),
+    });
+  }
+  const parallelThreshold = options.parallelThreshold ?? 2 ** 22;
+  let modulePromise: Promise<WebAssembly.Module> | null = null;
+  let localEngine: Engine | null = null;
+  let poolPromise: Promise<WorkerPool | null> | null = null;
+  let disposed = false;
+
+  const compiled = (): Promise<WebAssembly.Module> => {
+    modulePromise ??= (async () => {
+      const relaxed = decodeBase64(KERNELS_RELAXED_SIMD);
+      const useRelaxed = options.relaxedSimd !== false && WebAssembly.validate(relaxed);
+      return WebAssembly.compile(useRelaxed ? relaxed : decodeBase64(KERNELS_SIMD));
+    })();
+    return modulePromise;
+  };
+
+  const engine = async (): Promise<Engine> => {
+    localEngine ??= new Engine(await compiled());
+    return localEngine;
+  };
+
+  const threads = async (): Promise<number> => requested ?? (await availableCores());
+
+  const pool = async (): Promise<WorkerPool | null> => {
+    poolPromise ??= (async () => {
+      const count = await threads();
+      if (count <= 1) return null;
+      const factory = await workerFactory();
+      if (factory === null) return null;
+      return new WorkerPool(count, await compiled(), factory);
+    })();
+    return poolPromise;
+  };
+
+  const live = (): void => {
+    if (disposed) throw new FastmaxError('DISPOSED', 'the CPU backend was disposed', { argument: 'backend' });
+  };
+
+  const backend: FastmaxBackend & { readonly poolForTesting: () => Promise<WorkerPool | null> } = {
+    name: 'cpu',
+    specVersion: SPEC_VERSION,
+    capabilities: CAPABILITIES,
+
+    async isAvailable(): Promise<Availability> {
+      if (typeof WebAssembly !== 'object') return { available: false, reason: 'WebAssembly is not available' };
+      if (!WebAssembly.validate(decodeBase64(KERNELS_SIMD))) {
+        return { available: false, reason: 'this engine does not support WebAssembly SIMD (128-bit)' };
+      }
+      return { available: true };
+    },
+
+    async forward(request: ForwardRequest): Promise<ForwardResult> {
+      live();
+      const { shape, options: resolved, plan } = request;
+      const q = host(request.q, 'q');
+      const k = host(request.k, 'k');
+      const v = host(request.v, 'v');
+      const { batch: B, heads: H, queryLength: N, valueDim: Dv } = shape;
+      const factorized = plan.path === 'factorized';
+      const setup = kernelSetup(shape.headDim, resolved.order, resolved.coefficients, factorized);
+      const chunkSize = factorized && resolved.causal ? plan.chunkSize : 256;
+      const validKeys = new Int32Array(B);
+      const schedules: Int32Array[] = [];
+      for (let b = 0; b < B; b++) {
+        validKeys[b] = validKeyCount(b, shape, resolved);
+        schedules.push(
+          Int32Array.from(
+            querySchedule(b, shape, resolved, plan.path, plan.chunkSize).flatMap((c) => [
+              c.queryStart,
+              c.queryEnd,
+              c.stateKeyEnd,
+              c.directKeyEnd,
+            ]),
+          ),
+        );
+      }
+      const heads = B * H;
+      const work = (factorized ? plan.cost.factorized : plan.cost.direct) * heads;
+      const workers = heads > 0 && N > 0 && work >= parallelThreshold ? await pool() : null;
+      const count = workers?.size ?? 1;
+      const batches = planUnits(heads, Dv, count);
+      const widest = batches.flat().reduce((m, u) => Math.max(m, u.c1 - u.c0), 0);
+      if (factorized) refuseLargeState(stateBytes(setup.paddedFeatures, widest), `F = ${plan.featureCount}, Dv = ${widest}`);
+      const outLength = B * H * N * Dv;
+      const job: AttentionJob = {
+        q: workers ? shared(q.data) : q.data,
+        k: workers ? shared(k.data) : k.data,
+        v: workers ? shared(v.data) : v.data,
+        out: workers ? new Float32Array(new SharedArrayBuffer(outLength * 4)) : new Float32Array(outLength),
+        batch: B,
+        heads: H,
+        kvHeads: shape.kvHeads,
+        queryLength: N,
+        keyLength: shape.keyLength,
+        headDim: shape.headDim,
+        valueDim: Dv,
+        normalization: normalizationSpec(resolved),
+        temperature: resolved.temperature,
+        causal: resolved.causal,
+        validKeys,
+        path: plan.path,
+        schedules,
+        chunkSize,
+        setup,
+      };
+      let degenerateRows = 0;
+      if (workers) {
+        degenerateRows = await workers.run(job, batches);
+      } else {
+        const local = await engine();
+        try {
+          for (const batch of batches) for (const unit of batch) degenerateRows += local.runUnit(job, unit);
+        } catch (error) {
+          throw wrapEngineError(error);
+        }
+      }
+      return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
+    },
+
+    async backward(request: BackwardRequest): Promise<BackwardResult> {
+      live();
+      return cpuBackward(request, await engine());
+    },
+
+    async createState(stateOptions: ResolvedStateOptions): Promise<BackendState> {
+      live();
+      return new CpuState(stateOptions, new Engine(await compiled()));
+    },
+
+    async dispose(): Promise<void> {
+      disposed = true;
+      const current = poolPromise;
+      poolPromise = null;
+      localEngine = null;
+      (await current)?.dispose();
+    },
+
+    poolForTesting: () => pool(),
+  };
+  return backend;
+}
+
+function wrapEngineError(error: unknown): FastmaxError {
+  if (error instanceof FastmaxError) return error;
+  const text = error instanceof Error ? error.message : String(error);
+  return new FastmaxError(
+    error instanceof RangeError ? 'RESOURCE_EXHAUSTED' : 'BACKEND_ERROR',
+    `the CPU kernels failed: ${text}`,
+    { cause: error },
+  );
+}
+
+/**
+ * Recurrent decoding: one moment state per (batch, query head) in a WebAssembly instance of its own,
+ * O(F·Dv) whatever the number of tokens. Each step runs core's causal chunk schedule over the new
+ * tokens, starting from the state, then adds their keys to it.
+ */
+class CpuState implements BackendState {
+  private count = 0;
+  private readonly heads: HeadState[] = [];
+  private readonly setup;
+  private closed = false;
+
+  constructor(
+    private readonly options: ResolvedStateOptions,
+    private readonly engine: Engine,
+  ) {
+    const { headDim: D, valueDim: Dv, batch: B, heads: H } = options;
+    const resolved = options.options;
+    this.setup = kernelSetup(D, resolved.order, resolved.coefficients, true);
+    refuseLargeState(stateBytes(this.setup.paddedFeatures, Dv) * B * H, `${B * H} decoding states`);
+    this.engine.prepare(this.setup, Dv, chooseChunkSize(D, Dv, resolved.order, 256), B * H);
+    this.reset();
+  }
+
+  get tokens(): number {
+    return this.count;
+  }
+
+  async step(qt: Tensor, kt: Tensor, vt: Tensor): Promise<StepResult> {
+    if (this.closed) throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
+    const q = host(qt, 'q');
+    const k = host(kt, 'k');
+    const v = host(vt, 'v');
+    const { batch: B, heads: H, kvHeads: Hkv, headDim: D, valueDim: Dv } = this.options;
+    const resolved = this.options.options;
+    const T = q.shape[2];
+    const n = this.count;
+    const chunk = chooseChunkSize(D, Dv, resolved.order, Math.max(T, 1));
+    const schedule = Int32Array.from(
+      chunkRanges(T, n + T, chunk, n + T).flatMap((c) => [c.queryStart, c.queryEnd, c.stateKeyEnd, c.directKeyEnd]),
+    );
+    const out = new Float32Array(B * H * T * Dv);
+    const normalization = normalizationSpec(resolved);
+    let degenerateRows = 0;
+    try {
+      for (let b = 0; b < B; b++) {
+        for (let h = 0; h < H; h++) {
+          const slot = b * H + h;
+          const kvHead = b * Hkv + Math.floor(h / (H / Hkv));
+          degenerateRows += this.engine.runStep(
+            {
+              q: q.data,
+              qBase: slot * T * D,
+              k: k.data,
+              kBase: kvHead * T * D,
+              v: v.data,
+              vBase: kvHead * T * Dv,
+              out,
+              oBase: slot * T * Dv,
+              rows: T,
+              keyOffset: n,
+              valid: n + T,
+              causal: true,
+              causalShift: n,
+              headDim: D,
+              valueDim: Dv,
+              c0: 0,
+              c1: Dv,
+            },
+            schedule,
+            normalization,
+            resolved.temperature,
+            this.heads[slot]!,
+            slot,
+          );
+        }
+      }
+    } catch (error) {
+      throw wrapEngineError(error);
+    }
+    this.count = n + T;
+    return { output: { shape: [B, H, T, Dv], data: out }, degenerateRows };
+  }
+
+  reset(): void {
+    const slots = this.options.batch * this.options.heads;
+    this.heads.length = 0;
+    for (let slot = 0; slot < slots; slot++) {
+      this.engine.clearState(slot);
+      this.heads.push({ keys: 0, queryMax: 0, keyMax: 0 });
+    }
+    this.count = 0;
+  }
+
+  dispose(): void {
+    this.closed = true;
+  }
+}

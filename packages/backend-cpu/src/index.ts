@@ -1,0 +1,1 @@
+export { type CpuBackendOptions, cpuBackend } from './backend.js';

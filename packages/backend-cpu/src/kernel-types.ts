@@ -1,0 +1,48 @@
+/** The exports of the compiled asm/kernels.ts; pointers are byte offsets into `memory`. */
+export interface KernelExports {
+  readonly memory: WebAssembly.Memory;
+  heapBase(): number;
+  features(src: number, ldSrc: number, n4: number, table: number, f0: number, f1: number, out: number, ldOut: number): void;
+  moments(
+    u: number,
+    ldU: number,
+    nf: number,
+    v: number,
+    vPanel: number,
+    nTok: number,
+    nc: number,
+    s: number,
+    comp: number,
+    sPanel: number,
+    w: number,
+    z: number,
+    zComp: number,
+  ): void;
+  readout(
+    u: number,
+    ldU: number,
+    nf: number,
+    s: number,
+    sPanel: number,
+    z: number,
+    nq4: number,
+    nc: number,
+    o: number,
+    ldO: number,
+    den: number,
+  ): void;
+  scores(x: number, ldX: number, nq4: number, y: number, ldY: number, nk8: number, d: number, w: number, ldW: number): void;
+  polynomial(w: number, ldW: number, nq: number, nk8: number, limits: number, coefficients: number, order: number): void;
+  weighted(
+    w: number,
+    ldW: number,
+    nq4: number,
+    nk: number,
+    v: number,
+    vPanel: number,
+    nc: number,
+    o: number,
+    ldO: number,
+    den: number,
+  ): void;
+}

@@ -1,0 +1,193 @@
+import { FastmaxError } from '@fastmax/core';
+import type { AttentionJob, WorkerReply, WorkerRequest, WorkUnit } from './engine.js';
+import { WORKER_SOURCE } from './generated/kernels.js';
+
+/** The part of a Node `Worker` or a browser `Worker` the pool uses. */
+interface PortableWorker {
+  post(message: WorkerRequest): void;
+  /** Keep the process alive while the worker has work (Node); no-op in browsers. */
+  hold(busy: boolean): void;
+  /** `crash`: end it the way a crash would, reporting `died` (tests of the recovery path). */
+  terminate(crash?: boolean): void;
+}
+
+interface WorkerEvents {
+  message(reply: WorkerReply): void;
+  /** The worker died (uncaught error, exit, out of memory). */
+  died(reason: string): void;
+}
+
+type WorkerFactory = (events: WorkerEvents) => PortableWorker;
+
+interface Slot {
+  worker: PortableWorker;
+  /** Resolves or rejects the unit batch in flight, if any. */
+  task: { resolve: (degenerate: number) => void; reject: (error: Error) => void } | null;
+  /** Bumped when the worker is replaced, so events of a dead worker are ignored. */
+  generation: number;
+}
+
+const isNode = (): boolean =>
+  typeof process === 'object' && process !== null && typeof process.versions?.node === 'string';
+
+/** Node worker_threads or, in browsers with cross-origin isolation, Web Workers from a Blob URL. */
+export async function workerFactory(): Promise<WorkerFactory | null> {
+  if (typeof SharedArrayBuffer === 'undefined') return null;
+  if (isNode()) {
+    const { Worker } = await import('node:worker_threads');
+    return (events) => {
+      const worker = new Worker(WORKER_SOURCE, { eval: true });
+      worker.unref();
+      let alive = true;
+      worker.on('message', (reply: WorkerReply) => events.message(reply));
+      worker.on('error', (error: Error) => {
+        if (alive) events.died(error.message);
+        alive = false;
+      });
+      worker.on('exit', (code: number) => {
+        if (alive) events.died(`exited with code ${code}`);
+        alive = false;
+      });
+      return {
+        post: (message) => worker.postMessage(message),
+        hold: (busy) => (busy ? worker.ref() : worker.unref()),
+        terminate: (crash = false) => {
+          if (!crash) alive = false;
+          void worker.terminate();
+        },
+      };
+    };
+  }
+  const scope = globalThis as { crossOriginIsolated?: boolean; Worker?: typeof Worker };
+  if (scope.crossOriginIsolated !== true || scope.Worker === undefined) return null;
+  const url = URL.createObjectURL(new Blob([WORKER_SOURCE], { type: 'text/javascript' }));
+  return (events) => {
+    const worker = new Worker(url);
+    worker.onmessage = (event: MessageEvent<WorkerReply>) => events.message(event.data);
+    worker.onerror = (event: ErrorEvent) => events.died(event.message);
+    return {
+      post: (message) => worker.postMessage(message),
+      hold: () => {},
+      terminate: (crash = false) => {
+        worker.terminate();
+        if (crash) events.died('terminated');
+      },
+    };
+  };
+}
+
+/**
+ * A fixed set of workers, each with its own instance of the kernels. `run` hands out batches of
+ * work units to idle workers until none is left. A worker that dies fails the run in flight with
+ * BACKEND_ERROR and is replaced at once, so the next run finds a full pool.
+ */
+export class WorkerPool {
+  private readonly slots: Slot[] = [];
+  private nextId = 1;
+  private disposed = false;
+  /** Runs go one after another: each one spreads over every worker. */
+  private tail: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly size: number,
+    private readonly module: WebAssembly.Module,
+    private readonly factory: WorkerFactory,
+  ) {
+    for (let i = 0; i < size; i++) {
+      const slot: Slot = { worker: null as unknown as PortableWorker, task: null, generation: 0 };
+      this.slots.push(slot);
+      this.spawn(slot);
+    }
+  }
+
+  private spawn(slot: Slot): void {
+    const generation = ++slot.generation;
+    slot.worker = this.factory({
+      message: (reply) => {
+        if (slot.generation !== generation) return;
+        const task = slot.task;
+        slot.task = null;
+        slot.worker.hold(false);
+        if (task === null) return;
+        if ('error' in reply) {
+          task.reject(
+            new FastmaxError(reply.memory ? 'RESOURCE_EXHAUSTED' : 'BACKEND_ERROR', `a CPU worker failed: ${reply.error}`, {
+              argument: 'q',
+            }),
+          );
+        } else task.resolve(reply.degenerate);
+      },
+      died: (reason) => {
+        if (slot.generation !== generation) return;
+        const task = slot.task;
+        slot.task = null;
+        if (!this.disposed) this.spawn(slot);
+        task?.reject(new FastmaxError('BACKEND_ERROR', `a CPU worker crashed (${reason}); the pool replaced it`));
+      },
+    });
+    slot.worker.post({ type: 'init', module: this.module });
+  }
+
+  /** Runs the batches on the workers; resolves with the summed degenerate rows. */
+  run(job: AttentionJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
+    const result = this.tail.then(() => this.execute(job, batches));
+    this.tail = result.catch(() => {});
+    return result;
+  }
+
+  private execute(job: AttentionJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
+    if (this.disposed) return Promise.reject(new FastmaxError('DISPOSED', 'the CPU backend was disposed'));
+    return new Promise((resolve, reject) => {
+      let next = 0;
+      let pending = 0;
+      let total = 0;
+      let failed = false;
+      const feed = (slot: Slot): void => {
+        if (failed || next >= batches.length) {
+          if (pending === 0 && !failed) resolve(total);
+          return;
+        }
+        const units = batches[next++]!;
+        const id = this.nextId++;
+        pending++;
+        slot.task = {
+          resolve: (degenerate) => {
+            pending--;
+            total += degenerate;
+            feed(slot);
+          },
+          reject: (error) => {
+            pending--;
+            if (!failed) {
+              failed = true;
+              reject(error);
+            }
+          },
+        };
+        slot.worker.hold(true);
+        slot.worker.post({ type: 'run', id, job, units });
+      };
+      const idle = this.slots.filter((slot) => slot.task === null);
+      if (idle.length === 0) {
+        reject(new FastmaxError('BACKEND_ERROR', 'the CPU worker pool is busy'));
+        return;
+      }
+      for (const slot of idle) feed(slot);
+    });
+  }
+
+  /** Ends a worker the way a crash would (tests of the recovery path). */
+  crashWorkerForTesting(index: number): void {
+    this.slots[index]?.worker.terminate(true);
+  }
+
+  dispose(): void {
+    this.disposed = true;
+    for (const slot of this.slots) {
+      slot.generation++;
+      slot.worker.terminate();
+      slot.task?.reject(new FastmaxError('DISPOSED', 'the CPU backend was disposed'));
+      slot.task = null;
+    }
+  }
+}

@@ -1,0 +1,38 @@
+import { type Order, featureCoefficients, featureLayout } from '@fastmax/core';
+import type { KernelSetup } from './engine.js';
+
+/**
+ * The kernel's tables for (D, p, a): core's feature layout (order and multinomial weights) packed
+ * for the WebAssembly feature generator, one i32 pair per feature (degree, coordinates one per
+ * byte), padded to a multiple of 4 features with zero-weight constants. The direct path needs no
+ * features, so it gets an empty table whatever F would be.
+ */
+export function kernelSetup(
+  headDim: number,
+  order: Order,
+  coefficients: ArrayLike<number>,
+  withFeatures: boolean,
+): KernelSetup {
+  const coefficientsF32 = Float32Array.from(coefficients as ArrayLike<number>);
+  if (!withFeatures) {
+    return { headDim, order, paddedFeatures: 0, table: new Int32Array(0), weights: new Float32Array(0), coefficients: coefficientsF32 };
+  }
+  const layout = featureLayout(headDim, order);
+  const F = layout.featureCount;
+  const padded = Math.ceil(F / 4) * 4;
+  const table = new Int32Array(padded * 2);
+  const weights = new Float32Array(padded);
+  const featureWeights = featureCoefficients(layout, coefficients);
+  for (let l = 0; l <= order; l++) {
+    const first = layout.degreeOffsets[l]!;
+    const tuples = layout.tables[l]!;
+    for (let row = 0; row < layout.degreeOffsets[l + 1]! - first; row++) {
+      let packed = 0;
+      for (let t = 0; t < l; t++) packed |= tuples[row * l + t]! << (8 * t);
+      table[2 * (first + row)] = l;
+      table[2 * (first + row) + 1] = packed;
+    }
+  }
+  for (let f = 0; f < F; f++) weights[f] = featureWeights[f]!;
+  return { headDim, order, paddedFeatures: padded, table, weights, coefficients: coefficientsF32 };
+}

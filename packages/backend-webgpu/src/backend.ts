@@ -1,0 +1,729 @@
+import {
+  type Availability,
+  type BackendCapabilities,
+  type BackendState,
+  type BackwardRequest,
+  type BackwardResult,
+  type FastmaxBackend,
+  FastmaxError,
+  type ForwardRequest,
+  type ForwardResult,
+  featureCount,
+  type HostTensor,
+  isDeviceTensor,
+  type Order,
+  prepareScores,
+  prepareScoresBackward,
+  type ResolvedOptions,
+  type ResolvedStateOptions,
+  SPEC_VERSION,
+  type Shape4,
+  type StepResult,
+  type Tensor,
+  type AttentionShape,
+} from '@fastmax/core';
+import { featureTable } from './features.js';
+import { acquireDevice } from './gpu.js';
+import {
+  applyProgram,
+  backwardKeyProgram,
+  backwardQueryProgram,
+  directKeyTile,
+  directProgram,
+  momentsProgram,
+  NormalizationCode,
+  normalizeProgram,
+  rowNormsProgram,
+  scanKeysProgram,
+  scanQueriesProgram,
+  divideRowsProgram,
+} from './kernels.js';
+import { Runtime, type WorkLimits } from './runtime.js';
+import { BACKEND_NAME, WebGpuTensor } from './tensor.js';
+
+export interface WebGpuBackendOptions {
+  /** Use this device (it is not destroyed by `dispose()`). Default: request an adapter and a device. */
+  readonly device?: GPUDevice;
+  readonly powerPreference?: GPUPowerPreference;
+  /** Lower the limits the backend splits its work by (tests use this to force splitting). */
+  readonly limits?: Partial<WorkLimits>;
+  /** Wrap submissions in validation / out-of-memory error scopes (slower; errors become BACKEND_ERROR). */
+  readonly debug?: boolean;
+}
+
+export interface WebGpuBackend extends FastmaxBackend {
+  /** The device in use, once available (for chaining with the user's own WebGPU work). */
+  device(): Promise<GPUDevice>;
+  /** Uploads a host tensor into a device tensor of this backend. */
+  toDevice(tensor: HostTensor): Promise<WebGpuTensor>;
+}
+
+export const WEBGPU_CAPABILITIES: BackendCapabilities = {
+  orders: [1, 2, 3, 4],
+  normalizations: ['max-norm', 'prefix-max-norm', 'l2', 'scale'],
+  maxHeadDim: 256,
+  causal: true,
+  keyPadding: true,
+  groupedQuery: true,
+  crossAttention: true,
+  backward: true,
+  state: true,
+  dtypes: ['float32'],
+  paths: ['factorized', 'direct'],
+  deviceTensors: true,
+};
+
+interface Slice {
+  readonly buffer: GPUBuffer;
+  readonly size: number;
+}
+
+/** What one kernel sequence needs to know about its sizes. */
+interface Geometry {
+  readonly units: number;
+  readonly G: number;
+  readonly N: number;
+  readonly M: number;
+  readonly D: number;
+  readonly Dv: number;
+}
+
+function polynomialValues(options: ResolvedOptions): Record<string, number> {
+  const values: Record<string, number> = {};
+  for (let l = 0; l <= 4; l++) values[`a${l}`] = options.coefficients[l] ?? 0;
+  return values;
+}
+
+function baseSigma(options: ResolvedOptions): number {
+  const scale = options.normalization.kind === 'scale' ? options.normalization.scale : 1;
+  return scale / options.temperature;
+}
+
+/** Per-unit valid key counts (a unit is one (batch, kv head)). */
+function validKeyCounts(shape: AttentionShape, options: ResolvedOptions, u0: number, u1: number): Uint32Array {
+  const counts = new Uint32Array(u1 - u0);
+  for (let unit = u0; unit < u1; unit++) {
+    const batch = Math.floor(unit / shape.kvHeads);
+    counts[unit - u0] = options.keyLengths === null ? shape.keyLength : options.keyLengths[batch]!;
+  }
+  return counts;
+}
+
+/** Units per pass so that no binding exceeds maxStorageBufferBindingSize. */
+function unitsPerPass(runtime: Runtime, perUnitBytes: readonly number[], units: number): number {
+  const largest = Math.max(...perUnitBytes);
+  const fit = Math.floor(runtime.limits.maxStorageBufferBindingSize / largest);
+  if (fit < 1) {
+    throw new FastmaxError('RESOURCE_EXHAUSTED', 'one (batch, kv head) does not fit in a storage binding', {
+      argument: 'q, k, v',
+      expected: `<= ${runtime.limits.maxStorageBufferBindingSize} bytes per head (maxStorageBufferBindingSize)`,
+      actual: `${largest} bytes`,
+    });
+  }
+  return Math.min(units, fit);
+}
+
+/**
+ * Records normalization (core's prepareScores, in f32): x, y and σ from q and k. `runningQ` and
+ * `runningK` hold the prefix maxima the scan starts from and ends with.
+ */
+function recordPrepare(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  options: ResolvedOptions,
+  q: Slice,
+  k: Slice,
+  validKeys: GPUBuffer,
+  runningQ: GPUBuffer,
+  runningK: GPUBuffer,
+  borrowed: GPUBuffer[],
+): { x: Slice; y: Slice; sigma: Slice } {
+  const { units, G, N, M, D } = geometry;
+  const queryRows = units * G * N;
+  const keyRows = units * M;
+  const take = (bytes: number): Slice => {
+    const buffer = runtime.acquire(bytes);
+    borrowed.push(buffer);
+    return { buffer, size: bytes };
+  };
+  const x = take(queryRows * D * 4);
+  const y = take(keyRows * D * 4);
+  const sigma = take(queryRows * 4);
+  const queryNorms = take(queryRows * 4);
+  const keyNorms = take(keyRows * 4);
+  const queryDivisor = take(queryRows * 4);
+  const keyDivisor = take(keyRows * 4);
+  const mode = NormalizationCode[options.normalization.kind];
+  const centered = mode === NormalizationCode.scale ? 0 : 1;
+  runtime.dispatch(
+    encoder,
+    rowNormsProgram(),
+    { source: q, centeredRows: x, norms: queryNorms },
+    { rows: queryRows, dim: D, centered },
+    runtime.linearGrid(queryRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    rowNormsProgram(),
+    { source: k, centeredRows: y, norms: keyNorms },
+    { rows: keyRows, dim: D, centered },
+    runtime.linearGrid(keyRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    scanQueriesProgram(),
+    { queryNorms, keyNorms, validKeys, runningQ, runningK, queryDivisor, sigma },
+    { N, M, causal: options.causal ? 1 : 0, queryHeads: units * G, G, mode, baseSigma: baseSigma(options) },
+    runtime.linearGrid(units * G, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    scanKeysProgram(),
+    { keyNorms, validKeys, keyDivisor },
+    { units, M, mode },
+    runtime.linearGrid(units, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    divideRowsProgram(),
+    { values: x, divisor: queryDivisor },
+    { rows: queryRows, dim: D },
+    runtime.linearGrid(queryRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    divideRowsProgram(),
+    { values: y, divisor: keyDivisor },
+    { rows: keyRows, dim: D },
+    runtime.linearGrid(keyRows, 64),
+    temporaries,
+  );
+  return { x, y, sigma };
+}
+
+interface KernelInputs {
+  readonly x: Slice;
+  readonly y: Slice;
+  readonly sigma: Slice;
+  readonly v: Slice;
+  readonly validKeys: GPUBuffer;
+}
+
+function recordMoments(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  F: number,
+  features: GPUBuffer,
+  inputs: KernelInputs,
+  S: Slice,
+  j0: number,
+  j1: number,
+): void {
+  const { units, M, D, Dv } = geometry;
+  runtime.dispatch(
+    encoder,
+    momentsProgram(),
+    { features, y: inputs.y, v: inputs.v, validKeys: inputs.validKeys, S },
+    { F, M, D, Dv, j0, j1 },
+    [Math.ceil(F / 16), Math.ceil((Dv + 1) / 16), units],
+    temporaries,
+  );
+}
+
+function recordApply(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  options: ResolvedOptions,
+  F: number,
+  features: GPUBuffer,
+  inputs: KernelInputs,
+  S: Slice,
+  acc: Slice,
+  i0: number,
+  i1: number,
+): void {
+  const { units, G, N, D, Dv } = geometry;
+  runtime.dispatch(
+    encoder,
+    applyProgram(options.order),
+    { features, x: inputs.x, sigma: inputs.sigma, S, acc },
+    { N, F, D, Dv, G, i0, i1, ...polynomialValues(options) },
+    [Math.ceil((i1 - i0) / 16), Math.ceil((Dv + 1) / 16), units * G],
+    temporaries,
+  );
+}
+
+function recordDirect(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  options: ResolvedOptions,
+  inputs: KernelInputs,
+  acc: Slice,
+  chunk: number,
+  accumulate: boolean,
+): void {
+  const { units, G, N, M, D, Dv } = geometry;
+  const tile = directKeyTile(D, Dv, runtime.limits.maxComputeWorkgroupStorageSize);
+  runtime.dispatch(
+    encoder,
+    directProgram(options.order, D, Dv, tile),
+    { x: inputs.x, sigma: inputs.sigma, y: inputs.y, v: inputs.v, validKeys: inputs.validKeys, acc },
+    {
+      N,
+      M,
+      causal: options.causal ? 1 : 0,
+      G,
+      chunk,
+      accumulate: accumulate ? 1 : 0,
+      ...polynomialValues(options),
+    },
+    [Math.ceil(N / 64), 1, units * G],
+    temporaries,
+  );
+}
+
+/**
+ * The whole kernel for prepared inputs: acc[row] = [Σ_j w_ij v_j | Σ_j w_ij] by the planned path.
+ * Causal factorized: for each query chunk, add the keys that became visible to the moment state,
+ * apply the state to the chunk's queries, then one direct pass adds every chunk's own block.
+ */
+function recordKernel(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  options: ResolvedOptions,
+  path: 'factorized' | 'direct',
+  chunkSize: number,
+  inputs: KernelInputs,
+  acc: Slice,
+  borrowed: GPUBuffer[],
+  tables: FeatureTables,
+): void {
+  const { units, N, M, D, Dv } = geometry;
+  if (path === 'direct') {
+    recordDirect(runtime, encoder, temporaries, geometry, options, inputs, acc, 0, false);
+    return;
+  }
+  const F = featureCount(D, options.order);
+  const features = tables.get(D, options.order);
+  const sBytes = units * F * (Dv + 1) * 4;
+  const S = { buffer: runtime.acquire(sBytes), size: sBytes };
+  borrowed.push(S.buffer);
+  encoder.clearBuffer(S.buffer, 0, Math.ceil(sBytes / 4) * 4);
+  if (!options.causal) {
+    recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, 0, M);
+    recordApply(runtime, encoder, temporaries, geometry, options, F, features, inputs, S, acc, 0, N);
+    return;
+  }
+  let seen = 0;
+  for (let i0 = 0; i0 < N; i0 += chunkSize) {
+    const boundary = Math.max(0, Math.min(M, i0 + M - N + 1));
+    if (boundary > seen) {
+      recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, seen, boundary);
+      seen = boundary;
+    }
+    recordApply(runtime, encoder, temporaries, geometry, options, F, features, inputs, S, acc, i0, Math.min(N, i0 + chunkSize));
+  }
+  recordDirect(runtime, encoder, temporaries, geometry, options, inputs, acc, chunkSize, true);
+}
+
+function recordNormalize(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  rows: number,
+  Dv: number,
+  acc: Slice,
+  output: Slice,
+  denominators: Slice,
+  degenerate: GPUBuffer,
+): void {
+  runtime.dispatch(
+    encoder,
+    normalizeProgram(),
+    { acc, output, denominators, degenerate },
+    { rows, Dv },
+    runtime.linearGrid(rows, 64),
+    temporaries,
+  );
+}
+
+/** Feature tables per (D, p), uploaded once per device. */
+class FeatureTables {
+  private readonly tables = new Map<string, GPUBuffer>();
+  constructor(private readonly runtime: Runtime) {}
+  get(headDim: number, order: Order): GPUBuffer {
+    const key = `${headDim}:${order}`;
+    let buffer = this.tables.get(key);
+    if (buffer === undefined) {
+      buffer = this.runtime.upload(featureTable(headDim, order), false);
+      this.tables.set(key, buffer);
+    }
+    return buffer;
+  }
+}
+
+interface Session {
+  readonly runtime: Runtime;
+  readonly tables: FeatureTables;
+}
+
+/**
+ * The WebGPU backend. Without `options.device` it requests an adapter on first use (navigator.gpu in
+ * browsers, the optional `webgpu` package in Node); `isAvailable()` says why when there is none.
+ */
+export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend {
+  let session: Promise<Session | string> | undefined;
+  let disposed = false;
+  const ownsDevice = options.device === undefined;
+
+  const open = (): Promise<Session | string> => {
+    session ??= (async () => {
+      const acquired =
+        options.device === undefined
+          ? await acquireDevice(options.powerPreference)
+          : { device: options.device, adapterDescription: 'user device' };
+      if (typeof acquired === 'string') return acquired;
+      const runtime = new Runtime(acquired.device, acquired.adapterDescription, options.limits ?? {}, options.debug ?? false);
+      return { runtime, tables: new FeatureTables(runtime) };
+    })();
+    return session;
+  };
+
+  const live = async (): Promise<Session> => {
+    if (disposed) throw new FastmaxError('DISPOSED', 'this WebGPU backend was disposed', { argument: 'backend' });
+    const opened = await open();
+    if (typeof opened === 'string') {
+      throw new FastmaxError('BACKEND_UNAVAILABLE', `WebGPU is not available: ${opened}`, { argument: 'backend' });
+    }
+    opened.runtime.assertAlive();
+    return opened;
+  };
+
+  /** A slice of units [u0, u1) of a tensor, as a buffer the kernels can bind. */
+  const sliceOf = async (
+    runtime: Runtime,
+    encoder: GPUCommandEncoder,
+    tensor: Tensor,
+    perUnit: number,
+    u0: number,
+    u1: number,
+    borrowed: GPUBuffer[],
+  ): Promise<Slice> => {
+    const bytes = (u1 - u0) * perUnit * 4;
+    if (tensor instanceof WebGpuTensor && tensor.runtime === runtime) {
+      if (u0 === 0 && bytes === tensor.byteLength) return { buffer: tensor.buffer, size: bytes };
+      const buffer = runtime.acquire(bytes);
+      borrowed.push(buffer);
+      encoder.copyBufferToBuffer(tensor.buffer, u0 * perUnit * 4, buffer, 0, Math.ceil(bytes / 4) * 4);
+      return { buffer, size: bytes };
+    }
+    const host = isDeviceTensor(tensor) ? await tensor.read() : tensor;
+    const buffer = runtime.upload(host.data.subarray(u0 * perUnit, u1 * perUnit));
+    borrowed.push(buffer);
+    return { buffer, size: bytes };
+  };
+
+  /** Output assembly: a device tensor filled pass by pass, or a host array. */
+  const makeSink = (runtime: Runtime, shape: Shape4, perUnit: number, keepOnDevice: boolean) => {
+    const total = shape[0] * shape[1] * shape[2] * shape[3];
+    const device = keepOnDevice ? new WebGpuTensor(runtime, runtime.device.createBuffer({ size: Math.max(4, total * 4), usage: 0x80 | 0x4 | 0x8 }), shape) : undefined;
+    const host = keepOnDevice ? undefined : new Float32Array(total);
+    return {
+      record(encoder: GPUCommandEncoder, source: Slice, u0: number): void {
+        if (device !== undefined) {
+          encoder.copyBufferToBuffer(source.buffer, 0, device.buffer, u0 * perUnit * 4, Math.ceil(source.size / 4) * 4);
+        }
+      },
+      async collect(source: Slice, u0: number): Promise<void> {
+        if (host !== undefined) host.set(await runtime.read(source.buffer, source.size), u0 * perUnit);
+      },
+      tensor(): Tensor {
+        return device ?? { shape, data: host! };
+      },
+    };
+  };
+
+  const forward = async (request: ForwardRequest): Promise<ForwardResult> => {
+    const { runtime, tables } = await live();
+    const { shape, options: resolved, plan } = request;
+    const { batch, heads, kvHeads, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
+    const U = batch * kvHeads;
+    const G = heads / kvHeads;
+    const F = featureCount(D, resolved.order);
+    const perUnit = [G * N * D * 4, M * D * 4, M * Dv * 4, G * N * (Dv + 1) * 4];
+    if (plan.path === 'factorized') perUnit.push(F * (Dv + 1) * 4);
+    const step = unitsPerPass(runtime, perUnit, U);
+    const sink = makeSink(runtime, [batch, heads, N, Dv], G * N * Dv, request.keepOnDevice);
+    let degenerateRows = 0;
+    for (let u0 = 0; u0 < U; u0 += step) {
+      const u1 = Math.min(U, u0 + step);
+      const units = u1 - u0;
+      const geometry: Geometry = { units, G, N, M, D, Dv };
+      const borrowed: GPUBuffer[] = [];
+      const temporaries: GPUBuffer[] = [];
+      try {
+        const encoder = runtime.device.createCommandEncoder();
+        const q = await sliceOf(runtime, encoder, request.q, G * N * D, u0, u1, borrowed);
+        const k = await sliceOf(runtime, encoder, request.k, M * D, u0, u1, borrowed);
+        const v = await sliceOf(runtime, encoder, request.v, M * Dv, u0, u1, borrowed);
+        const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
+        borrowed.push(validKeys);
+        const runningQ = runtime.acquire(units * G * 4);
+        const runningK = runtime.acquire(units * G * 4);
+        borrowed.push(runningQ, runningK);
+        encoder.clearBuffer(runningQ);
+        encoder.clearBuffer(runningK);
+        const prepared = recordPrepare(runtime, encoder, temporaries, geometry, resolved, q, k, validKeys, runningQ, runningK, borrowed);
+        const rows = units * G * N;
+        const acc = { buffer: runtime.acquire(rows * (Dv + 1) * 4), size: rows * (Dv + 1) * 4 };
+        const output = { buffer: runtime.acquire(rows * Dv * 4), size: rows * Dv * 4 };
+        const denominators = { buffer: runtime.acquire(rows * 4), size: rows * 4 };
+        const degenerate = runtime.acquire(4);
+        borrowed.push(acc.buffer, output.buffer, denominators.buffer, degenerate);
+        encoder.clearBuffer(degenerate);
+        const inputs: KernelInputs = { ...prepared, v, validKeys };
+        recordKernel(runtime, encoder, temporaries, geometry, resolved, plan.path, plan.chunkSize, inputs, acc, borrowed, tables);
+        recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate);
+        sink.record(encoder, output, u0);
+        await runtime.submit(encoder, temporaries);
+        await sink.collect(output, u0);
+        degenerateRows += new Uint32Array((await runtime.read(degenerate, 4)).buffer)[0]!;
+      } finally {
+        for (const buffer of temporaries) buffer.destroy();
+        for (const buffer of borrowed) runtime.release(buffer);
+      }
+    }
+    return { output: sink.tensor(), degenerateRows };
+  };
+
+  const hostOf = async (tensor: Tensor): Promise<HostTensor> => (isDeviceTensor(tensor) ? tensor.read() : tensor);
+
+  /**
+   * Backward: normalization runs on the host in float64 (core's prepareScores and
+   * prepareScoresBackward, so the argmax routing is exactly core's); the kernel's gradients run on
+   * the GPU in the direct form, which is exact for either planned path.
+   */
+  const backward = async (request: BackwardRequest): Promise<BackwardResult> => {
+    const { runtime } = await live();
+    const { shape, options: resolved } = request;
+    const { batch, heads, kvHeads, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
+    const U = batch * kvHeads;
+    const G = heads / kvHeads;
+    const [q, k, v, dOut] = await Promise.all([request.q, request.k, request.v, request.dOut].map(hostOf));
+    const prepared = prepareScores(q!, k!, shape, resolved);
+    const dx = new Float64Array(prepared.x.length);
+    const dy = new Float64Array(prepared.y.length);
+    const dsigma = new Float64Array(prepared.sigma.length);
+    const dv = new Float32Array(U * M * Dv);
+    const step = unitsPerPass(runtime, [G * N * D * 4, G * N * (Dv + 1) * 4, M * D * 4, M * Dv * 4], U);
+    for (let u0 = 0; u0 < U; u0 += step) {
+      const u1 = Math.min(U, u0 + step);
+      const units = u1 - u0;
+      const geometry: Geometry = { units, G, N, M, D, Dv };
+      const rows = units * G * N;
+      const keys = units * M;
+      const borrowed: GPUBuffer[] = [];
+      const temporaries: GPUBuffer[] = [];
+      const put = (values: ArrayLike<number>, from: number, count: number): Slice => {
+        const data = Float32Array.from({ length: count }, (_, i) => values[from + i]!);
+        const buffer = runtime.upload(data);
+        borrowed.push(buffer);
+        return { buffer, size: count * 4 };
+      };
+      const take = (bytes: number): Slice => {
+        const buffer = runtime.acquire(bytes);
+        borrowed.push(buffer);
+        return { buffer, size: bytes };
+      };
+      try {
+        const encoder = runtime.device.createCommandEncoder();
+        const x = put(prepared.x, u0 * G * N * D, rows * D);
+        const y = put(prepared.y, u0 * M * D, keys * D);
+        const sigma = put(prepared.sigma, u0 * G * N, rows);
+        const values = put(v!.data, u0 * M * Dv, keys * Dv);
+        const gradOut = put(dOut!.data, u0 * G * N * Dv, rows * Dv);
+        const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
+        borrowed.push(validKeys);
+        const acc = take(rows * (Dv + 1) * 4);
+        const output = take(rows * Dv * 4);
+        const denominators = take(rows * 4);
+        const degenerate = take(4);
+        encoder.clearBuffer(degenerate.buffer);
+        const inputs: KernelInputs = { x, y, sigma, v: values, validKeys };
+        recordDirect(runtime, encoder, temporaries, geometry, resolved, inputs, acc, 0, false);
+        recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate.buffer);
+        const gradX = take(rows * D * 4);
+        const gradSigma = take(rows * 4);
+        const delta = take(rows * 4);
+        const gradY = take(keys * D * 4);
+        const gradV = take(keys * Dv * 4);
+        const common = { N, M, causal: resolved.causal ? 1 : 0, G, ...polynomialValues(resolved) };
+        runtime.dispatch(
+          encoder,
+          backwardQueryProgram(resolved.order, D, Dv),
+          { x, sigma, y, v: values, validKeys, output, denominators, dOut: gradOut, dx: gradX, dsigma: gradSigma, delta },
+          { ...common, rows },
+          runtime.linearGrid(rows, 64),
+          temporaries,
+        );
+        runtime.dispatch(
+          encoder,
+          backwardKeyProgram(resolved.order, D, Dv),
+          { x, sigma, y, v: values, validKeys, denominators, dOut: gradOut, delta, dy: gradY, dv: gradV },
+          { ...common, rows: keys },
+          runtime.linearGrid(keys, 64),
+          temporaries,
+        );
+        await runtime.submit(encoder, temporaries);
+        dx.set(await runtime.read(gradX.buffer, gradX.size), u0 * G * N * D);
+        dsigma.set(await runtime.read(gradSigma.buffer, gradSigma.size), u0 * G * N);
+        dy.set(await runtime.read(gradY.buffer, gradY.size), u0 * M * D);
+        dv.set(await runtime.read(gradV.buffer, gradV.size), u0 * M * Dv);
+      } finally {
+        for (const buffer of temporaries) buffer.destroy();
+        for (const buffer of borrowed) runtime.release(buffer);
+      }
+    }
+    const { dq, dk } = prepareScoresBackward(prepared, shape, resolved, dx, dy, dsigma);
+    const result = async (shape4: Shape4, data: Float32Array): Promise<Tensor> => {
+      const host = { shape: shape4, data };
+      return request.keepOnDevice ? toDevice(host) : host;
+    };
+    return {
+      dq: await result([batch, heads, N, D], Float32Array.from(dq)),
+      dk: await result([batch, kvHeads, M, D], Float32Array.from(dk)),
+      dv: await result([batch, kvHeads, M, Dv], dv),
+    };
+  };
+
+  const toDevice = async (tensor: HostTensor): Promise<WebGpuTensor> => {
+    const { runtime } = await live();
+    const buffer = runtime.upload(tensor.data, false);
+    return new WebGpuTensor(runtime, buffer, tensor.shape);
+  };
+
+  const createState = async (state: ResolvedStateOptions): Promise<BackendState> => {
+    const { runtime, tables } = await live();
+    const { batch, heads, kvHeads, headDim: D, valueDim: Dv, options: resolved } = state;
+    const U = batch * kvHeads;
+    const G = heads / kvHeads;
+    const F = featureCount(D, resolved.order);
+    const sBytes = U * F * (Dv + 1) * 4;
+    if (sBytes > runtime.limits.maxStorageBufferBindingSize) {
+      throw new FastmaxError('RESOURCE_EXHAUSTED', 'the decoding state does not fit in one storage binding', {
+        argument: 'options',
+        expected: `<= ${runtime.limits.maxStorageBufferBindingSize} bytes (maxStorageBufferBindingSize)`,
+        actual: `${sBytes} bytes (B·Hkv·F·(Dv+1)·4)`,
+      });
+    }
+    const S: Slice = { buffer: runtime.device.createBuffer({ size: Math.max(4, sBytes), usage: 0x80 | 0x4 | 0x8 }), size: sBytes };
+    const runningQ = runtime.device.createBuffer({ size: Math.max(4, U * G * 4), usage: 0x80 | 0x4 | 0x8 });
+    const runningK = runtime.device.createBuffer({ size: Math.max(4, U * G * 4), usage: 0x80 | 0x4 | 0x8 });
+    let tokens = 0;
+    let closed = false;
+    const clear = (): void => {
+      const encoder = runtime.device.createCommandEncoder();
+      encoder.clearBuffer(S.buffer);
+      encoder.clearBuffer(runningQ);
+      encoder.clearBuffer(runningK);
+      runtime.device.queue.submit([encoder.finish()]);
+      tokens = 0;
+    };
+    clear();
+    return {
+      get tokens() {
+        return tokens;
+      },
+      async step(qIn: Tensor, kIn: Tensor, vIn: Tensor): Promise<StepResult> {
+        if (closed) throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
+        runtime.assertAlive();
+        const T = qIn.shape[2];
+        const geometry: Geometry = { units: U, G, N: T, M: T, D, Dv };
+        const rows = U * G * T;
+        const borrowed: GPUBuffer[] = [];
+        const temporaries: GPUBuffer[] = [];
+        try {
+          const encoder = runtime.device.createCommandEncoder();
+          const q = await sliceOf(runtime, encoder, qIn, G * T * D, 0, U, borrowed);
+          const k = await sliceOf(runtime, encoder, kIn, T * D, 0, U, borrowed);
+          const v = await sliceOf(runtime, encoder, vIn, T * Dv, 0, U, borrowed);
+          const validKeys = runtime.upload(new Uint32Array(U).fill(T));
+          borrowed.push(validKeys);
+          const prepared = recordPrepare(runtime, encoder, temporaries, geometry, resolved, q, k, validKeys, runningQ, runningK, borrowed);
+          const inputs: KernelInputs = { ...prepared, v, validKeys };
+          const acc = { buffer: runtime.acquire(rows * (Dv + 1) * 4), size: rows * (Dv + 1) * 4 };
+          const output = { buffer: runtime.acquire(rows * Dv * 4), size: rows * Dv * 4 };
+          const denominators = { buffer: runtime.acquire(rows * 4), size: rows * 4 };
+          const degenerate = runtime.acquire(4);
+          borrowed.push(acc.buffer, output.buffer, denominators.buffer, degenerate);
+          encoder.clearBuffer(degenerate);
+          const features = tables.get(D, resolved.order);
+          // Earlier tokens through the state, this step's own tokens directly, then fold them in.
+          recordApply(runtime, encoder, temporaries, geometry, resolved, F, features, inputs, S, acc, 0, T);
+          recordDirect(runtime, encoder, temporaries, geometry, resolved, inputs, acc, 0, true);
+          recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, 0, T);
+          recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate);
+          await runtime.submit(encoder, temporaries);
+          const data = await runtime.read(output.buffer, output.size);
+          const degenerateRows = new Uint32Array((await runtime.read(degenerate, 4)).buffer)[0]!;
+          tokens += T;
+          return { output: { shape: [batch, heads, T, Dv], data }, degenerateRows };
+        } finally {
+          for (const buffer of temporaries) buffer.destroy();
+          for (const buffer of borrowed) runtime.release(buffer);
+        }
+      },
+      reset(): void {
+        if (!closed && !runtime.lost) clear();
+      },
+      dispose(): void {
+        if (closed) return;
+        closed = true;
+        S.buffer.destroy();
+        runningQ.destroy();
+        runningK.destroy();
+      },
+    };
+  };
+
+  return {
+    name: BACKEND_NAME,
+    specVersion: SPEC_VERSION,
+    capabilities: WEBGPU_CAPABILITIES,
+    async isAvailable(): Promise<Availability> {
+      if (disposed) return { available: false, reason: 'this WebGPU backend was disposed' };
+      const opened = await open();
+      if (typeof opened === 'string') return { available: false, reason: opened };
+      if (opened.runtime.lost) return { available: false, reason: 'the WebGPU device was lost; create the backend again' };
+      return { available: true };
+    },
+    forward,
+    backward,
+    createState,
+    async device() {
+      return (await live()).runtime.device;
+    },
+    toDevice,
+    async dispose() {
+      if (disposed) return;
+      disposed = true;
+      const opened = session === undefined ? undefined : await session;
+      if (opened !== undefined && typeof opened !== 'string') opened.runtime.destroy(ownsDevice);
+    },
+  };
+}

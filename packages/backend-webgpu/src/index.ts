@@ -1,0 +1,3 @@
+export { WEBGPU_CAPABILITIES, type WebGpuBackend, type WebGpuBackendOptions, webgpuBackend } from './backend.js';
+export type { WorkLimits } from './runtime.js';
+export { WebGpuTensor } from './tensor.js';

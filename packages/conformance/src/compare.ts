@@ -1,0 +1,108 @@
+/**
+ * Tolerances, and how errors are measured.
+ *
+ * Output scale: the largest magnitude of the float64 expected tensor, max_i |expected_i|, floored
+ * at SCALE_FLOOR. The error of a comparison is max_i |actual_i - expected_i| / scale. One scale per
+ * tensor (not per element) because a float32 kernel's rounding error is proportional to the
+ * magnitudes it accumulates, not to each element's own size: an element that is small by
+ * cancellation carries the absolute error of its neighbours. The floor only matters when the
+ * expected tensor is all zeros (every row degenerate): then the backend must return zeros up to
+ * 1e-10, which is what the contract asks ("exactly 0").
+ *
+ * FORWARD_TOLERANCE = 1e-4 for float32 backends. Float32 rounds at u = 2^-24 ≈ 6e-8. A kernel sums
+ * up to M ≈ 4096 weighted terms (or F moment features), then divides; a naive sum's worst-case
+ * bound is M·u ≈ 2.4e-4, but rounding errors of independent terms behave like a random walk,
+ * √M·u ≈ 4e-6, and blocked or pairwise sums do better still. 1e-4 leaves a ~25× margin over the
+ * random-walk estimate at the largest size we test, while every real bug we know of (a padded key
+ * leaking in, an off-by-one mask, a wrong kv head, a float16 intermediate at 2^-11 ≈ 5e-4) moves
+ * the output by far more than 1e-4 of its scale on the suite's small cases.
+ *
+ * GRADIENT_TOLERANCE = 1e-3 of each gradient's scale (dq, dk, dv separately). The backward pass
+ * multiplies the forward's rounding by more steps: g_ij = dO·(v_j - o_i)/den_i subtracts nearly
+ * equal numbers, ds = g·f'(s) and Σ_j ds_ij y_j cancel (Σ_j w_ij g_ij = 0), and the chain through
+ * centering, norms and maxima divides by norms again. Each step can cost a small factor of
+ * relative accuracy, so the gradient bound is one decade looser than the forward one. It is a
+ * property of float32 arithmetic, not a knob: never raise it to make a backend pass.
+ */
+export const FORWARD_TOLERANCE = 1e-4;
+export const GRADIENT_TOLERANCE = 1e-3;
+export const SCALE_FLOOR = 1e-6;
+
+export interface Comparison {
+  /** max_i |actual_i - expected_i| (Infinity when a value is not finite or the lengths differ). */
+  readonly maxAbsError: number;
+  /** maxAbsError / scale. */
+  readonly maxRelError: number;
+  /** max(max_i |expected_i|, SCALE_FLOOR). */
+  readonly scale: number;
+  /** Flat index of the worst element (-1 when the tensors are empty). */
+  readonly worstIndex: number;
+  /** Values in `actual` that are NaN or ±Infinity. */
+  readonly nonFinite: number;
+  readonly lengthMismatch: boolean;
+  /** maxRelError <= tolerance, no non-finite value, same length. */
+  readonly ok: boolean;
+  readonly tolerance: number;
+}
+
+type Numbers = ArrayLike<number>;
+
+/** Compares a backend's result with the float64 expectation under the measure described above. */
+export function compareTensors(
+  actual: Numbers,
+  expected: Numbers,
+  tolerance = FORWARD_TOLERANCE,
+): Comparison {
+  let scale = SCALE_FLOOR;
+  for (let i = 0; i < expected.length; i++) scale = Math.max(scale, Math.abs(expected[i]!));
+  const lengthMismatch = actual.length !== expected.length;
+  let maxAbsError = 0;
+  let worstIndex = -1;
+  let nonFinite = 0;
+  const length = Math.min(actual.length, expected.length);
+  for (let i = 0; i < length; i++) {
+    const value = actual[i]!;
+    if (!Number.isFinite(value)) {
+      nonFinite++;
+      if (maxAbsError !== Number.POSITIVE_INFINITY) worstIndex = i;
+      maxAbsError = Number.POSITIVE_INFINITY;
+      continue;
+    }
+    const error = Math.abs(value - expected[i]!);
+    if (error > maxAbsError) {
+      maxAbsError = error;
+      worstIndex = i;
+    }
+  }
+  if (lengthMismatch) maxAbsError = Number.POSITIVE_INFINITY;
+  const maxRelError = maxAbsError / scale;
+  return {
+    maxAbsError,
+    maxRelError,
+    scale,
+    worstIndex,
+    nonFinite,
+    lengthMismatch,
+    ok: !lengthMismatch && nonFinite === 0 && maxRelError <= tolerance,
+    tolerance,
+  };
+}
+
+/** One line for a failure message: where and by how much. */
+export function describeComparison(
+  label: string,
+  comparison: Comparison,
+  actual?: Numbers,
+  expected?: Numbers,
+): string {
+  if (comparison.lengthMismatch) return `${label}: length ${actual?.length} != expected ${expected?.length}`;
+  if (comparison.nonFinite > 0) {
+    return `${label}: ${comparison.nonFinite} non-finite values (first at ${comparison.worstIndex})`;
+  }
+  const at = comparison.worstIndex;
+  const detail =
+    actual !== undefined && expected !== undefined && at >= 0
+      ? ` (index ${at}: got ${actual[at]}, expected ${expected[at]})`
+      : '';
+  return `${label}: relative error ${comparison.maxRelError.toExponential(2)} > ${comparison.tolerance} of scale ${comparison.scale.toExponential(2)}${detail}`;
+}
