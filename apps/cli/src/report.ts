@@ -206,7 +206,8 @@ export function createProgressBar(total: number, options: ProgressOptions = {}):
     const fraction = total === 0 ? 1 : Math.min(1, completed / total);
     const filled = Math.round(fraction * width);
     const bar = `[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${String(Math.round(fraction * 100)).padStart(3)}%`;
-    const room = Math.max(0, (stream.columns ?? 80) - bar.length - 2);
+    // columns is undefined or 0 when the terminal size is unknown.
+    const room = Math.max(0, (stream.columns || 80) - bar.length - 2);
     // \x1b[2K clears the whole line, so a shorter label does not leave the end of a longer one.
     stream.write(`\r\x1b[2K${bar}  ${current.slice(0, room)}`);
     drawn = true;

@@ -338,3 +338,124 @@ export function weighted(
     }
   }
 }
+
+// ---- Backward pass -------------------------------------------------------------------------
+
+/**
+ * H[f][i] = Σ_{c < nc} S[f][c] · G[c][i] for f < nf (a multiple of 4), i < 8·nq8: every feature's
+ * moment row contracted with one vector per query (S in panels as in `moments`, G row-major).
+ */
+export function project(s: usize, sPanel: i32, nf: i32, nc: i32, g: usize, ldG: i32, nq8: i32, h: usize, ldH: i32): void {
+  const gRow = <usize>ldG << 2;
+  const hRow = <usize>ldH << 2;
+  for (let f = 0; f < nf; f += 4) {
+    for (let i = 0; i < nq8 << 3; i += 8) {
+      let a0 = f32x4.splat(0);
+      let a1 = f32x4.splat(0);
+      let a2 = f32x4.splat(0);
+      let a3 = f32x4.splat(0);
+      let a4 = f32x4.splat(0);
+      let a5 = f32x4.splat(0);
+      let a6 = f32x4.splat(0);
+      let a7 = f32x4.splat(0);
+      for (let p = 0; p < nc >> 3; p++) {
+        const base = s + <usize>p * <usize>sPanel + (<usize>f << 5);
+        tile4x8(base, base + 32, base + 64, base + 96, 4, g + <usize>(p << 3) * gRow + (<usize>i << 2), gRow, 8);
+        a0 = f32x4.add(a0, t0);
+        a1 = f32x4.add(a1, t1);
+        a2 = f32x4.add(a2, t2);
+        a3 = f32x4.add(a3, t3);
+        a4 = f32x4.add(a4, t4);
+        a5 = f32x4.add(a5, t5);
+        a6 = f32x4.add(a6, t6);
+        a7 = f32x4.add(a7, t7);
+      }
+      const o = h + <usize>f * hRow + (<usize>i << 2);
+      v128.store(o, a0);
+      v128.store(o, a1, 16);
+      v128.store(o + hRow, a2);
+      v128.store(o + hRow, a3, 16);
+      v128.store(o + 2 * hRow, a4);
+      v128.store(o + 2 * hRow, a5, 16);
+      v128.store(o + 3 * hRow, a6);
+      v128.store(o + 3 * hRow, a7, 16);
+    }
+  }
+}
+
+/**
+ * Gradient of Σ_f H[f][j] · φ_f(x_j) with respect to x_j, added to out (both feature-major, D rows):
+ * for a monomial x_a·x_b·…, ∂/∂x_a is the product of the other factors.
+ */
+export function featureGradient(
+  h: usize,
+  ldH: i32,
+  table: usize,
+  f0: i32,
+  f1: i32,
+  src: usize,
+  ldSrc: i32,
+  n4: i32,
+  out: usize,
+): void {
+  const rowBytes = <usize>ldSrc << 2;
+  const hRow = <usize>ldH << 2;
+  for (let f = f0; f < f1; f++) {
+    const degree = load<i32>(table + (<usize>f << 3));
+    if (degree == 0) continue;
+    const packed = load<u32>(table + (<usize>f << 3), 4);
+    const hp = h + <usize>(f - f0) * hRow;
+    const o0 = <usize>(packed & 255) * rowBytes;
+    const o1 = <usize>((packed >> 8) & 255) * rowBytes;
+    const o2 = <usize>((packed >> 16) & 255) * rowBytes;
+    const o3 = <usize>(packed >> 24) * rowBytes;
+    for (let j = 0; j < n4; j++) {
+      const c = <usize>j << 4;
+      const hv = v128.load(hp + c);
+      if (degree == 1) {
+        v128.store(out + o0 + c, f32x4.add(v128.load(out + o0 + c), hv));
+      } else if (degree == 2) {
+        const x0 = v128.load(src + o0 + c);
+        const x1 = v128.load(src + o1 + c);
+        v128.store(out + o0 + c, madd(hv, x1, v128.load(out + o0 + c)));
+        v128.store(out + o1 + c, madd(hv, x0, v128.load(out + o1 + c)));
+      } else if (degree == 3) {
+        const x0 = v128.load(src + o0 + c);
+        const x1 = v128.load(src + o1 + c);
+        const x2 = v128.load(src + o2 + c);
+        v128.store(out + o0 + c, madd(hv, f32x4.mul(x1, x2), v128.load(out + o0 + c)));
+        v128.store(out + o1 + c, madd(hv, f32x4.mul(x0, x2), v128.load(out + o1 + c)));
+        v128.store(out + o2 + c, madd(hv, f32x4.mul(x0, x1), v128.load(out + o2 + c)));
+      } else {
+        const x0 = v128.load(src + o0 + c);
+        const x1 = v128.load(src + o1 + c);
+        const x2 = v128.load(src + o2 + c);
+        const x3 = v128.load(src + o3 + c);
+        const x01 = f32x4.mul(x0, x1);
+        const x23 = f32x4.mul(x2, x3);
+        v128.store(out + o0 + c, madd(hv, f32x4.mul(x1, x23), v128.load(out + o0 + c)));
+        v128.store(out + o1 + c, madd(hv, f32x4.mul(x0, x23), v128.load(out + o1 + c)));
+        v128.store(out + o2 + c, madd(hv, f32x4.mul(x01, x3), v128.load(out + o2 + c)));
+        v128.store(out + o3 + c, madd(hv, f32x4.mul(x01, x2), v128.load(out + o3 + c)));
+      }
+    }
+  }
+}
+
+/** a[i] *= b[i] for i < 4·n4. */
+export function hadamard(a: usize, b: usize, n4: i32): void {
+  for (let i = 0; i < n4; i++) {
+    const o = <usize>i << 4;
+    v128.store(a + o, f32x4.mul(v128.load(a + o), v128.load(b + o)));
+  }
+}
+
+/** dst[c][r] = src[r][c] for r < rows, c < cols. */
+export function transpose(src: usize, ldSrc: i32, rows: i32, cols: i32, dst: usize, ldDst: i32): void {
+  for (let r = 0; r < rows; r++) {
+    const row = src + ((<usize>r * <usize>ldSrc) << 2);
+    for (let c = 0; c < cols; c++) {
+      store<f32>(dst + ((<usize>c * <usize>ldDst + <usize>r) << 2), load<f32>(row + (<usize>c << 2)));
+    }
+  }
+}

@@ -46,3 +46,21 @@ export interface KernelExports {
     den: number,
   ): void;
 }
+
+/** The backward pass's extra kernels. */
+export interface BackwardKernelExports extends KernelExports {
+  project(s: number, sPanel: number, nf: number, nc: number, g: number, ldG: number, nq8: number, h: number, ldH: number): void;
+  featureGradient(
+    h: number,
+    ldH: number,
+    table: number,
+    f0: number,
+    f1: number,
+    src: number,
+    ldSrc: number,
+    n4: number,
+    out: number,
+  ): void;
+  hadamard(a: number, b: number, n4: number): void;
+  transpose(src: number, ldSrc: number, rows: number, cols: number, dst: number, ldDst: number): void;
+}

@@ -281,6 +281,7 @@ function normGap(tensor: HostTensor): number {
  *   deterministic seed search) until every pair of centered norms in a head differs by > 1e-3,
  *   far more than h·|u| <= 2^-16·√D can move them.
  * The tolerance is the gradient tolerance times Σ|g_ref|·|u|, the scale of the directional derivative.
+ * Directions are a random u on the same grid and sign(g) (entries 0, ±1, also exact).
  */
 async function checkGradientFiniteDifference(ctx: CheckContext, spec: AttentionSpec): Promise<CheckReport> {
   const report = new Report();
@@ -298,65 +299,81 @@ async function checkGradientFiniteDifference(ctx: CheckContext, spec: AttentionS
   }
   if (chosen.seed !== spec.seed) report.note(`seed ${chosen.seed} (re-drawn away from ties of norms)`);
   const inputs = caseInputs(chosen, grid);
-  const direction = {
-    q: randomTensor(inputs.q.shape, chosen.seed + 11, { grid }),
-    k: randomTensor(inputs.k.shape, chosen.seed + 12, { grid }),
-    v: randomTensor(inputs.v.shape, chosen.seed + 13, { grid }),
-  };
-  const shifted = (tensor: HostTensor, u: HostTensor, sign: number): HostTensor => {
+  const shifted = (tensor: HostTensor, u: Float32Array, sign: number): HostTensor => {
     const data = new Float32Array(tensor.data.length);
     for (let i = 0; i < data.length; i++) {
-      const exact = tensor.data[i]! + sign * h * u.data[i]!;
+      const exact = tensor.data[i]! + sign * h * u[i]!;
       data[i] = exact;
       if (data[i] !== exact) throw new Error(`x ± h·u is not exact in float32 at ${i} (a bug of the suite)`);
     }
     return { shape: tensor.shape, data };
   };
-  const loss = (sign: number): number => {
-    const out = referenceAttention(
-      shifted(inputs.q, direction.q, sign),
-      shifted(inputs.k, direction.k, sign),
-      shifted(inputs.v, direction.v, sign),
-      spec.options,
-    ).output;
-    let sum = 0;
-    for (let i = 0; i < out.length; i++) sum += out[i]! * inputs.dOut.data[i]!;
-    return sum;
+  type Direction = readonly [Float32Array, Float32Array, Float32Array];
+  const finiteDifference = (u: Direction): number => {
+    const loss = (sign: number): number => {
+      const out = referenceAttention(
+        shifted(inputs.q, u[0], sign),
+        shifted(inputs.k, u[1], sign),
+        shifted(inputs.v, u[2], sign),
+        spec.options,
+      ).output;
+      let sum = 0;
+      for (let i = 0; i < out.length; i++) sum += out[i]! * inputs.dOut.data[i]!;
+      return sum;
+    };
+    return (loss(1) - loss(-1)) / (2 * h);
   };
-  const finiteDifference = (loss(1) - loss(-1)) / (2 * h);
-  const grads = await ctx.fm.backward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
-  const reference = referenceBackward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
-  let directional = 0;
-  let referenceDirectional = 0;
-  let scale = 0;
-  for (const [grad, u, ref] of [
-    [grads.dq, direction.q, reference.dq],
-    [grads.dk, direction.k, reference.dk],
-    [grads.dv, direction.v, reference.dv],
-  ] as const) {
-    const host = await toHost(grad);
-    if (host.data.length !== u.data.length) {
-      report.fail(
-        `gradient of shape [${host.shape.join(', ')}] does not match its input [${u.shape.join(', ')}]`,
-      );
+  const result = await ctx.fm.backward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
+  const grads = [await toHost(result.dq), await toHost(result.dk), await toHost(result.dv)] as const;
+  const sources = [inputs.q, inputs.k, inputs.v] as const;
+  for (let t = 0; t < 3; t++) {
+    if (!report.shape(`gradient ${['dq', 'dk', 'dv'][t]}`, grads[t].shape, sources[t].shape))
       return report.done();
-    }
-    for (let i = 0; i < u.data.length; i++) {
-      directional += host.data[i]! * u.data[i]!;
-      referenceDirectional += ref[i]! * u.data[i]!;
-      scale += Math.abs(ref[i]! * u.data[i]!);
-    }
   }
-  scale = Math.max(scale, 1e-12);
-  const error = Math.abs(directional - finiteDifference) / scale;
-  const oracleError = Math.abs(referenceDirectional - finiteDifference) / scale;
-  report.note(
-    `Σ g·u = ${directional.toPrecision(8)}, finite difference = ${finiteDifference.toPrecision(8)}, relative error ${error.toExponential(2)} (oracle's own: ${oracleError.toExponential(2)})`,
-  );
-  if (!(error <= ctx.settings.gradientTolerance)) {
-    report.fail(
-      `directional derivative Σ g·u = ${directional} but the float64 central difference is ${finiteDifference}: relative error ${error.toExponential(2)} > ${ctx.settings.gradientTolerance} of Σ|g·u| = ${scale.toExponential(2)}`,
+  const reference = referenceBackward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
+  const referenceGrads = [reference.dq, reference.dk, reference.dv] as const;
+  // Two directions: a random one, and sign(g) of the backend's own gradient. Along a random u a
+  // systematic error of the gradient partly cancels in Σ g·u (one scalar for many entries); along
+  // sign(g) it cannot: Σ g·sign(g) = Σ|g| while the oracle's difference gives Σ g_true·sign(g).
+  const directions: { label: string; u: Direction }[] = [
+    {
+      label: 'random u',
+      u: [
+        randomTensor(inputs.q.shape, chosen.seed + 11, { grid }).data,
+        randomTensor(inputs.k.shape, chosen.seed + 12, { grid }).data,
+        randomTensor(inputs.v.shape, chosen.seed + 13, { grid }).data,
+      ],
+    },
+    {
+      label: 'u = sign(g)',
+      u: [grads[0].data.map(Math.sign), grads[1].data.map(Math.sign), grads[2].data.map(Math.sign)],
+    },
+  ];
+  for (const { label, u } of directions) {
+    let directional = 0;
+    let referenceDirectional = 0;
+    let scale = 0;
+    for (let t = 0; t < 3; t++) {
+      const g = grads[t].data;
+      const ref = referenceGrads[t];
+      for (let i = 0; i < g.length; i++) {
+        directional += g[i]! * u[t][i]!;
+        referenceDirectional += ref[i]! * u[t][i]!;
+        scale += Math.abs(ref[i]! * u[t][i]!);
+      }
+    }
+    scale = Math.max(scale, 1e-12);
+    const difference = finiteDifference(u);
+    const error = Math.abs(directional - difference) / scale;
+    const oracleError = Math.abs(referenceDirectional - difference) / scale;
+    report.note(
+      `${label}: Σ g·u = ${directional.toPrecision(8)}, finite difference = ${difference.toPrecision(8)}, relative error ${error.toExponential(2)} (oracle's own: ${oracleError.toExponential(2)})`,
     );
+    if (!(error <= ctx.settings.gradientTolerance)) {
+      report.fail(
+        `${label}: directional derivative Σ g·u = ${directional} but the float64 central difference is ${difference}: relative error ${error.toExponential(2)} > ${ctx.settings.gradientTolerance} of Σ|g_ref·u| = ${scale.toExponential(2)}`,
+      );
+    }
   }
   return report.done();
 }

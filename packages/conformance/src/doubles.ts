@@ -18,7 +18,7 @@ import { toHost } from '@fastmax/core';
  * - `'wrong-kv-head'`: query head h reads kv head h mod Hkv instead of floor(h / (H/Hkv)) (GQA rows).
  * - `'low-precision'`: rounds results to 11 significant bits (float16-like), about 5e-4 relative,
  *   to show that the 1e-4 tolerance means something.
- * - `'wrong-gradient'`: dk is 1% too large ('backward', 'finite differences').
+ * - `'wrong-gradient'`: dk and dv are 1% too large ('backward', 'finite differences').
  * - `'uncounted-degenerate-rows'`: reports degenerateRows = 0 ('degenerate rows').
  * - `'forgetful-state'`: each `step` forgets the tokens of earlier steps ('state').
  * - `'hangs-on-non-finite'`: never settles when an input holds NaN/±Infinity ('non-finite propagation').
@@ -144,7 +144,8 @@ export function brokenBackend(inner: FastmaxBackend, fault: BackendFault): Fastm
       let dk = await toHost(result.dk);
       let dv = await toHost(result.dv);
       if (fault === 'low-precision') [dq, dk, dv] = [roundTo11Bits(dq), roundTo11Bits(dk), roundTo11Bits(dv)];
-      if (fault === 'wrong-gradient') dk = scaled(dk, 1.01);
+      // dv too: on D <= 2 with a centering normalization dk can be exactly 0, and 1.01·0 = 0.
+      if (fault === 'wrong-gradient') [dk, dv] = [scaled(dk, 1.01), scaled(dv, 1.01)];
       return { dq, dk, dv };
     },
     ...(inner.createState === undefined

@@ -35,7 +35,9 @@ export interface BackendCapabilities {
   readonly deviceTensors: boolean;
 }
 
-export type Availability = { readonly available: true } | { readonly available: false; readonly reason: string };
+export type Availability =
+  | { readonly available: true }
+  | { readonly available: false; readonly reason: string };
 
 export interface ForwardRequest {
   readonly q: Tensor;

@@ -58,7 +58,10 @@ export class FastmaxError extends Error {
     if (details.argument !== undefined) parts.push(`argument: ${details.argument}`);
     if (details.expected !== undefined) parts.push(`expected: ${details.expected}`);
     if (details.actual !== undefined) parts.push(`actual: ${details.actual}`);
-    super(`[${code}] ${parts.join('; ')}`, details.cause === undefined ? undefined : { cause: details.cause });
+    super(
+      `[${code}] ${parts.join('; ')}`,
+      details.cause === undefined ? undefined : { cause: details.cause },
+    );
     this.code = code;
     this.argument = details.argument;
     this.expected = details.expected;

@@ -6,12 +6,12 @@ import {
   type StateOptions,
   type StepResult,
 } from './contract.js';
-import { FastmaxError, describeValue } from './errors.js';
+import { describeValue, FastmaxError } from './errors.js';
 import type { FastmaxOptions, ResolvedOptions } from './options.js';
 import { resolveOptions } from './options.js';
 import { type AttentionPlan, planAttention } from './planner.js';
 import { resolveStateOptions, validateStepInputs } from './state.js';
-import { type Tensor, isDeviceTensor, toHost } from './tensor.js';
+import { isDeviceTensor, type Tensor, toHost } from './tensor.js';
 import { type AttentionShape, validateAttentionInputs, validateOutputGradient } from './validate.js';
 
 export interface CallOptions extends FastmaxOptions {
@@ -70,11 +70,20 @@ function unsupported(what: string, argument: string, expected: string, actual: s
 }
 
 /** Refuses, by name, whatever this call needs that the backend did not declare. */
-export function checkCapabilities(backend: FastmaxBackend, shape: AttentionShape, options: ResolvedOptions): void {
+export function checkCapabilities(
+  backend: FastmaxBackend,
+  shape: AttentionShape,
+  options: ResolvedOptions,
+): void {
   const caps = backend.capabilities;
   const name = backend.name;
   if (!caps.orders.includes(options.order)) {
-    throw unsupported(`order ${options.order}`, 'options.order', `one of ${caps.orders.join(', ')} (${name})`, String(options.order));
+    throw unsupported(
+      `order ${options.order}`,
+      'options.order',
+      `one of ${caps.orders.join(', ')} (${name})`,
+      String(options.order),
+    );
   }
   if (!caps.normalizations.includes(options.normalization.kind)) {
     throw unsupported(
@@ -88,7 +97,8 @@ export function checkCapabilities(backend: FastmaxBackend, shape: AttentionShape
   if (dim > caps.maxHeadDim) {
     throw unsupported('this head dim', 'q.shape[3]', `<= ${caps.maxHeadDim} (${name})`, String(dim));
   }
-  if (options.causal && !caps.causal) throw unsupported('causal attention', 'options.causal', 'false', 'true');
+  if (options.causal && !caps.causal)
+    throw unsupported('causal attention', 'options.causal', 'false', 'true');
   if (options.keyLengths !== null && !caps.keyPadding) {
     throw unsupported('key padding', 'options.keyLengths', 'undefined', 'an array');
   }
@@ -96,7 +106,12 @@ export function checkCapabilities(backend: FastmaxBackend, shape: AttentionShape
     throw unsupported('grouped-query attention', 'k.shape[1]', String(shape.heads), String(shape.kvHeads));
   }
   if (shape.keyLength !== shape.queryLength && !caps.crossAttention) {
-    throw unsupported('cross-attention (M != N)', 'k.shape[2]', String(shape.queryLength), String(shape.keyLength));
+    throw unsupported(
+      'cross-attention (M != N)',
+      'k.shape[2]',
+      String(shape.queryLength),
+      String(shape.keyLength),
+    );
   }
 }
 
@@ -124,7 +139,11 @@ async function firstAvailable(
   throw new FastmaxError(
     'BACKEND_UNAVAILABLE',
     `no backend is available: ${skipped.map((s) => `${s.name}: ${s.reason}`).join('; ') || 'the list is empty'}`,
-    { argument: 'backend', expected: 'at least one available backend', actual: `${backends.length} backends` },
+    {
+      argument: 'backend',
+      expected: 'at least one available backend',
+      actual: `${backends.length} backends`,
+    },
   );
 }
 
@@ -174,7 +193,8 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
   const { backend, skipped } = await firstAvailable(list);
   let disposed = false;
   const live = (): void => {
-    if (disposed) throw new FastmaxError('DISPOSED', 'this Fastmax instance was disposed', { argument: 'this' });
+    if (disposed)
+      throw new FastmaxError('DISPOSED', 'this Fastmax instance was disposed', { argument: 'this' });
   };
 
   const prepare = (q: Tensor, k: Tensor, v: Tensor, options: FastmaxOptions | undefined) => {
@@ -229,7 +249,6 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
       if (!backend.capabilities.state || backend.createState === undefined) {
         throw unsupported('recurrent state', 'backend', 'capabilities.state = true', 'false');
       }
-      const inner: BackendState = await backend.createState(resolved);
       const probeShape: AttentionShape = {
         batch: resolved.batch,
         heads: resolved.heads,
@@ -240,6 +259,8 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         valueDim: resolved.valueDim,
       };
       checkCapabilities(backend, probeShape, resolved.options);
+      // Capabilities are checked first so a refused state is never allocated.
+      const inner: BackendState = await backend.createState(resolved);
       return {
         get tokens() {
           return inner.tokens;
@@ -247,7 +268,11 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         async step(q, k, v) {
           live();
           validateStepInputs(q, k, v, resolved);
-          const result = await inner.step(await adopt(q, backend), await adopt(k, backend), await adopt(v, backend));
+          const result = await inner.step(
+            await adopt(q, backend),
+            await adopt(k, backend),
+            await adopt(v, backend),
+          );
           assertDegenerateRowsAllowed(result.degenerateRows, resolved.options);
           return result;
         },

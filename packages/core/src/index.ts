@@ -60,7 +60,14 @@ export {
   SUPPORTED_ORDERS,
 } from './options.js';
 export { type AttentionPlan, chooseChunkSize, estimateCosts, planAttention } from './planner.js';
-export { type PreparationTrace, type PreparedScores, prepareScores, prepareScoresBackward } from './prepare.js';
+export {
+  nonZeroDivisor,
+  type PreparationTrace,
+  type PreparedScores,
+  prepareScores,
+  prepareScoresBackward,
+  prepareToken,
+} from './prepare.js';
 export { resolveStateOptions, validateStepInputs } from './state.js';
 export {
   type DeviceTensor,

@@ -1,4 +1,4 @@
-import { FastmaxError, describeValue } from './errors.js';
+import { describeValue, FastmaxError } from './errors.js';
 
 /** Degree p of the Taylor polynomial f(s) = Σ_{l<=p} a_l s^l. */
 export type Order = 1 | 2 | 3 | 4;
@@ -9,7 +9,12 @@ export type NormalizationMode = 'max-norm' | 'prefix-max-norm' | 'l2';
 export type Normalization = NormalizationMode | { readonly scale: number };
 /** The names backends declare in their capabilities. */
 export type NormalizationKind = NormalizationMode | 'scale';
-export const NORMALIZATION_KINDS: readonly NormalizationKind[] = ['max-norm', 'prefix-max-norm', 'l2', 'scale'];
+export const NORMALIZATION_KINDS: readonly NormalizationKind[] = [
+  'max-norm',
+  'prefix-max-norm',
+  'l2',
+  'scale',
+];
 
 export type ResolvedNormalization =
   | { readonly kind: NormalizationMode }
@@ -222,7 +227,12 @@ export function resolveOptions(options: FastmaxOptions = {}): ResolvedOptions {
     keyLengths,
     path: resolveEnum(options.path, 'path', ['auto', 'factorized', 'direct'] as const, 'auto'),
     chunkSize,
-    onDegenerateRow: resolveEnum(options.onDegenerateRow, 'onDegenerateRow', ['zero', 'throw'] as const, 'zero'),
+    onDegenerateRow: resolveEnum(
+      options.onDegenerateRow,
+      'onDegenerateRow',
+      ['zero', 'throw'] as const,
+      'zero',
+    ),
     checkFinite: resolveBoolean(options.checkFinite, 'checkFinite', true),
   };
 }

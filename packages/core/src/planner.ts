@@ -23,7 +23,12 @@ export interface AttentionPlan {
  * of an F×(Dv+1) state) when C is large enough. We take the largest power of two whose intra-chunk
  * block stays under a quarter of the state work, clamped to [16, 256] and to N.
  */
-export function chooseChunkSize(headDim: number, valueDim: number, order: Order, queryLength: number): number {
+export function chooseChunkSize(
+  headDim: number,
+  valueDim: number,
+  order: Order,
+  queryLength: number,
+): number {
   const features = featureCount(headDim, order);
   const budget = (features * (valueDim + 1)) / (headDim + valueDim);
   let chunk = 16;
@@ -63,11 +68,23 @@ export function planAttention(
         actual: `'${options.path}'`,
       });
     }
-    return { path: options.path, chunkSize, featureCount: features, cost, reason: `path forced by options.path` };
+    return {
+      path: options.path,
+      chunkSize,
+      featureCount: features,
+      cost,
+      reason: `path forced by options.path`,
+    };
   }
   const only = paths.length === 1 ? paths[0] : undefined;
   if (only !== undefined) {
-    return { path: only, chunkSize, featureCount: features, cost, reason: `the backend implements only ${only}` };
+    return {
+      path: only,
+      chunkSize,
+      featureCount: features,
+      cost,
+      reason: `the backend implements only ${only}`,
+    };
   }
   const path: AttentionPath = cost.factorized <= cost.direct ? 'factorized' : 'direct';
   const ratio = path === 'factorized' ? cost.direct / cost.factorized : cost.factorized / cost.direct;

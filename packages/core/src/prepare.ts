@@ -47,15 +47,7 @@ function center(
   centered: boolean,
 ): Float64Array {
   const out = new Float64Array(rows * dim);
-  for (let r = 0; r < rows; r++) {
-    const base = r * dim;
-    let mean = 0;
-    if (centered) {
-      for (let d = 0; d < dim; d++) mean += source[base + d]!;
-      mean /= dim;
-    }
-    for (let d = 0; d < dim; d++) out[base + d] = source[base + d]! - mean;
-  }
+  for (let r = 0; r < rows; r++) out.set(prepareToken(source, r * dim, dim, centered).vector, r * dim);
   return out;
 }
 
@@ -66,8 +58,33 @@ function rowNorm(values: Float64Array, row: number, dim: number): number {
   return Math.sqrt(sum);
 }
 
-function divisorOf(norm: number): number {
+/** A norm or maximum of 0 divides by 1 instead (the vector it divides is 0 then). */
+export function nonZeroDivisor(norm: number): number {
   return norm > 0 ? norm : 1;
+}
+
+/**
+ * One token as `prepareScores` sees it: centered over its features (unless `centered` is false, as
+ * for `scale`), with its L2 norm. Decoding states prepare tokens one at a time with it.
+ */
+export function prepareToken(
+  source: Float32Array | Float64Array,
+  offset: number,
+  dim: number,
+  centered: boolean,
+): { vector: Float64Array; norm: number } {
+  const vector = new Float64Array(dim);
+  let mean = 0;
+  if (centered) {
+    for (let d = 0; d < dim; d++) mean += source[offset + d]!;
+    mean /= dim;
+  }
+  let squares = 0;
+  for (let d = 0; d < dim; d++) {
+    vector[d] = source[offset + d]! - mean;
+    squares += vector[d]! * vector[d]!;
+  }
+  return { vector, norm: Math.sqrt(squares) };
 }
 
 export function prepareScores(
@@ -110,7 +127,7 @@ export function prepareScores(
       for (let j = 0; j < M; j++) {
         const row = head + j;
         const divisor =
-          mode === 'max-norm' ? divisorOf(maxNorm) : mode === 'l2' ? divisorOf(kNorms[row]!) : 1;
+          mode === 'max-norm' ? nonZeroDivisor(maxNorm) : mode === 'l2' ? nonZeroDivisor(kNorms[row]!) : 1;
         for (let d = 0; d < D; d++) y[row * D + d] = ck[row * D + d]! / divisor;
       }
       if (mode === 'max-norm') {
@@ -148,15 +165,15 @@ export function prepareScores(
         let s = 1 / T;
         switch (mode) {
           case 'max-norm':
-            divisor = divisorOf(globalMax);
+            divisor = nonZeroDivisor(globalMax);
             queryArgmax[row] = globalIndex;
             break;
           case 'l2':
-            divisor = divisorOf(qNorms[row]!);
+            divisor = nonZeroDivisor(qNorms[row]!);
             queryArgmax[row] = qNorms[row]! > 0 ? i : -1;
             break;
           case 'prefix-max-norm': {
-            divisor = divisorOf(runningMax);
+            divisor = nonZeroDivisor(runningMax);
             queryArgmax[row] = runningIndex;
             // Keys visible to row i form a prefix that only grows with i (causal) or is fixed.
             const limit = keyLimit(b, i, shape, options);
@@ -166,7 +183,7 @@ export function prepareScores(
                 keyRunningIndex = keysScanned;
               }
             }
-            s = 1 / (divisorOf(keyRunningMax) * T);
+            s = 1 / (nonZeroDivisor(keyRunningMax) * T);
             keyArgmax[row] = keyRunningIndex;
             break;
           }

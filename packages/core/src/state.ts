@@ -1,5 +1,5 @@
 import type { ResolvedStateOptions, StateOptions } from './contract.js';
-import { FastmaxError, describeValue } from './errors.js';
+import { describeValue, FastmaxError } from './errors.js';
 import { resolveOptions } from './options.js';
 import type { Tensor } from './tensor.js';
 import { type AttentionShape, validateAttentionInputs } from './validate.js';
@@ -36,7 +36,8 @@ export function resolveStateOptions(options: StateOptions): ResolvedStateOptions
     });
   }
   const normalization = options.normalization ?? 'prefix-max-norm';
-  const decodable = normalization === 'prefix-max-norm' || (typeof normalization === 'object' && normalization !== null);
+  const decodable =
+    normalization === 'prefix-max-norm' || (typeof normalization === 'object' && normalization !== null);
   if (!decodable) {
     throw new FastmaxError('INVALID_OPTION', 'decoding needs a normalization that does not look ahead', {
       argument: 'options.normalization',
@@ -57,7 +58,12 @@ export function resolveStateOptions(options: StateOptions): ResolvedStateOptions
 }
 
 /** Checks one decoding step's tensors against the state's sizes; returns the step's shape. */
-export function validateStepInputs(q: Tensor, k: Tensor, v: Tensor, state: ResolvedStateOptions): AttentionShape {
+export function validateStepInputs(
+  q: Tensor,
+  k: Tensor,
+  v: Tensor,
+  state: ResolvedStateOptions,
+): AttentionShape {
   const shape = validateAttentionInputs(q, k, v, state.options);
   const expected: [string, number, number][] = [
     ['q.shape[0]', state.batch, shape.batch],

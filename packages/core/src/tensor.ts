@@ -1,4 +1,4 @@
-import { FastmaxError, describeValue } from './errors.js';
+import { describeValue, FastmaxError } from './errors.js';
 
 /** Row-major shape [batch, heads, sequence, features]. */
 export type Shape4 = readonly [number, number, number, number];

@@ -1,6 +1,6 @@
-import { FastmaxError, describeValue } from './errors.js';
+import { describeValue, FastmaxError } from './errors.js';
 import type { ResolvedOptions } from './options.js';
-import { type Shape4, type Tensor, isDeviceTensor, shapeSize } from './tensor.js';
+import { isDeviceTensor, type Shape4, shapeSize, type Tensor } from './tensor.js';
 
 /** The sizes of one attention call: q is [B, H, N, D], k is [B, Hkv, M, D], v is [B, Hkv, M, Dv]. */
 export interface AttentionShape {
@@ -102,7 +102,8 @@ export function validateAttentionInputs(
   if (vBatch !== batch) throw mismatch('v.shape[0]', batch, vBatch, 'batch sizes of q and v');
   if (kDim !== headDim) throw mismatch('k.shape[3]', headDim, kDim, 'head dims D of q and k');
   if (vHeads !== kvHeads) throw mismatch('v.shape[1]', kvHeads, vHeads, 'head counts of k and v');
-  if (vLength !== keyLength) throw mismatch('v.shape[2]', keyLength, vLength, 'sequence lengths M of k and v');
+  if (vLength !== keyLength)
+    throw mismatch('v.shape[2]', keyLength, vLength, 'sequence lengths M of k and v');
   if (kvHeads === 0 || heads % kvHeads !== 0) {
     throw new FastmaxError('INVALID_HEADS', 'query heads must be a multiple of key/value heads', {
       argument: 'k.shape[1]',
@@ -142,7 +143,8 @@ export function validateOutputGradient(dOut: Tensor, shape: AttentionShape, opti
   const [b, h, n, dv] = checkTensor(dOut, 'dOut');
   const expected = [shape.batch, shape.heads, shape.queryLength, shape.valueDim];
   [b, h, n, dv].forEach((size, axis) => {
-    if (size !== expected[axis]) throw mismatch(`dOut.shape[${axis}]`, expected[axis]!, size, 'dOut and the output shape');
+    if (size !== expected[axis])
+      throw mismatch(`dOut.shape[${axis}]`, expected[axis]!, size, 'dOut and the output shape');
   });
   if (options.checkFinite) checkFinite(dOut, 'dOut');
 }
@@ -161,7 +163,12 @@ export function validKeyCount(batch: number, shape: AttentionShape, options: Res
  * One past the last key query i may see: min(valid keys, i + M - N + 1) when causal, else the valid
  * key count. Everything a backend needs to mask is this one number per query row.
  */
-export function keyLimit(batch: number, query: number, shape: AttentionShape, options: ResolvedOptions): number {
+export function keyLimit(
+  batch: number,
+  query: number,
+  shape: AttentionShape,
+  options: ResolvedOptions,
+): number {
   const valid = validKeyCount(batch, shape, options);
   if (!options.causal) return valid;
   return Math.max(0, Math.min(valid, query + shape.keyLength - shape.queryLength + 1));

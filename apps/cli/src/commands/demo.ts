@@ -31,8 +31,10 @@ import {
 import { attentionWorkload } from '../workload.js';
 
 // Sized so the default run stays around half a minute on a 2-core machine with the reference
-// backend, and long enough to show where the O(N) method overtakes the O(N²) one (near N = 2k
-// for D = 64, p = 2: F·(Dv + 1) ≈ 140k multiply-adds per token against N·(D + Dv)).
+// backend, and long enough to show where the O(N) method overtakes the O(N²) one. D = 32 rather
+// than 64 because F = C(D+2, 2) grows as D²: at D = 32 (F = 561) the factorized path wins from
+// N ≈ 600 (non-causal), at D = 64 (F = 2145) only past N ≈ 2k non-causal and 4k causal, which
+// plain JavaScript cannot reach in that time (`--head-dim 64` shows it).
 const DEFAULTS = {
   sizes: [256, 512, 1024, 2048, 4096],
   causal: 'both',
@@ -40,11 +42,11 @@ const DEFAULTS = {
   runs: 5,
   warmup: 1,
   // A measurement stops adding runs once they total this long, so the largest sizes take one or two.
-  maxTimeMs: 2000,
+  maxTimeMs: 1000,
   seed: 1,
   batch: 1,
   heads: 2,
-  headDim: 64,
+  headDim: 32,
   // The oracle costs as much as the softmax baseline; above this many rows it checks a sample.
   fullCheckLimit: 1024,
   sampleRows: 64,
@@ -61,6 +63,7 @@ Options:
   --sizes <list>       sequence lengths N, comma-separated (default ${DEFAULTS.sizes.join(',')})
   --causal <mode>      on, off or both (default ${DEFAULTS.causal})
   --order <p>          Taylor order 1..4 (default ${DEFAULTS.order})
+  --head-dim <d>       head dim D = Dv (default ${DEFAULTS.headDim})
   --backend <names>    backends to try, comma-separated, in order (default: all, fastest first)
   --runs <n>           timed runs per measurement, at most; the median is shown (default
                        ${DEFAULTS.runs}, fewer once a measurement has taken ${DEFAULTS.maxTimeMs / 1000} s)
@@ -74,6 +77,7 @@ const FLAGS = {
   sizes: { type: 'string' },
   causal: { type: 'string' },
   order: { type: 'string' },
+  'head-dim': { type: 'string' },
   backend: { type: 'string' },
   runs: { type: 'string' },
   warmup: { type: 'string' },
@@ -109,6 +113,9 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
   const order = (
     orderText === undefined ? DEFAULTS.order : parseInteger(orderText, '--order', 1, 4)
   ) as Order;
+  const headDimText = stringFlag(values, 'head-dim');
+  const headDim =
+    headDimText === undefined ? DEFAULTS.headDim : parseInteger(headDimText, '--head-dim', 1, 1024);
   const runsText = stringFlag(values, 'runs');
   const runs = runsText === undefined ? DEFAULTS.runs : parseInteger(runsText, '--runs', 1);
   const warmupText = stringFlag(values, 'warmup');
@@ -138,8 +145,8 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
   for (const skip of [...failed, ...fm.skipped]) println(stdout, `  skipped ${skip.name}: ${skip.reason}`);
   println(
     stdout,
-    `Workload: B=${DEFAULTS.batch}, H=${DEFAULTS.heads}, D=Dv=${DEFAULTS.headDim}, p=${order} ` +
-      `(F=${featureCount(DEFAULTS.headDim, order)} features), seed ${seed}`,
+    `Workload: B=${DEFAULTS.batch}, H=${DEFAULTS.heads}, D=Dv=${headDim}, p=${order} ` +
+      `(F=${featureCount(headDim, order)} features), seed ${seed}`,
   );
   println(
     stdout,
@@ -159,7 +166,7 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
     const timing = { warmup: n === sizes[0] ? warmup : 0, runs, maxTimeMs: DEFAULTS.maxTimeMs };
     const label = `N=${n}${causal ? ' causal' : ''}`;
     const { q, k, v } = attentionWorkload(
-      { batch: DEFAULTS.batch, heads: DEFAULTS.heads, queryLength: n, headDim: DEFAULTS.headDim },
+      { batch: DEFAULTS.batch, heads: DEFAULTS.heads, queryLength: n, headDim },
       seed,
     );
     const options: FastmaxOptions = { causal, order };
@@ -232,29 +239,23 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
     ),
   );
   println(stdout);
-  println(stdout, `Fastmax: ${chosen.name} backend. softmax: softmaxAttention, O(N²) float64 JavaScript.`);
-  println(
-    stdout,
-    `speedup = softmax time / Fastmax time; runs: timed runs of Fastmax/softmax behind each median.`,
-  );
-  println(
-    stdout,
-    `path: the planner's choice. direct evaluates f(s) for every query-key pair (cheaper for short ` +
-      `sequences); factorized sums the keys into moments once, O(N).`,
-  );
-  println(
-    stdout,
-    `max rel. error: largest max|o - o_ref| / max|o_ref| over the rows checked, o_ref from the float64 ` +
-      `oracle referenceAttention; tolerance ${formatError(chosen.tolerance)} for ${chosen.name}.`,
-  );
+  const notes = [
+    `Fastmax: the ${chosen.name} backend. softmax: softmaxAttention, O(N²) float64 JavaScript.`,
+    `speedup: softmax time / Fastmax time. runs: timed runs behind each median (Fastmax/softmax).`,
+    `path: the planner's choice. direct evaluates f(s) for every query-key pair (cheaper for short`,
+    `  sequences); factorized sums the keys into moments once and is O(N).`,
+    `max rel. error: largest max|o - o_ref| / max|o_ref| over the rows checked, with o_ref from the`,
+    `  float64 oracle referenceAttention; tolerance for ${chosen.name}: ${formatError(chosen.tolerance)}.`,
+  ];
   if (rows.some((row) => row.sampled)) {
-    println(
-      stdout,
-      `Rows checked: every row up to N=${DEFAULTS.fullCheckLimit}; above it, ${DEFAULTS.sampleRows} sampled query ` +
-        `rows per head (first, last, evenly spread, random), each compared exactly on the smallest ` +
-        `sub-problem that determines it, so the demo stays fast.`,
+    notes.push(
+      `rows checked: every row up to N=${DEFAULTS.fullCheckLimit}. Above that, to keep the demo fast, ${DEFAULTS.sampleRows} sampled`,
+      `  query rows (first, last, evenly spread, random) in every head, each compared exactly on the`,
+      `  smallest sub-problem that determines it.`,
     );
   }
+  for (const note of notes) println(stdout, note);
+  println(stdout);
   const failures = rows.filter((row) => !row.pass).length;
   println(
     stdout,
@@ -265,7 +266,7 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
     const path = await writeJsonResult('demo', {
       backend: chosen.name,
       tolerance: chosen.tolerance,
-      workload: { batch: DEFAULTS.batch, heads: DEFAULTS.heads, headDim: DEFAULTS.headDim, order, seed },
+      workload: { batch: DEFAULTS.batch, heads: DEFAULTS.heads, headDim, order, seed },
       runs,
       warmup,
       rows,

@@ -42,7 +42,13 @@ import {
 } from '../features.js';
 import { NORMALIZATION_KINDS, type ResolvedOptions, SUPPORTED_ORDERS } from '../options.js';
 import type { AttentionPlan } from '../planner.js';
-import { type PreparedScores, prepareScores, prepareScoresBackward } from '../prepare.js';
+import {
+  nonZeroDivisor,
+  type PreparedScores,
+  prepareScores,
+  prepareScoresBackward,
+  prepareToken,
+} from '../prepare.js';
 import { type HostTensor, hostTensor, type Tensor, toHost } from '../tensor.js';
 import { type AttentionShape, keyLimit, kvHeadOf } from '../validate.js';
 
@@ -558,7 +564,8 @@ class ReferenceState implements BackendState {
 
   constructor(config: ResolvedStateOptions) {
     this.#config = config;
-    this.#tokenShape = { ...config, queryLength: 1, keyLength: 1 };
+    const { batch, heads, kvHeads, headDim, valueDim } = config;
+    this.#tokenShape = { batch, heads, kvHeads, queryLength: 1, keyLength: 1, headDim, valueDim };
     this.#layout = featureLayout(config.headDim, config.options.order);
     const width = config.valueDim + 1;
     const streams = config.batch * config.kvHeads;
@@ -609,8 +616,9 @@ class ReferenceState implements BackendState {
   }
 
   #assertLive(): void {
-    if (this.#disposed)
+    if (this.#disposed) {
       throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
+    }
   }
 
   #addKey(b: number, g: number, k: HostTensor, v: HostTensor, t: number, T: number): void {
@@ -640,9 +648,9 @@ class ReferenceState implements BackendState {
       sigma = normalization.scale / options.temperature;
     } else {
       if (norm > this.#queryMaxNorms[head]!) this.#queryMaxNorms[head] = norm;
-      const divisor = nonZero(this.#queryMaxNorms[head]!);
+      const divisor = nonZeroDivisor(this.#queryMaxNorms[head]!);
       for (let d = 0; d < D; d++) x[d] = x[d]! / divisor;
-      sigma = 1 / (nonZero(this.#keyMaxNorms[stream]!) * options.temperature);
+      sigma = 1 / (nonZeroDivisor(this.#keyMaxNorms[stream]!) * options.temperature);
     }
     const phi = queryFeatures(
       this.#layout,
@@ -658,32 +666,6 @@ class ReferenceState implements BackendState {
     output.set(row, (head * T + t) * Dv);
     return regular;
   }
-}
-
-/** A norm or maximum of 0 divides by 1 instead, as in `prepareScores` (the vector is 0 then). */
-function nonZero(value: number): number {
-  return value > 0 ? value : 1;
-}
-
-/** One token as `prepareScores` sees it: centered over its features (unless `scale`), with its norm. */
-function prepareToken(
-  source: Float32Array,
-  offset: number,
-  D: number,
-  centered: boolean,
-): { vector: Float64Array; norm: number } {
-  const vector = new Float64Array(D);
-  let mean = 0;
-  if (centered) {
-    for (let d = 0; d < D; d++) mean += source[offset + d]!;
-    mean /= D;
-  }
-  let squares = 0;
-  for (let d = 0; d < D; d++) {
-    vector[d] = source[offset + d]! - mean;
-    squares += vector[d]! * vector[d]!;
-  }
-  return { vector, norm: Math.sqrt(squares) };
 }
 
 function toFloat32(shape: readonly [number, number, number, number], values: Float64Array): HostTensor {

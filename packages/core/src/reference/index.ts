@@ -1,3 +1,3 @@
-export { type ReferenceAttentionResult, referenceAttention, referenceBackward } from './oracle.js';
-export { softmaxAttention } from './softmax.js';
 export { referenceBackend } from './backend.js';
+export { type ReferenceAttentionResult, referenceAttention, referenceBackward } from './oracle.js';
+export { type SoftmaxOptions, softmaxAttention } from './softmax.js';

@@ -1,3 +1,4 @@
+import { kernelDerivative, kernelValue } from '../algebra.js';
 import { FastmaxError } from '../errors.js';
 import { type FastmaxOptions, type ResolvedOptions, resolveOptions } from '../options.js';
 import { type PreparedScores, prepareScores, prepareScoresBackward } from '../prepare.js';
@@ -46,20 +47,6 @@ export function requireHostTensors(tensors: Record<string, Tensor>): void {
   }
 }
 
-/** f(s) = Σ_l a_l s^l by Horner's rule. */
-function polynomial(coefficients: Float64Array, s: number): number {
-  let value = 0;
-  for (let l = coefficients.length - 1; l >= 0; l--) value = value * s + coefficients[l]!;
-  return value;
-}
-
-/** f'(s) = Σ_l l·a_l s^(l-1) by Horner's rule. */
-function polynomialDerivative(coefficients: Float64Array, s: number): number {
-  let value = 0;
-  for (let l = coefficients.length - 1; l >= 1; l--) value = value * s + l * coefficients[l]!;
-  return value;
-}
-
 /** s_ij = σ_i · (x_i · y_j) for query row `row` (flat B×H×N index) and key row `keyRow` (flat B×Hkv×M). */
 function score(prepared: PreparedScores, row: number, keyRow: number, D: number): number {
   return prepared.sigma[row]! * dot(prepared.x, row * D, prepared.y, keyRow * D, D);
@@ -91,7 +78,7 @@ function forEachRow(
         const limit = keyLimit(b, i, shape, options);
         let den = 0;
         for (let j = 0; j < limit; j++) {
-          weights[j] = polynomial(options.coefficients, score(prepared, row, keyHead + j, D));
+          weights[j] = kernelValue(options.coefficients, score(prepared, row, keyHead + j, D));
           den += weights[j]!;
         }
         visit(row, keyHead, limit, weights, den);
@@ -184,7 +171,7 @@ export function referenceBackward(
       }
       g /= den;
       const xy = dot(x, row * D, y, keyRow * D, D);
-      const ds = g * polynomialDerivative(resolved.coefficients, sigma[row]! * xy);
+      const ds = g * kernelDerivative(resolved.coefficients, sigma[row]! * xy);
       for (let d = 0; d < D; d++) {
         dx[row * D + d]! += ds * sigma[row]! * y[keyRow * D + d]!;
         dy[keyRow * D + d]! += ds * sigma[row]! * x[row * D + d]!;
