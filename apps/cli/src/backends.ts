@@ -22,9 +22,24 @@ export interface BackendFactory {
 
 /**
  * Every backend, fastest first: `createFastmax` takes the first available one. Adding a backend is
- * one entry here (its dynamic import is the only other line it needs).
+ * one entry here, with its package imported inside `create`.
  */
 const BACKENDS: readonly BackendFactory[] = [
+  {
+    name: 'webgpu',
+    summary:
+      'WGSL kernels on WebGPU (dawn.node in Node through the optional webgpu package; GPU or lavapipe)',
+    // float32 kernels: the conformance suite's FORWARD_TOLERANCE (see packages/conformance/src/compare.ts).
+    tolerance: 1e-4,
+    create: async () => (await import('@fastmax/backend-webgpu')).webgpuBackend(),
+  },
+  {
+    name: 'cpu',
+    summary: 'WebAssembly SIMD kernels on worker threads (Node worker_threads or Web Workers)',
+    // float32 kernels: the conformance suite's FORWARD_TOLERANCE (see packages/conformance/src/compare.ts).
+    tolerance: 1e-4,
+    create: async () => (await import('@fastmax/backend-cpu')).cpuBackend(),
+  },
   {
     name: 'reference',
     summary: 'float64 JavaScript from @fastmax/core/reference: readable, exact, slow',
@@ -40,14 +55,18 @@ export function backendNames(): string[] {
 
 /**
  * The backend factories in order of preference; with `names`, only those, in the order given.
- * An unknown name is a usage error that lists the known ones.
+ * An unknown name is a usage error that lists the known ones. `from` replaces the built-in list
+ * (tests use it).
  */
-export function availableBackends(names?: readonly string[]): BackendFactory[] {
-  if (names === undefined) return [...BACKENDS];
+export function availableBackends(
+  names?: readonly string[],
+  from: readonly BackendFactory[] = BACKENDS,
+): BackendFactory[] {
+  if (names === undefined) return [...from];
   return names.map((name) => {
-    const factory = BACKENDS.find((backend) => backend.name === name);
+    const factory = from.find((backend) => backend.name === name);
     if (factory === undefined) {
-      throw new UsageError(`unknown backend '${name}' (known: ${backendNames().join(', ')})`);
+      throw new UsageError(`unknown backend '${name}' (known: ${from.map((f) => f.name).join(', ')})`);
     }
     return factory;
   });

@@ -41,6 +41,7 @@ export function checkAgainstOracle(
   const resolved = resolveOptions(options);
   const shape = validateAttentionInputs(q, k, v, resolved);
   const { batch: B, heads: H, queryLength: N, valueDim: Dv } = shape;
+  // The cases `sampledOracleRows` can split into exact sub-problems; anything else is checked in full.
   const sampleable =
     N === shape.keyLength &&
     resolved.keyLengths === null &&
@@ -48,8 +49,9 @@ export function checkAgainstOracle(
   if (N <= check.fullCheckLimit || check.sampleRows >= N || !sampleable) {
     const reference = referenceAttention(q, k, v, options).output;
     let worst = 0;
-    for (let row = 0; row < B * H * N; row++)
+    for (let row = 0; row < B * H * N; row++) {
       worst = Math.max(worst, rowError(output.data, reference, row, row, Dv));
+    }
     return { maxRelativeError: worst, rowsChecked: N, sampled: false };
   }
   const rows = sampleRowIndices(N, check.sampleRows, check.seed);
@@ -63,7 +65,10 @@ export function checkAgainstOracle(
   return { maxRelativeError: worst, rowsChecked: rows.length, sampled: true };
 }
 
-/** Per-row relative error; a reference row of zeros (a degenerate row) must be matched exactly. */
+/**
+ * Per-row relative error; a reference row of zeros (a degenerate row) must be matched exactly. An
+ * output too short for its shape reads undefined, which turns into NaN and fails the check.
+ */
 function rowError(
   actual: Float32Array,
   reference: Float64Array,

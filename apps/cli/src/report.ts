@@ -62,7 +62,7 @@ export async function measure(fn: () => unknown, options: MeasureOptions = {}): 
   const maxTimeMs = options.maxTimeMs ?? Number.POSITIVE_INFINITY;
   const times: number[] = [];
   let total = 0;
-  while (times.length < runs && total < maxTimeMs) {
+  while (times.length < runs && (times.length === 0 || total < maxTimeMs)) {
     const start = performance.now();
     await fn();
     const time = performance.now() - start;

@@ -2,9 +2,13 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
+import { type FastmaxBackend, toHost } from '@fastmax/core';
+import { referenceBackend } from '@fastmax/core/reference';
 import { describe, expect, it } from 'vitest';
+import type { BackendFactory } from '../src/backends.js';
 import { main } from '../src/cli.js';
 import { runBench } from '../src/commands/bench.js';
+import { runDemo } from '../src/commands/demo.js';
 import { memoryIO } from './memory-io.js';
 
 describe('fastmax help', () => {
@@ -117,8 +121,21 @@ export async function run(context) {
 describe('fastmax demo', () => {
   it('passes its oracle checks on small sizes, causal and not', async () => {
     const io = memoryIO();
+    // The reference backend by name: this tests the demo, not which backends this machine has.
     const code = await main(
-      ['demo', '--sizes', '16,48', '--causal', 'both', '--runs', '1', '--warmup', '0'],
+      [
+        'demo',
+        '--backend',
+        'reference',
+        '--sizes',
+        '16,48',
+        '--causal',
+        'both',
+        '--runs',
+        '1',
+        '--warmup',
+        '0',
+      ],
       io,
     );
     expect(io.err()).toBe('');
@@ -134,11 +151,51 @@ describe('fastmax demo', () => {
   it('checks a sample of rows above the full-check limit and says so', async () => {
     const io = memoryIO();
     const code = await main(
-      ['demo', '--sizes', '1100', '--causal', 'on', '--runs', '1', '--warmup', '0'],
+      ['demo', '--backend', 'reference', '--sizes', '1100', '--causal', 'on', '--runs', '1', '--warmup', '0'],
       io,
     );
     expect(code).toBe(0);
     expect(io.out()).toMatch(/1100\s+yes\s.*\s64 of 1100\s+pass/);
-    expect(io.out()).toContain('sampled query rows');
+    expect(io.out()).toContain('sampled');
+  });
+
+  it('fails, exit 1, when a backend is wrong, and says which backends it skipped', async () => {
+    const wrongBackend = async (): Promise<FastmaxBackend> => {
+      const inner = referenceBackend();
+      return {
+        ...inner,
+        name: 'off-by-a-bit',
+        async forward(request) {
+          const result = await inner.forward(request);
+          const output = await toHost(result.output);
+          const data = Float32Array.from(output.data);
+          data[data.length - 1]! *= 1.001;
+          return { ...result, output: { shape: output.shape, data } };
+        },
+      };
+    };
+    const unavailable = async (): Promise<FastmaxBackend> => ({
+      ...referenceBackend(),
+      name: 'absent',
+      isAvailable: async () => ({ available: false, reason: 'no such device here' }),
+    });
+    const backends: BackendFactory[] = [
+      { name: 'absent', summary: 'never available', tolerance: 1e-6, create: unavailable },
+      {
+        name: 'broken',
+        summary: 'fails to load',
+        tolerance: 1e-6,
+        create: () => Promise.reject(new Error('boom')),
+      },
+      { name: 'off-by-a-bit', summary: 'scales one output value', tolerance: 1e-6, create: wrongBackend },
+    ];
+    const io = memoryIO();
+    const code = await runDemo(['--sizes', '16', '--causal', 'on', '--runs', '1'], io, { backends });
+    expect(code).toBe(1);
+    expect(io.out()).toContain('Backend: off-by-a-bit');
+    expect(io.out()).toContain('skipped absent: no such device here');
+    expect(io.out()).toContain('skipped broken: could not load: boom');
+    expect(io.out()).toMatch(/16\s+yes\s.*\sFAIL$/m);
+    expect(io.out()).toContain('1 of 1 checks FAILED.');
   });
 });

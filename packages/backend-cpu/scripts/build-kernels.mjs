@@ -3,7 +3,7 @@
 // package loads the same way in Node and in browsers: no file or network fetch at run time.
 // `node scripts/build-kernels.mjs --check` fails when the generated file is stale.
 import { createHash } from 'node:crypto';
-import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import asc from 'assemblyscript/asc';

@@ -6,8 +6,8 @@ import {
   type BackwardResult,
   chooseChunkSize,
   chunkRanges,
-  FastmaxError,
   type FastmaxBackend,
+  FastmaxError,
   type ForwardRequest,
   type ForwardResult,
   type HostTensor,
@@ -22,10 +22,23 @@ import {
   validKeyCount,
 } from '@fastmax/core';
 import { cpuBackward } from './backward.js';
-import { type AttentionJob, Engine, type HeadState, type NormalizationSpec, type WorkUnit } from './engine.js';
+import { BackwardEngine } from './backward-engine.js';
+import {
+  type AttentionJob,
+  Engine,
+  type HeadState,
+  type NormalizationSpec,
+  type WorkUnit,
+} from './engine.js';
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
 import { WorkerPool, workerFactory } from './pool.js';
 import { kernelSetup } from './setup.js';
+
+/** The CPU backend: a `FastmaxBackend` that can also say how many threads it computes with. */
+export interface CpuBackend extends FastmaxBackend {
+  /** Threads large calls use: the pool's workers, or 1 without a pool (one thread, no SharedArrayBuffer). */
+  threadCount(): Promise<number>;
+}
 
 export interface CpuBackendOptions {
   /**
@@ -70,7 +83,8 @@ function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
 
 function defaultThreads(): number {
   const nav = (globalThis as { navigator?: { hardwareConcurrency?: number } }).navigator;
-  if (typeof nav?.hardwareConcurrency === 'number' && nav.hardwareConcurrency > 0) return nav.hardwareConcurrency;
+  if (typeof nav?.hardwareConcurrency === 'number' && nav.hardwareConcurrency > 0)
+    return nav.hardwareConcurrency;
   return 1;
 }
 
@@ -114,11 +128,15 @@ function stateBytes(paddedFeatures: number, columns: number): number {
 
 function refuseLargeState(bytes: number, what: string): void {
   if (bytes > MAX_STATE_BYTES) {
-    throw new FastmaxError('RESOURCE_EXHAUSTED', `the factorized moment state is too large for WebAssembly memory`, {
-      argument: 'options.path',
-      expected: `a state of at most ${MAX_STATE_BYTES} bytes per thread, or path: 'direct'`,
-      actual: `${bytes} bytes (${what})`,
-    });
+    throw new FastmaxError(
+      'RESOURCE_EXHAUSTED',
+      `the factorized moment state is too large for WebAssembly memory`,
+      {
+        argument: 'options.path',
+        expected: `a state of at most ${MAX_STATE_BYTES} bytes per thread, or path: 'direct'`,
+        actual: `${bytes} bytes (${what})`,
+      },
+    );
   }
 }
 
@@ -149,7 +167,7 @@ function planUnits(heads: number, valueDim: number, threads: number): WorkUnit[]
  * The CPU backend: WebAssembly SIMD kernels (compiled from asm/kernels.ts and embedded), driven
  * per head by src/engine.ts, in the calling thread or on a pool of worker threads.
  */
-export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
+export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   const requested = options.threads;
   if (requested !== undefined && (!Number.isInteger(requested) || requested < 1)) {
     throw new FastmaxError('INVALID_OPTION', 'threads must be a positive integer', {
@@ -161,6 +179,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
   const parallelThreshold = options.parallelThreshold ?? 2 ** 22;
   let modulePromise: Promise<WebAssembly.Module> | null = null;
   let localEngine: Engine | null = null;
+  let backwardEngine: BackwardEngine | null = null;
   let poolPromise: Promise<WorkerPool | null> | null = null;
   let disposed = false;
 
@@ -195,13 +214,14 @@ export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
     if (disposed) throw new FastmaxError('DISPOSED', 'the CPU backend was disposed', { argument: 'backend' });
   };
 
-  const backend: FastmaxBackend & { readonly poolForTesting: () => Promise<WorkerPool | null> } = {
+  const backend: CpuBackend & { readonly poolForTesting: () => Promise<WorkerPool | null> } = {
     name: 'cpu',
     specVersion: SPEC_VERSION,
     capabilities: CAPABILITIES,
 
     async isAvailable(): Promise<Availability> {
-      if (typeof WebAssembly !== 'object') return { available: false, reason: 'WebAssembly is not available' };
+      if (typeof WebAssembly !== 'object')
+        return { available: false, reason: 'WebAssembly is not available' };
       if (!WebAssembly.validate(decodeBase64(KERNELS_SIMD))) {
         return { available: false, reason: 'this engine does not support WebAssembly SIMD (128-bit)' };
       }
@@ -239,7 +259,11 @@ export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
       const count = workers?.size ?? 1;
       const batches = planUnits(heads, Dv, count);
       const widest = batches.flat().reduce((m, u) => Math.max(m, u.c1 - u.c0), 0);
-      if (factorized) refuseLargeState(stateBytes(setup.paddedFeatures, widest), `F = ${plan.featureCount}, Dv = ${widest}`);
+      if (factorized)
+        refuseLargeState(
+          stateBytes(setup.paddedFeatures, widest),
+          `F = ${plan.featureCount}, Dv = ${widest}`,
+        );
       const outLength = B * H * N * Dv;
       const job: AttentionJob = {
         q: workers ? shared(q.data) : q.data,
@@ -278,7 +302,26 @@ export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
 
     async backward(request: BackwardRequest): Promise<BackwardResult> {
       live();
-      return cpuBackward(request, await engine());
+      if (request.plan.path === 'factorized') {
+        const F = Math.ceil(request.plan.featureCount / 4) * 4;
+        refuseLargeState(
+          4 * stateBytes(F, request.shape.valueDim + 1),
+          `F = ${request.plan.featureCount} (backward)`,
+        );
+      }
+      backwardEngine ??= new BackwardEngine(await compiled());
+      try {
+        return cpuBackward(
+          request,
+          host(request.q, 'q'),
+          host(request.k, 'k'),
+          host(request.v, 'v'),
+          host(request.dOut, 'dOut'),
+          backwardEngine,
+        );
+      } catch (error) {
+        throw wrapEngineError(error);
+      }
     },
 
     async createState(stateOptions: ResolvedStateOptions): Promise<BackendState> {
@@ -291,7 +334,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): FastmaxBackend {
       const current = poolPromise;
       poolPromise = null;
       localEngine = null;
+      backwardEngine = null;
       (await current)?.dispose();
+    },
+
+    async threadCount(): Promise<number> {
+      return (await pool())?.size ?? 1;
     },
 
     poolForTesting: () => pool(),
@@ -337,7 +385,8 @@ class CpuState implements BackendState {
   }
 
   async step(qt: Tensor, kt: Tensor, vt: Tensor): Promise<StepResult> {
-    if (this.closed) throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
+    if (this.closed)
+      throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
     const q = host(qt, 'q');
     const k = host(kt, 'k');
     const v = host(vt, 'v');
@@ -347,7 +396,12 @@ class CpuState implements BackendState {
     const n = this.count;
     const chunk = chooseChunkSize(D, Dv, resolved.order, Math.max(T, 1));
     const schedule = Int32Array.from(
-      chunkRanges(T, n + T, chunk, n + T).flatMap((c) => [c.queryStart, c.queryEnd, c.stateKeyEnd, c.directKeyEnd]),
+      chunkRanges(T, n + T, chunk, n + T).flatMap((c) => [
+        c.queryStart,
+        c.queryEnd,
+        c.stateKeyEnd,
+        c.directKeyEnd,
+      ]),
     );
     const out = new Float32Array(B * H * T * Dv);
     const normalization = normalizationSpec(resolved);

@@ -17,7 +17,9 @@
 
 import type { KernelExports } from './kernel-types.js';
 
-export type NormalizationSpec = { readonly kind: 'max-norm' | 'prefix-max-norm' | 'l2' } | { readonly kind: 'scale'; readonly scale: number };
+export type NormalizationSpec =
+  | { readonly kind: 'max-norm' | 'prefix-max-norm' | 'l2' }
+  | { readonly kind: 'scale'; readonly scale: number };
 
 /** What depends on (D, p, coefficients) only; built once per call on the main thread. */
 export interface KernelSetup {
@@ -221,7 +223,23 @@ export class Engine {
     const needed = Math.ceil(end / 65536) - memory.buffer.byteLength / 65536;
     if (needed > 0) memory.grow(needed);
     this.refreshViews();
-    return { table, weights, coefficients, limits, xT, yT, vPanels, uq, uk, o, den, w, states, stateBytes, end };
+    return {
+      table,
+      weights,
+      coefficients,
+      limits,
+      xT,
+      yT,
+      vPanels,
+      uq,
+      uk,
+      o,
+      den,
+      w,
+      states,
+      stateBytes,
+      end,
+    };
   }
 
   /** Empties the moment state of head slot `slot`. */
@@ -259,7 +277,17 @@ export class Engine {
     };
     const state: HeadState = { keys: 0, queryMax: 0, keyMax: 0 };
     const scales = this.queryScales(job, view);
-    return this.runHead(view, job.schedules[b]!, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+    return this.runHead(
+      view,
+      job.schedules[b]!,
+      job.path,
+      job.normalization,
+      job.temperature,
+      scales,
+      state,
+      0,
+      0,
+    );
   }
 
   /**
@@ -274,20 +302,35 @@ export class Engine {
     state: HeadState,
     slot: number,
   ): number {
-    return this.runHead(view, schedule, 'factorized', normalization, temperature, null, state, slot, view.valid);
+    return this.runHead(
+      view,
+      schedule,
+      'factorized',
+      normalization,
+      temperature,
+      null,
+      state,
+      slot,
+      view.valid,
+    );
   }
 
   /**
    * Per-head divisors that need the whole head first: max-norm's largest query and key norms.
    * Returns null when the normalization needs none.
    */
-  private queryScales(job: AttentionJob, view: HeadView): { queryDivisor: number; keyDivisor: number } | null {
+  private queryScales(
+    job: AttentionJob,
+    view: HeadView,
+  ): { queryDivisor: number; keyDivisor: number } | null {
     if (job.normalization.kind !== 'max-norm') return null;
     const D = view.headDim;
     let queryMax = 0;
-    for (let i = 0; i < view.rows; i++) queryMax = Math.max(queryMax, centeredNorm(view.q, view.qBase + i * D, D));
+    for (let i = 0; i < view.rows; i++)
+      queryMax = Math.max(queryMax, centeredNorm(view.q, view.qBase + i * D, D));
     let keyMax = 0;
-    for (let j = 0; j < view.valid; j++) keyMax = Math.max(keyMax, centeredNorm(view.k, view.kBase + j * D, D));
+    for (let j = 0; j < view.valid; j++)
+      keyMax = Math.max(keyMax, centeredNorm(view.k, view.kBase + j * D, D));
     return { queryDivisor: queryMax > 0 ? queryMax : 1, keyDivisor: keyMax > 0 ? keyMax : 1 };
   }
 
@@ -326,7 +369,6 @@ export class Engine {
     const limitOf = (i: number): number =>
       view.causal ? Math.max(0, Math.min(view.valid, i + view.causalShift + 1)) : view.valid;
     const qRow = new Float64Array(D);
-    const kRow = new Float64Array(D);
     let degenerate = 0;
     // prefix-max-norm's σ_i uses the largest key norm among the keys row i sees: keys are scanned
     // once, in order, as the limit grows (it never shrinks from one row to the next). Keys before
@@ -359,11 +401,13 @@ export class Engine {
         const vb = view.vBase + local * view.valueDim;
         for (let c = view.c0; c < view.c0 + W; c++) {
           const panel = (c - view.c0) >> 3;
-          f32[vBase + panel * (vPanel >> 2) + t * 8 + ((c - view.c0) & 7)] = c < view.c1 ? view.v[vb + c]! : 0;
+          f32[vBase + panel * (vPanel >> 2) + t * 8 + ((c - view.c0) & 7)] =
+            c < view.c1 ? view.v[vb + c]! : 0;
         }
       }
       // The scores kernel reads whole 8-key tiles: keep the tail of the last tile finite.
-      for (let d = 0; d < D; d++) f32.fill(0, yBase + d * keyLd + count, yBase + d * keyLd + roundUp(count, 8));
+      for (let d = 0; d < D; d++)
+        f32.fill(0, yBase + d * keyLd + count, yBase + d * keyLd + roundUp(count, 8));
     };
 
     // Adds keys [state.keys, end) to the moment state.
@@ -517,7 +561,12 @@ function centeredNorm(data: Float32Array, base: number, dim: number): number {
 /** Messages from the pool to a worker. */
 export type WorkerRequest =
   | { readonly type: 'init'; readonly module: WebAssembly.Module }
-  | { readonly type: 'run'; readonly id: number; readonly job: AttentionJob; readonly units: readonly WorkUnit[] };
+  | {
+      readonly type: 'run';
+      readonly id: number;
+      readonly job: AttentionJob;
+      readonly units: readonly WorkUnit[];
+    };
 
 /** Replies of a worker: degenerate rows of the units, or why they failed. */
 export type WorkerReply =

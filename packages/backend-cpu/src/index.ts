@@ -1,1 +1,1 @@
-export { type CpuBackendOptions, cpuBackend } from './backend.js';
+export { type CpuBackend, type CpuBackendOptions, cpuBackend } from './backend.js';

@@ -2,7 +2,16 @@
 export interface KernelExports {
   readonly memory: WebAssembly.Memory;
   heapBase(): number;
-  features(src: number, ldSrc: number, n4: number, table: number, f0: number, f1: number, out: number, ldOut: number): void;
+  features(
+    src: number,
+    ldSrc: number,
+    n4: number,
+    table: number,
+    f0: number,
+    f1: number,
+    out: number,
+    ldOut: number,
+  ): void;
   moments(
     u: number,
     ldU: number,
@@ -31,8 +40,26 @@ export interface KernelExports {
     ldO: number,
     den: number,
   ): void;
-  scores(x: number, ldX: number, nq4: number, y: number, ldY: number, nk8: number, d: number, w: number, ldW: number): void;
-  polynomial(w: number, ldW: number, nq: number, nk8: number, limits: number, coefficients: number, order: number): void;
+  scores(
+    x: number,
+    ldX: number,
+    nq4: number,
+    y: number,
+    ldY: number,
+    nk8: number,
+    d: number,
+    w: number,
+    ldW: number,
+  ): void;
+  polynomial(
+    w: number,
+    ldW: number,
+    nq: number,
+    nk8: number,
+    limits: number,
+    coefficients: number,
+    order: number,
+  ): void;
   weighted(
     w: number,
     ldW: number,
@@ -49,7 +76,17 @@ export interface KernelExports {
 
 /** The backward pass's extra kernels. */
 export interface BackwardKernelExports extends KernelExports {
-  project(s: number, sPanel: number, nf: number, nc: number, g: number, ldG: number, nq8: number, h: number, ldH: number): void;
+  project(
+    s: number,
+    sPanel: number,
+    nf: number,
+    nc: number,
+    g: number,
+    ldG: number,
+    nq8: number,
+    h: number,
+    ldH: number,
+  ): void;
   featureGradient(
     h: number,
     ldH: number,

@@ -111,9 +111,13 @@ export class WorkerPool {
         if (task === null) return;
         if ('error' in reply) {
           task.reject(
-            new FastmaxError(reply.memory ? 'RESOURCE_EXHAUSTED' : 'BACKEND_ERROR', `a CPU worker failed: ${reply.error}`, {
-              argument: 'q',
-            }),
+            new FastmaxError(
+              reply.memory ? 'RESOURCE_EXHAUSTED' : 'BACKEND_ERROR',
+              `a CPU worker failed: ${reply.error}`,
+              {
+                argument: 'q',
+              },
+            ),
           );
         } else task.resolve(reply.degenerate);
       },
@@ -122,7 +126,9 @@ export class WorkerPool {
         const task = slot.task;
         slot.task = null;
         if (!this.disposed) this.spawn(slot);
-        task?.reject(new FastmaxError('BACKEND_ERROR', `a CPU worker crashed (${reason}); the pool replaced it`));
+        task?.reject(
+          new FastmaxError('BACKEND_ERROR', `a CPU worker crashed (${reason}); the pool replaced it`),
+        );
       },
     });
     slot.worker.post({ type: 'init', module: this.module });

@@ -1,4 +1,4 @@
-import { type Order, featureCoefficients, featureLayout } from '@fastmax/core';
+import { featureCoefficients, featureLayout, type Order } from '@fastmax/core';
 import type { KernelSetup } from './engine.js';
 
 /**
@@ -15,7 +15,14 @@ export function kernelSetup(
 ): KernelSetup {
   const coefficientsF32 = Float32Array.from(coefficients as ArrayLike<number>);
   if (!withFeatures) {
-    return { headDim, order, paddedFeatures: 0, table: new Int32Array(0), weights: new Float32Array(0), coefficients: coefficientsF32 };
+    return {
+      headDim,
+      order,
+      paddedFeatures: 0,
+      table: new Int32Array(0),
+      weights: new Float32Array(0),
+      coefficients: coefficientsF32,
+    };
   }
   const layout = featureLayout(headDim, order);
   const F = layout.featureCount;

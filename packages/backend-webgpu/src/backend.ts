@@ -1,4 +1,5 @@
 import {
+  type AttentionShape,
   type Availability,
   type BackendCapabilities,
   type BackendState,
@@ -16,11 +17,10 @@ import {
   prepareScoresBackward,
   type ResolvedOptions,
   type ResolvedStateOptions,
-  SPEC_VERSION,
   type Shape4,
+  SPEC_VERSION,
   type StepResult,
   type Tensor,
-  type AttentionShape,
 } from '@fastmax/core';
 import { featureTable } from './features.js';
 import { acquireDevice } from './gpu.js';
@@ -28,15 +28,18 @@ import {
   applyProgram,
   backwardKeyProgram,
   backwardQueryProgram,
+  dimBucket,
   directKeyTile,
   directProgram,
+  divideRowsProgram,
+  keyDivisorsProgram,
   momentsProgram,
   NormalizationCode,
   normalizeProgram,
+  PRODUCT_TILE,
+  prefixMaxProgram,
+  queryScalesProgram,
   rowNormsProgram,
-  scanKeysProgram,
-  scanQueriesProgram,
-  divideRowsProgram,
 } from './kernels.js';
 import { Runtime, type WorkLimits } from './runtime.js';
 import { BACKEND_NAME, WebGpuTensor } from './tensor.js';
@@ -54,6 +57,8 @@ export interface WebGpuBackendOptions {
 export interface WebGpuBackend extends FastmaxBackend {
   /** The device in use, once available (for chaining with the user's own WebGPU work). */
   device(): Promise<GPUDevice>;
+  /** The adapter in words (vendor, architecture, device), or 'user device'. */
+  adapterDescription(): Promise<string>;
   /** Uploads a host tensor into a device tensor of this backend. */
   toDevice(tensor: HostTensor): Promise<WebGpuTensor>;
 }
@@ -100,7 +105,12 @@ function baseSigma(options: ResolvedOptions): number {
 }
 
 /** Per-unit valid key counts (a unit is one (batch, kv head)). */
-function validKeyCounts(shape: AttentionShape, options: ResolvedOptions, u0: number, u1: number): Uint32Array {
+function validKeyCounts(
+  shape: AttentionShape,
+  options: ResolvedOptions,
+  u0: number,
+  u1: number,
+): Uint32Array {
   const counts = new Uint32Array(u1 - u0);
   for (let unit = u0; unit < u1; unit++) {
     const batch = Math.floor(unit / shape.kvHeads);
@@ -124,10 +134,10 @@ function unitsPerPass(runtime: Runtime, perUnitBytes: readonly number[], units: 
 }
 
 /**
- * Records normalization (core's prepareScores, in f32): x, y and σ from q and k. `runningQ` and
- * `runningK` hold the prefix maxima the scan starts from and ends with.
+ * Records normalization (core's prepareScores, in f32): x, y and σ from q and k. `runningQ` (per
+ * query head) and `runningK` (per unit) hold the prefix maxima the scans start from and end with.
  */
-function recordPrepare(
+export function recordPrepare(
   runtime: Runtime,
   encoder: GPUCommandEncoder,
   temporaries: GPUBuffer[],
@@ -173,20 +183,41 @@ function recordPrepare(
     runtime.linearGrid(keyRows, 64),
     temporaries,
   );
+  const queryPrefix = take(queryRows * 4);
+  const keyPrefix = take(keyRows * 4);
+  const keyRunningBefore = take(units * 4);
+  // σ of rows that see no key yet uses the key maximum from before this call (decoding).
+  encoder.copyBufferToBuffer(runningK, 0, keyRunningBefore.buffer, 0, units * 4);
   runtime.dispatch(
     encoder,
-    scanQueriesProgram(),
-    { queryNorms, keyNorms, validKeys, runningQ, runningK, queryDivisor, sigma },
-    { N, M, causal: options.causal ? 1 : 0, queryHeads: units * G, G, mode, baseSigma: baseSigma(options) },
-    runtime.linearGrid(units * G, 64),
+    prefixMaxProgram(),
+    { values: queryNorms, prefix: queryPrefix, running: runningQ },
+    { length: N },
+    [1, 1, units * G],
     temporaries,
   );
   runtime.dispatch(
     encoder,
-    scanKeysProgram(),
-    { keyNorms, validKeys, keyDivisor },
-    { units, M, mode },
-    runtime.linearGrid(units, 64),
+    prefixMaxProgram(),
+    { values: keyNorms, prefix: keyPrefix, running: runningK },
+    { length: M },
+    [1, 1, units],
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    queryScalesProgram(),
+    { queryNorms, queryPrefix, keyPrefix, keyRunning: keyRunningBefore, validKeys, queryDivisor, sigma },
+    { N, M, causal: options.causal ? 1 : 0, rows: queryRows, G, mode, baseSigma: baseSigma(options) },
+    runtime.linearGrid(queryRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    keyDivisorsProgram(),
+    { keyNorms, keyPrefix, validKeys, keyDivisor },
+    { rows: keyRows, M, mode },
+    runtime.linearGrid(keyRows, 64),
     temporaries,
   );
   runtime.dispatch(
@@ -234,7 +265,7 @@ function recordMoments(
     momentsProgram(),
     { features, y: inputs.y, v: inputs.v, validKeys: inputs.validKeys, S },
     { F, M, D, Dv, j0, j1 },
-    [Math.ceil(F / 16), Math.ceil((Dv + 1) / 16), units],
+    [Math.ceil(F / PRODUCT_TILE), Math.ceil(Dv / PRODUCT_TILE), units],
     temporaries,
   );
 }
@@ -256,10 +287,10 @@ function recordApply(
   const { units, G, N, D, Dv } = geometry;
   runtime.dispatch(
     encoder,
-    applyProgram(options.order),
+    applyProgram(),
     { features, x: inputs.x, sigma: inputs.sigma, S, acc },
     { N, F, D, Dv, G, i0, i1, ...polynomialValues(options) },
-    [Math.ceil((i1 - i0) / 16), Math.ceil((Dv + 1) / 16), units * G],
+    [Math.ceil((i1 - i0) / PRODUCT_TILE), Math.ceil(Dv / PRODUCT_TILE), units * G],
     temporaries,
   );
 }
@@ -276,15 +307,18 @@ function recordDirect(
   accumulate: boolean,
 ): void {
   const { units, G, N, M, D, Dv } = geometry;
-  const tile = directKeyTile(D, Dv, runtime.limits.maxComputeWorkgroupStorageSize);
+  const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
+  const tile = directKeyTile(bucketD, bucketDv, runtime.limits.maxComputeWorkgroupStorageSize);
   runtime.dispatch(
     encoder,
-    directProgram(options.order, D, Dv, tile),
+    directProgram(bucketD, bucketDv, tile),
     { x: inputs.x, sigma: inputs.sigma, y: inputs.y, v: inputs.v, validKeys: inputs.validKeys, acc },
     {
       N,
       M,
       causal: options.causal ? 1 : 0,
+      D,
+      DV: Dv,
       G,
       chunk,
       accumulate: accumulate ? 1 : 0,
@@ -336,7 +370,20 @@ function recordKernel(
       recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, seen, boundary);
       seen = boundary;
     }
-    recordApply(runtime, encoder, temporaries, geometry, options, F, features, inputs, S, acc, i0, Math.min(N, i0 + chunkSize));
+    recordApply(
+      runtime,
+      encoder,
+      temporaries,
+      geometry,
+      options,
+      F,
+      features,
+      inputs,
+      S,
+      acc,
+      i0,
+      Math.min(N, i0 + chunkSize),
+    );
   }
   recordDirect(runtime, encoder, temporaries, geometry, options, inputs, acc, chunkSize, true);
 }
@@ -398,17 +445,25 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
           ? await acquireDevice(options.powerPreference)
           : { device: options.device, adapterDescription: 'user device' };
       if (typeof acquired === 'string') return acquired;
-      const runtime = new Runtime(acquired.device, acquired.adapterDescription, options.limits ?? {}, options.debug ?? false);
+      const runtime = new Runtime(
+        acquired.device,
+        acquired.adapterDescription,
+        options.limits ?? {},
+        options.debug ?? false,
+      );
       return { runtime, tables: new FeatureTables(runtime) };
     })();
     return session;
   };
 
   const live = async (): Promise<Session> => {
-    if (disposed) throw new FastmaxError('DISPOSED', 'this WebGPU backend was disposed', { argument: 'backend' });
+    if (disposed)
+      throw new FastmaxError('DISPOSED', 'this WebGPU backend was disposed', { argument: 'backend' });
     const opened = await open();
     if (typeof opened === 'string') {
-      throw new FastmaxError('BACKEND_UNAVAILABLE', `WebGPU is not available: ${opened}`, { argument: 'backend' });
+      throw new FastmaxError('BACKEND_UNAVAILABLE', `WebGPU is not available: ${opened}`, {
+        argument: 'backend',
+      });
     }
     opened.runtime.assertAlive();
     return opened;
@@ -441,12 +496,24 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
   /** Output assembly: a device tensor filled pass by pass, or a host array. */
   const makeSink = (runtime: Runtime, shape: Shape4, perUnit: number, keepOnDevice: boolean) => {
     const total = shape[0] * shape[1] * shape[2] * shape[3];
-    const device = keepOnDevice ? new WebGpuTensor(runtime, runtime.device.createBuffer({ size: Math.max(4, total * 4), usage: 0x80 | 0x4 | 0x8 }), shape) : undefined;
+    const device = keepOnDevice
+      ? new WebGpuTensor(
+          runtime,
+          runtime.device.createBuffer({ size: Math.max(4, total * 4), usage: 0x80 | 0x4 | 0x8 }),
+          shape,
+        )
+      : undefined;
     const host = keepOnDevice ? undefined : new Float32Array(total);
     return {
       record(encoder: GPUCommandEncoder, source: Slice, u0: number): void {
         if (device !== undefined) {
-          encoder.copyBufferToBuffer(source.buffer, 0, device.buffer, u0 * perUnit * 4, Math.ceil(source.size / 4) * 4);
+          encoder.copyBufferToBuffer(
+            source.buffer,
+            0,
+            device.buffer,
+            u0 * perUnit * 4,
+            Math.ceil(source.size / 4) * 4,
+          );
         }
       },
       async collect(source: Slice, u0: number): Promise<void> {
@@ -488,7 +555,19 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         borrowed.push(runningQ, runningK);
         encoder.clearBuffer(runningQ);
         encoder.clearBuffer(runningK);
-        const prepared = recordPrepare(runtime, encoder, temporaries, geometry, resolved, q, k, validKeys, runningQ, runningK, borrowed);
+        const prepared = recordPrepare(
+          runtime,
+          encoder,
+          temporaries,
+          geometry,
+          resolved,
+          q,
+          k,
+          validKeys,
+          runningQ,
+          runningK,
+          borrowed,
+        );
         const rows = units * G * N;
         const acc = { buffer: runtime.acquire(rows * (Dv + 1) * 4), size: rows * (Dv + 1) * 4 };
         const output = { buffer: runtime.acquire(rows * Dv * 4), size: rows * Dv * 4 };
@@ -497,7 +576,19 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         borrowed.push(acc.buffer, output.buffer, denominators.buffer, degenerate);
         encoder.clearBuffer(degenerate);
         const inputs: KernelInputs = { ...prepared, v, validKeys };
-        recordKernel(runtime, encoder, temporaries, geometry, resolved, plan.path, plan.chunkSize, inputs, acc, borrowed, tables);
+        recordKernel(
+          runtime,
+          encoder,
+          temporaries,
+          geometry,
+          resolved,
+          plan.path,
+          plan.chunkSize,
+          inputs,
+          acc,
+          borrowed,
+          tables,
+        );
         recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate);
         sink.record(encoder, output, u0);
         await runtime.submit(encoder, temporaries);
@@ -511,7 +602,8 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     return { output: sink.tensor(), degenerateRows };
   };
 
-  const hostOf = async (tensor: Tensor): Promise<HostTensor> => (isDeviceTensor(tensor) ? tensor.read() : tensor);
+  const hostOf = async (tensor: Tensor): Promise<HostTensor> =>
+    isDeviceTensor(tensor) ? tensor.read() : tensor;
 
   /**
    * Backward: normalization runs on the host in float64 (core's prepareScores and
@@ -534,7 +626,6 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     for (let u0 = 0; u0 < U; u0 += step) {
       const u1 = Math.min(U, u0 + step);
       const units = u1 - u0;
-      const geometry: Geometry = { units, G, N, M, D, Dv };
       const rows = units * G * N;
       const keys = units * M;
       const borrowed: GPUBuffer[] = [];
@@ -559,31 +650,36 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         const gradOut = put(dOut!.data, u0 * G * N * Dv, rows * Dv);
         const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
         borrowed.push(validKeys);
-        const acc = take(rows * (Dv + 1) * 4);
-        const output = take(rows * Dv * 4);
         const denominators = take(rows * 4);
-        const degenerate = take(4);
-        encoder.clearBuffer(degenerate.buffer);
-        const inputs: KernelInputs = { x, y, sigma, v: values, validKeys };
-        recordDirect(runtime, encoder, temporaries, geometry, resolved, inputs, acc, 0, false);
-        recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate.buffer);
         const gradX = take(rows * D * 4);
         const gradSigma = take(rows * 4);
         const delta = take(rows * 4);
         const gradY = take(keys * D * 4);
         const gradV = take(keys * Dv * 4);
-        const common = { N, M, causal: resolved.causal ? 1 : 0, G, ...polynomialValues(resolved) };
+        const common = { N, M, causal: resolved.causal ? 1 : 0, D, DV: Dv, G, ...polynomialValues(resolved) };
+        const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
         runtime.dispatch(
           encoder,
-          backwardQueryProgram(resolved.order, D, Dv),
-          { x, sigma, y, v: values, validKeys, output, denominators, dOut: gradOut, dx: gradX, dsigma: gradSigma, delta },
+          backwardQueryProgram(bucketD, bucketDv),
+          {
+            x,
+            sigma,
+            y,
+            v: values,
+            validKeys,
+            dOut: gradOut,
+            dx: gradX,
+            dsigma: gradSigma,
+            delta,
+            denominators,
+          },
           { ...common, rows },
           runtime.linearGrid(rows, 64),
           temporaries,
         );
         runtime.dispatch(
           encoder,
-          backwardKeyProgram(resolved.order, D, Dv),
+          backwardKeyProgram(bucketD, bucketDv),
           { x, sigma, y, v: values, validKeys, denominators, dOut: gradOut, delta, dy: gradY, dv: gradV },
           { ...common, rows: keys },
           runtime.linearGrid(keys, 64),
@@ -631,7 +727,10 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         actual: `${sBytes} bytes (B·Hkv·F·(Dv+1)·4)`,
       });
     }
-    const S: Slice = { buffer: runtime.device.createBuffer({ size: Math.max(4, sBytes), usage: 0x80 | 0x4 | 0x8 }), size: sBytes };
+    const S: Slice = {
+      buffer: runtime.device.createBuffer({ size: Math.max(4, sBytes), usage: 0x80 | 0x4 | 0x8 }),
+      size: sBytes,
+    };
     const runningQ = runtime.device.createBuffer({ size: Math.max(4, U * G * 4), usage: 0x80 | 0x4 | 0x8 });
     const runningK = runtime.device.createBuffer({ size: Math.max(4, U * G * 4), usage: 0x80 | 0x4 | 0x8 });
     let tokens = 0;
@@ -650,7 +749,8 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         return tokens;
       },
       async step(qIn: Tensor, kIn: Tensor, vIn: Tensor): Promise<StepResult> {
-        if (closed) throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
+        if (closed)
+          throw new FastmaxError('DISPOSED', 'this decoding state was disposed', { argument: 'state' });
         runtime.assertAlive();
         const T = qIn.shape[2];
         const geometry: Geometry = { units: U, G, N: T, M: T, D, Dv };
@@ -664,7 +764,19 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
           const v = await sliceOf(runtime, encoder, vIn, T * Dv, 0, U, borrowed);
           const validKeys = runtime.upload(new Uint32Array(U).fill(T));
           borrowed.push(validKeys);
-          const prepared = recordPrepare(runtime, encoder, temporaries, geometry, resolved, q, k, validKeys, runningQ, runningK, borrowed);
+          const prepared = recordPrepare(
+            runtime,
+            encoder,
+            temporaries,
+            geometry,
+            resolved,
+            q,
+            k,
+            validKeys,
+            runningQ,
+            runningK,
+            borrowed,
+          );
           const inputs: KernelInputs = { ...prepared, v, validKeys };
           const acc = { buffer: runtime.acquire(rows * (Dv + 1) * 4), size: rows * (Dv + 1) * 4 };
           const output = { buffer: runtime.acquire(rows * Dv * 4), size: rows * Dv * 4 };
@@ -709,7 +821,8 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
       if (disposed) return { available: false, reason: 'this WebGPU backend was disposed' };
       const opened = await open();
       if (typeof opened === 'string') return { available: false, reason: opened };
-      if (opened.runtime.lost) return { available: false, reason: 'the WebGPU device was lost; create the backend again' };
+      if (opened.runtime.lost)
+        return { available: false, reason: 'the WebGPU device was lost; create the backend again' };
       return { available: true };
     },
     forward,
@@ -717,6 +830,9 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     createState,
     async device() {
       return (await live()).runtime.device;
+    },
+    async adapterDescription() {
+      return (await live()).runtime.adapterDescription;
     },
     toDevice,
     async dispose() {

@@ -49,7 +49,9 @@ export interface AcquiredDevice {
 }
 
 /** Requests an adapter and a device with the adapter's full limits; returns the reason on failure. */
-export async function acquireDevice(powerPreference: GPUPowerPreference | undefined): Promise<AcquiredDevice | string> {
+export async function acquireDevice(
+  powerPreference: GPUPowerPreference | undefined,
+): Promise<AcquiredDevice | string> {
   const gpu = await findGpu();
   if (typeof gpu === 'string') return gpu;
   let adapter: GPUAdapter | null;

@@ -16,7 +16,6 @@ import {
  */
 
 const ROW_THREADS = 64;
-const TILE = 16;
 
 const read = (name: string, element: StorageBinding['element'] = 'f32'): StorageBinding => ({
   name,
@@ -62,95 +61,125 @@ export function rowNormsProgram(): ProgramInfo {
   };
 }
 
+const SCAN_THREADS = 256;
+
+/**
+ * prefix[seq, i] = max(running[seq], values[seq, 0..i]) for each of `sequences` rows of `length`
+ * values, one workgroup per sequence: each invocation scans a contiguous segment, the segment maxima
+ * are scanned in workgroup memory, then each segment is rescanned from its offset. `running` ends
+ * holding the sequence's maximum, which is how decoding carries the prefix maxima across steps.
+ */
+export function prefixMaxProgram(): ProgramInfo {
+  return {
+    key: 'prefixMax',
+    uniforms: [{ name: 'length', type: 'u32' }],
+    bindings: [read('values'), write('prefix'), write('running')],
+    workgroupSize: [SCAN_THREADS, 1, 1],
+    declarations: `var<workgroup> segmentMax: array<f32, ${SCAN_THREADS}>;`,
+    body: `
+  let sequence = group.z;
+  let base = sequence * u.length;
+  let segment = (u.length + ${SCAN_THREADS - 1}u) / ${SCAN_THREADS}u;
+  let first = min(lid.x * segment, u.length);
+  let last = min(first + segment, u.length);
+  var local = 0.0;
+  for (var i = first; i < last; i++) { local = max(local, values[base + i]); }
+  segmentMax[lid.x] = local;
+  workgroupBarrier();
+  for (var stride = 1u; stride < ${SCAN_THREADS}u; stride *= 2u) {
+    var before = 0.0;
+    if (lid.x >= stride) { before = segmentMax[lid.x - stride]; }
+    workgroupBarrier();
+    segmentMax[lid.x] = max(segmentMax[lid.x], before);
+    workgroupBarrier();
+  }
+  let start = running[sequence];
+  var carried = start;
+  if (lid.x > 0u) { carried = max(start, segmentMax[lid.x - 1u]); }
+  for (var i = first; i < last; i++) {
+    carried = max(carried, values[base + i]);
+    prefix[base + i] = carried;
+  }
+  workgroupBarrier();
+  if (lid.x == 0u) { running[sequence] = max(start, segmentMax[${SCAN_THREADS - 1}u]); }`,
+  };
+}
+
 const DIVISOR_HELPER = `
 fn divisorOf(norm: f32) -> f32 { return select(1.0, norm, norm > 0.0); }
 `;
 
 /**
- * One invocation per query head scans its rows in order: the query divisor and σ of core's
- * prepareScores for every normalization. Running maxima start from (and end in) `runningQ` and
- * `runningK`, which is how a decoding state carries prefix-max-norm across steps.
+ * Per query row, the divisor of x_i and σ_i of core's prepareScores for every normalization, read
+ * from the prefix maxima of the query norms (per query head) and of the key norms (per unit).
+ * `keyRunning` is the key maximum before this call (decoding), used where no key is visible yet.
  */
-export function scanQueriesProgram(): ProgramInfo {
+export function queryScalesProgram(): ProgramInfo {
   return {
-    key: 'scanQueries',
+    key: 'queryScales',
     uniforms: [
       ...KEY_LIMIT_UNIFORMS,
-      { name: 'queryHeads', type: 'u32' },
+      { name: 'rows', type: 'u32' },
       { name: 'G', type: 'u32' },
       { name: 'mode', type: 'u32' },
       { name: 'baseSigma', type: 'f32' },
     ],
     bindings: [
       read('queryNorms'),
-      read('keyNorms'),
+      read('queryPrefix'),
+      read('keyPrefix'),
+      read('keyRunning'),
       read('validKeys', 'u32'),
-      write('runningQ'),
-      write('runningK'),
       write('queryDivisor'),
       write('sigma'),
     ],
     workgroupSize: [ROW_THREADS, 1, 1],
     declarations: KEY_LIMIT_HELPER + DIVISOR_HELPER,
     body: `
-  let head = ${linearIndex(ROW_THREADS)};
-  if (head >= u.queryHeads) { return; }
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let head = row / u.N;
+  let i = row % u.N;
   let unit = head / u.G;
-  let valid = validKeys[unit];
-  var globalMax = 0.0;
+  var divisor = 1.0;
+  var s = u.baseSigma;
   if (u.mode == 0u) {
-    for (var i = 0u; i < u.N; i++) { globalMax = max(globalMax, queryNorms[head * u.N + i]); }
+    divisor = divisorOf(queryPrefix[head * u.N + u.N - 1u]);
+  } else if (u.mode == 1u) {
+    divisor = divisorOf(queryPrefix[row]);
+    let limit = keyLimit(i, validKeys[unit]);
+    var keyMax = keyRunning[unit];
+    if (limit > 0u) { keyMax = keyPrefix[unit * u.M + limit - 1u]; }
+    s = u.baseSigma / divisorOf(keyMax);
+  } else if (u.mode == 2u) {
+    divisor = divisorOf(queryNorms[row]);
   }
-  var runQ = runningQ[head];
-  var runK = runningK[head];
-  var scanned = 0u;
-  for (var i = 0u; i < u.N; i++) {
-    let row = head * u.N + i;
-    let norm = queryNorms[row];
-    runQ = max(runQ, norm);
-    var divisor = 1.0;
-    var s = u.baseSigma;
-    if (u.mode == 0u) {
-      divisor = divisorOf(globalMax);
-    } else if (u.mode == 1u) {
-      divisor = divisorOf(runQ);
-      let limit = keyLimit(i, valid);
-      for (; scanned < limit; scanned++) { runK = max(runK, keyNorms[unit * u.M + scanned]); }
-      s = u.baseSigma / divisorOf(runK);
-    } else if (u.mode == 2u) {
-      divisor = divisorOf(norm);
-    }
-    queryDivisor[row] = divisor;
-    sigma[row] = s;
-  }
-  runningQ[head] = runQ;
-  runningK[head] = runK;`,
+  queryDivisor[row] = divisor;
+  sigma[row] = s;`,
   };
 }
 
-/** One invocation per unit: the divisor of every key row (max over valid keys for max-norm). */
-export function scanKeysProgram(): ProgramInfo {
+/** Per key row, the divisor of y: the head's largest valid key norm (max-norm), its own norm (l2), or 1. */
+export function keyDivisorsProgram(): ProgramInfo {
   return {
-    key: 'scanKeys',
+    key: 'keyDivisors',
     uniforms: [
-      { name: 'units', type: 'u32' },
+      { name: 'rows', type: 'u32' },
       { name: 'M', type: 'u32' },
       { name: 'mode', type: 'u32' },
     ],
-    bindings: [read('keyNorms'), read('validKeys', 'u32'), write('keyDivisor')],
+    bindings: [read('keyNorms'), read('keyPrefix'), read('validKeys', 'u32'), write('keyDivisor')],
     workgroupSize: [ROW_THREADS, 1, 1],
     declarations: DIVISOR_HELPER,
     body: `
-  let unit = ${linearIndex(ROW_THREADS)};
-  if (unit >= u.units) { return; }
-  var headMax = 0.0;
-  for (var j = 0u; j < validKeys[unit]; j++) { headMax = max(headMax, keyNorms[unit * u.M + j]); }
-  for (var j = 0u; j < u.M; j++) {
-    var divisor = 1.0;
-    if (u.mode == 0u) { divisor = divisorOf(headMax); }
-    if (u.mode == 2u) { divisor = divisorOf(keyNorms[unit * u.M + j]); }
-    keyDivisor[unit * u.M + j] = divisor;
-  }`,
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let unit = row / u.M;
+  let valid = validKeys[unit];
+  var divisor = 1.0;
+  if (u.mode == 0u && valid > 0u) { divisor = divisorOf(keyPrefix[unit * u.M + valid - 1u]); }
+  if (u.mode == 2u) { divisor = divisorOf(keyNorms[row]); }
+  keyDivisor[row] = divisor;`,
   };
 }
 
@@ -182,9 +211,20 @@ const FEATURE_READ = `
     let weight = bitcast<f32>(features[3u * f + 2u]);`;
 
 /**
+ * Register tiling of the two matrix products (moments and query apply): a 16×16 workgroup computes
+ * a 64×64 output tile, 4×4 per invocation, stepping through the reduction 16 at a time with both
+ * factors staged in workgroup memory (8 KiB). The denominator column (the "1" of [v | 1]) is not a
+ * 65th column padded to a second tile: every invocation also keeps its rows' sums and the column-0
+ * tile's first lane writes them.
+ */
+const MICRO = 4;
+const BLOCK = 16;
+const OUTER = 16 * MICRO;
+
+/**
  * Moments S[unit, f, c] += Σ_j w_f y_j^m [v_j | 1]_c over keys j in [j0, j1) below the unit's valid
- * count: a 16×16 tiled product whose left factor (the features of 16 keys) is built in workgroup
- * memory from y on the fly.
+ * count; the left factor (the features of 16 keys) is built in workgroup memory from y on the fly.
+ * Grid: (ceil(F/64), ceil(Dv/64), units).
  */
 export function momentsProgram(): ProgramInfo {
   return {
@@ -198,56 +238,74 @@ export function momentsProgram(): ProgramInfo {
       { name: 'j1', type: 'u32' },
     ],
     bindings: [read('features', 'u32'), read('y'), read('v'), read('validKeys', 'u32'), write('S')],
-    workgroupSize: [TILE, TILE, 1],
+    workgroupSize: [16, 16, 1],
     declarations: `
-var<workgroup> featureTile: array<f32, ${TILE * TILE}>;
-var<workgroup> valueTile: array<f32, ${TILE * TILE}>;
+var<workgroup> featureTile: array<f32, ${BLOCK * OUTER}>;
+var<workgroup> valueTile: array<f32, ${BLOCK * OUTER}>;
 var<workgroup> sharedValid: u32;
 `,
     body: `
   let unit = group.z;
-  let featureBase = group.x * ${TILE}u;
-  let columnBase = group.y * ${TILE}u;
-  if (lid.x == 0u && lid.y == 0u) { sharedValid = validKeys[unit]; }
+  let featureBase = group.x * ${OUTER}u;
+  let columnBase = group.y * ${OUTER}u;
+  let lane = lid.y * 16u + lid.x;
+  if (lane == 0u) { sharedValid = validKeys[unit]; }
   let end = min(u.j1, workgroupUniformLoad(&sharedValid));
-  let columns = u.Dv + 1u;
-  var total = 0.0;
-  for (var start = u.j0; start < end; start += ${TILE}u) {
-    let j = start + lid.y;
-    var phi = 0.0;
-    let f = featureBase + lid.x;
-    if (j < end && f < u.F) {${FEATURE_READ}
-      ${monomial('y', '(unit * u.M + j) * u.D', 'packed', 'degree', 'product')}
-      phi = weight * product;
+  var total: array<array<f32, ${MICRO}>, ${MICRO}>;
+  var sums: array<f32, ${MICRO}>;
+  for (var start = u.j0; start < end; start += ${BLOCK}u) {
+    for (var e = lane; e < ${BLOCK * OUTER}u; e += 256u) {
+      let t = e / ${OUTER}u;
+      let j = start + t;
+      let f = featureBase + e % ${OUTER}u;
+      var phi = 0.0;
+      if (j < end && f < u.F) {${FEATURE_READ}
+        ${monomial('y', '(unit * u.M + j) * u.D', 'packed', 'degree', 'product')}
+        phi = weight * product;
+      }
+      featureTile[e] = phi;
+      let c = columnBase + e % ${OUTER}u;
+      var value = 0.0;
+      if (j < end && c < u.Dv) { value = v[(unit * u.M + j) * u.Dv + c]; }
+      valueTile[e] = value;
     }
-    featureTile[lid.y * ${TILE}u + lid.x] = phi;
-    let c = columnBase + lid.x;
-    var value = 0.0;
-    if (j < end && c < u.Dv) { value = v[(unit * u.M + j) * u.Dv + c]; }
-    if (j < end && c == u.Dv) { value = 1.0; }
-    valueTile[lid.y * ${TILE}u + lid.x] = value;
     workgroupBarrier();
-    for (var t = 0u; t < ${TILE}u; t++) {
-      total += featureTile[t * ${TILE}u + lid.y] * valueTile[t * ${TILE}u + lid.x];
+    for (var t = 0u; t < ${BLOCK}u; t++) {
+      var a: array<f32, ${MICRO}>;
+      var b: array<f32, ${MICRO}>;
+      for (var r = 0u; r < ${MICRO}u; r++) {
+        a[r] = featureTile[t * ${OUTER}u + lid.y * ${MICRO}u + r];
+        b[r] = valueTile[t * ${OUTER}u + lid.x * ${MICRO}u + r];
+      }
+      for (var r = 0u; r < ${MICRO}u; r++) {
+        sums[r] += a[r];
+        for (var c = 0u; c < ${MICRO}u; c++) { total[r][c] += a[r] * b[c]; }
+      }
     }
     workgroupBarrier();
   }
-  let f = featureBase + lid.y;
-  let c = columnBase + lid.x;
-  if (f < u.F && c < columns) {
-    let at = (unit * u.F + f) * columns + c;
-    S[at] = S[at] + total;
+  let columns = u.Dv + 1u;
+  for (var r = 0u; r < ${MICRO}u; r++) {
+    let f = featureBase + lid.y * ${MICRO}u + r;
+    if (f >= u.F) { continue; }
+    let rowAt = (unit * u.F + f) * columns;
+    for (var c = 0u; c < ${MICRO}u; c++) {
+      let column = columnBase + lid.x * ${MICRO}u + c;
+      if (column < u.Dv) { S[rowAt + column] = S[rowAt + column] + total[r][c]; }
+    }
+    if (group.y == 0u && lid.x == 0u) { S[rowAt + u.Dv] = S[rowAt + u.Dv] + sums[r]; }
   }`,
   };
 }
 
 /**
- * Query side: acc[row, c] = Σ_f a_l σ_i^l x_i^m S[unit, f, c] for rows [i0, i1) of every query
- * head (overwrites acc). Tiled like `moments`, with the query features built in workgroup memory.
+ * Query side: acc[row, c] = Σ_f a_l σ_i^l x_i^m S[unit, f, c] for rows [i0, i1) of every query head
+ * (overwrites acc), the query features built in workgroup memory. Grid: (ceil((i1-i0)/64),
+ * ceil(Dv/64), query heads).
  */
-export function applyProgram(order: number): ProgramInfo {
+export function applyProgram(): ProgramInfo {
   return {
-    key: `apply:p${order}`,
+    key: 'apply',
     uniforms: [
       { name: 'N', type: 'u32' },
       { name: 'F', type: 'u32' },
@@ -259,45 +317,74 @@ export function applyProgram(order: number): ProgramInfo {
       ...POLYNOMIAL_UNIFORMS,
     ],
     bindings: [read('features', 'u32'), read('x'), read('sigma'), read('S'), write('acc')],
-    workgroupSize: [TILE, TILE, 1],
+    workgroupSize: [16, 16, 1],
     declarations: `
-var<workgroup> featureTile: array<f32, ${TILE * TILE}>;
-var<workgroup> momentTile: array<f32, ${TILE * TILE}>;
-${polynomialHelpers(order)}`,
+var<workgroup> featureTile: array<f32, ${BLOCK * OUTER}>;
+var<workgroup> momentTile: array<f32, ${BLOCK * OUTER}>;
+var<workgroup> sumTile: array<f32, ${BLOCK}>;
+${polynomialHelpers(4)}`,
     body: `
   let head = group.z;
   let unit = head / u.G;
-  let rowBase = u.i0 + group.x * ${TILE}u;
-  let columnBase = group.y * ${TILE}u;
+  let rowBase = u.i0 + group.x * ${OUTER}u;
+  let columnBase = group.y * ${OUTER}u;
+  let lane = lid.y * 16u + lid.x;
   let columns = u.Dv + 1u;
-  let loadRow = rowBase + lid.y;
-  var scale = 0.0;
-  if (loadRow < u.i1) { scale = sigma[head * u.N + loadRow]; }
-  var total = 0.0;
-  for (var start = 0u; start < u.F; start += ${TILE}u) {
-    let f = start + lid.x;
-    var phi = 0.0;
-    if (loadRow < u.i1 && f < u.F) {${FEATURE_READ}
-      ${monomial('x', '(head * u.N + loadRow) * u.D', 'packed', 'degree', 'product')}
-      phi = coefficient(degree) * pow(scale, f32(degree)) * product;
-      if (degree == 0u) { phi = coefficient(0u); }
+  var total: array<array<f32, ${MICRO}>, ${MICRO}>;
+  var sums: array<f32, ${MICRO}>;
+  for (var start = 0u; start < u.F; start += ${BLOCK}u) {
+    for (var e = lane; e < ${BLOCK * OUTER}u; e += 256u) {
+      let t = e / ${OUTER}u;
+      let f = start + t;
+      let row = rowBase + e % ${OUTER}u;
+      var phi = 0.0;
+      if (row < u.i1 && f < u.F) {${FEATURE_READ}
+        ${monomial('x', '(head * u.N + row) * u.D', 'packed', 'degree', 'product')}
+        phi = coefficient(degree) * pow(sigma[head * u.N + row], f32(degree)) * product;
+        if (degree == 0u) { phi = coefficient(0u); }
+      }
+      featureTile[e] = phi;
+      let c = columnBase + e % ${OUTER}u;
+      var moment = 0.0;
+      if (f < u.F && c < u.Dv) { moment = S[(unit * u.F + f) * columns + c]; }
+      momentTile[e] = moment;
     }
-    featureTile[lid.y * ${TILE}u + lid.x] = phi;
-    let momentFeature = start + lid.y;
-    let c = columnBase + lid.x;
-    var moment = 0.0;
-    if (momentFeature < u.F && c < columns) { moment = S[(unit * u.F + momentFeature) * columns + c]; }
-    momentTile[lid.y * ${TILE}u + lid.x] = moment;
+    if (lane < ${BLOCK}u) {
+      var sum = 0.0;
+      if (start + lane < u.F) { sum = S[(unit * u.F + start + lane) * columns + u.Dv]; }
+      sumTile[lane] = sum;
+    }
     workgroupBarrier();
-    for (var t = 0u; t < ${TILE}u; t++) {
-      total += featureTile[lid.y * ${TILE}u + t] * momentTile[t * ${TILE}u + lid.x];
+    for (var t = 0u; t < ${BLOCK}u; t++) {
+      var a: array<f32, ${MICRO}>;
+      var b: array<f32, ${MICRO}>;
+      for (var r = 0u; r < ${MICRO}u; r++) {
+        a[r] = featureTile[t * ${OUTER}u + lid.y * ${MICRO}u + r];
+        b[r] = momentTile[t * ${OUTER}u + lid.x * ${MICRO}u + r];
+      }
+      let sum = sumTile[t];
+      for (var r = 0u; r < ${MICRO}u; r++) {
+        sums[r] += a[r] * sum;
+        for (var c = 0u; c < ${MICRO}u; c++) { total[r][c] += a[r] * b[c]; }
+      }
     }
     workgroupBarrier();
   }
-  let c = columnBase + lid.x;
-  if (loadRow < u.i1 && c < columns) { acc[(head * u.N + loadRow) * columns + c] = total; }`,
+  for (var r = 0u; r < ${MICRO}u; r++) {
+    let row = rowBase + lid.y * ${MICRO}u + r;
+    if (row >= u.i1) { continue; }
+    let rowAt = (head * u.N + row) * columns;
+    for (var c = 0u; c < ${MICRO}u; c++) {
+      let column = columnBase + lid.x * ${MICRO}u + c;
+      if (column < u.Dv) { acc[rowAt + column] = total[r][c]; }
+    }
+    if (group.y == 0u && lid.x == 0u) { acc[rowAt + u.Dv] = sums[r]; }
+  }`,
   };
 }
+
+/** Output tile edge of the moments and apply kernels (grid sizes are counted in these). */
+export const PRODUCT_TILE = OUTER;
 
 /** Keys held in workgroup memory by the direct kernel, within maxComputeWorkgroupStorageSize. */
 export function directKeyTile(headDim: number, valueDim: number, workgroupStorage: number): number {
@@ -313,11 +400,13 @@ export function directKeyTile(headDim: number, valueDim: number, workgroupStorag
  * from 0 (the direct path); otherwise start_i is the first key after the moment state of query i's
  * chunk (the intra-chunk block of the causal factorized algorithm).
  */
-export function directProgram(order: number, headDim: number, valueDim: number, keyTile: number): ProgramInfo {
+export function directProgram(headDim: number, valueDim: number, keyTile: number): ProgramInfo {
   return {
-    key: `direct:p${order}:D${headDim}:Dv${valueDim}:T${keyTile}`,
+    key: `direct:D${headDim}:Dv${valueDim}:T${keyTile}`,
     uniforms: [
       ...KEY_LIMIT_UNIFORMS,
+      { name: 'D', type: 'u32' },
+      { name: 'DV', type: 'u32' },
       { name: 'G', type: 'u32' },
       { name: 'chunk', type: 'u32' },
       { name: 'accumulate', type: 'u32' },
@@ -326,20 +415,20 @@ export function directProgram(order: number, headDim: number, valueDim: number, 
     bindings: [read('x'), read('sigma'), read('y'), read('v'), read('validKeys', 'u32'), write('acc')],
     workgroupSize: [ROW_THREADS, 1, 1],
     declarations: `
-const D = ${headDim}u;
-const DV = ${valueDim}u;
 const KT = ${keyTile}u;
 var<workgroup> keyTile: array<f32, ${keyTile * headDim}>;
 var<workgroup> valueTile: array<f32, ${keyTile * valueDim}>;
 var<workgroup> sharedValid: u32;
 ${KEY_LIMIT_HELPER}
-${polynomialHelpers(order)}
+${polynomialHelpers(4)}
 fn chunkStart(i: u32) -> u32 {
   if (u.chunk == 0u) { return 0u; }
   let reach = i32((i / u.chunk) * u.chunk) + i32(u.M) - i32(u.N) + 1;
   return u32(clamp(reach, 0, i32(u.M)));
 }`,
     body: `
+  let D = u.D;
+  let DV = u.DV;
   let head = group.z;
   let unit = head / u.G;
   let firstRow = group.x * ${ROW_THREADS}u;
@@ -429,19 +518,23 @@ export function normalizeProgram(): ProgramInfo {
 
 const BACKWARD_UNIFORMS = [
   ...KEY_LIMIT_UNIFORMS,
+  { name: 'D', type: 'u32' as const },
+  { name: 'DV', type: 'u32' as const },
   { name: 'G', type: 'u32' as const },
   { name: 'rows', type: 'u32' as const },
   ...POLYNOMIAL_UNIFORMS,
 ];
 
 /**
- * Backward, query side (direct form): per query row i, with g_ij = (dO_i·v_j − dO_i·o_i)/den_i and
- * ds_ij = g_ij f'(s_ij): dx_i = σ_i Σ_j ds_ij y_j, dσ_i = Σ_j ds_ij x_i·y_j, and δ_i = dO_i·o_i for
- * the key side. Degenerate rows (den <= 0) contribute nothing.
+ * Backward, query side (direct form). A first pass over the row's keys recomputes den_i and
+ * o_i = Σ_j (w_ij/den_i) v_j in this kernel, so that with one visible key o_i is v_j exactly and the
+ * gradients cancel to exactly 0, as in float64. Then, with g_ij = (dO_i·v_j − δ_i)/den_i
+ * (δ_i = dO_i·o_i) and ds_ij = g_ij f'(s_ij): dx_i = σ_i Σ_j ds_ij y_j and dσ_i = Σ_j ds_ij x_i·y_j.
+ * den_i and δ_i are written for the key side. Degenerate rows (den <= 0) contribute nothing.
  */
-export function backwardQueryProgram(order: number, headDim: number, valueDim: number): ProgramInfo {
+export function backwardQueryProgram(headDim: number, valueDim: number): ProgramInfo {
   return {
-    key: `backwardQuery:p${order}:D${headDim}:Dv${valueDim}`,
+    key: `backwardQuery:D${headDim}:Dv${valueDim}`,
     uniforms: BACKWARD_UNIFORMS,
     bindings: [
       read('x'),
@@ -449,33 +542,46 @@ export function backwardQueryProgram(order: number, headDim: number, valueDim: n
       read('y'),
       read('v'),
       read('validKeys', 'u32'),
-      read('output'),
-      read('denominators'),
       read('dOut'),
       write('dx'),
       write('dsigma'),
       write('delta'),
+      write('denominators'),
     ],
     workgroupSize: [ROW_THREADS, 1, 1],
     declarations: `
-const D = ${headDim}u;
-const DV = ${valueDim}u;
 ${KEY_LIMIT_HELPER}
-${polynomialHelpers(order)}`,
+${polynomialHelpers(4)}`,
     body: `
+  let D = u.D;
+  let DV = u.DV;
   let row = ${linearIndex(ROW_THREADS)};
   if (row >= u.rows) { return; }
   let head = row / u.N;
   let i = row % u.N;
   let unit = head / u.G;
-  let den = denominators[row];
+  let s = sigma[row];
+  let limit = keyLimit(i, validKeys[unit]);
+  var den = 0.0;
+  for (var j = 0u; j < limit; j++) {
+    let key = unit * u.M + j;
+    var dot = 0.0;
+    for (var d = 0u; d < D; d++) { dot += x[row * D + d] * y[key * D + d]; }
+    den += poly(s * dot);
+  }
   var gradX: array<f32, ${headDim}>;
   var gradSigma = 0.0;
   var rowDelta = 0.0;
   if (den > 0.0) {
-    let s = sigma[row];
-    for (var c = 0u; c < DV; c++) { rowDelta += dOut[row * DV + c] * output[row * DV + c]; }
-    let limit = keyLimit(i, validKeys[unit]);
+    var o: array<f32, ${valueDim}>;
+    for (var j = 0u; j < limit; j++) {
+      let key = unit * u.M + j;
+      var dot = 0.0;
+      for (var d = 0u; d < D; d++) { dot += x[row * D + d] * y[key * D + d]; }
+      let p = poly(s * dot) / den;
+      for (var c = 0u; c < DV; c++) { o[c] += p * v[key * DV + c]; }
+    }
+    for (var c = 0u; c < DV; c++) { rowDelta += dOut[row * DV + c] * o[c]; }
     for (var j = 0u; j < limit; j++) {
       let key = unit * u.M + j;
       var dot = 0.0;
@@ -489,17 +595,18 @@ ${polynomialHelpers(order)}`,
   }
   for (var d = 0u; d < D; d++) { dx[row * D + d] = gradX[d]; }
   dsigma[row] = gradSigma;
-  delta[row] = rowDelta;`,
+  delta[row] = rowDelta;
+  denominators[row] = den;`,
   };
 }
 
 /**
  * Backward, key side (direct form): per key row j of a unit, over every query head of the unit and
- * every query row that sees j: dv_j = Σ w_ij dO_i/den_i and dy_j = Σ ds_ij σ_i x_i.
+ * every query row that sees j: dv_j = Σ (w_ij/den_i) dO_i and dy_j = Σ ds_ij σ_i x_i.
  */
-export function backwardKeyProgram(order: number, headDim: number, valueDim: number): ProgramInfo {
+export function backwardKeyProgram(headDim: number, valueDim: number): ProgramInfo {
   return {
-    key: `backwardKey:p${order}:D${headDim}:Dv${valueDim}`,
+    key: `backwardKey:D${headDim}:Dv${valueDim}`,
     uniforms: BACKWARD_UNIFORMS,
     bindings: [
       read('x'),
@@ -515,11 +622,11 @@ export function backwardKeyProgram(order: number, headDim: number, valueDim: num
     ],
     workgroupSize: [ROW_THREADS, 1, 1],
     declarations: `
-const D = ${headDim}u;
-const DV = ${valueDim}u;
 ${KEY_LIMIT_HELPER}
-${polynomialHelpers(order)}`,
+${polynomialHelpers(4)}`,
     body: `
+  let D = u.D;
+  let DV = u.DV;
   let key = ${linearIndex(ROW_THREADS)};
   if (key >= u.rows) { return; }
   let unit = key / u.M;
@@ -538,11 +645,11 @@ ${polynomialHelpers(order)}`,
         let s = sigma[row];
         var dot = 0.0;
         for (var d = 0u; d < D; d++) { dot += x[row * D + d] * y[key * D + d]; }
-        let w = poly(s * dot);
+        let p = poly(s * dot) / den;
         var dov = 0.0;
         for (var c = 0u; c < DV; c++) {
           dov += dOut[row * DV + c] * v[key * DV + c];
-          gradV[c] += w * dOut[row * DV + c] / den;
+          gradV[c] += p * dOut[row * DV + c];
         }
         let ds = (dov - delta[row]) / den * polySlope(s * dot);
         for (var d = 0u; d < D; d++) { gradY[d] += ds * s * x[row * D + d]; }
@@ -552,4 +659,12 @@ ${polynomialHelpers(order)}`,
   for (var d = 0u; d < D; d++) { dy[key * D + d] = gradY[d]; }
   for (var c = 0u; c < DV; c++) { dv[key * DV + c] = gradV[c]; }`,
   };
+}
+
+/** Private and workgroup arrays are sized by the head dim rounded up to one of these. */
+export const DIM_BUCKETS = [8, 16, 32, 64, 128, 256] as const;
+
+export function dimBucket(dim: number): number {
+  for (const bucket of DIM_BUCKETS) if (dim <= bucket) return bucket;
+  throw new Error(`head dim ${dim} exceeds ${DIM_BUCKETS[DIM_BUCKETS.length - 1]}`);
 }

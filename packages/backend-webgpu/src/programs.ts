@@ -2,40 +2,40 @@ import {
   applyProgram,
   backwardKeyProgram,
   backwardQueryProgram,
+  DIM_BUCKETS,
   directKeyTile,
   directProgram,
   divideRowsProgram,
+  keyDivisorsProgram,
   momentsProgram,
   normalizeProgram,
+  prefixMaxProgram,
+  queryScalesProgram,
   rowNormsProgram,
-  scanKeysProgram,
-  scanQueriesProgram,
 } from './kernels.js';
 import type { ProgramInfo } from './wgsl.js';
 
 /**
- * Every WGSL variant the backend can build for the given head dims, orders and workgroup storage
- * (the validation test compiles all of them on Dawn, including sizes the host cannot run quickly).
+ * Every WGSL variant the backend can build for a workgroup storage size: head dims are bucketed
+ * (DIM_BUCKETS), so this list is finite. The validation test compiles all of them on Dawn,
+ * including the sizes the host cannot run quickly.
  */
-export function allPrograms(
-  dims: readonly (readonly [number, number])[],
-  workgroupStorage: number,
-  orders: readonly number[] = [1, 2, 3, 4],
-): ProgramInfo[] {
+export function allPrograms(workgroupStorage: number): ProgramInfo[] {
   const programs: ProgramInfo[] = [
     rowNormsProgram(),
-    scanQueriesProgram(),
-    scanKeysProgram(),
+    prefixMaxProgram(),
+    queryScalesProgram(),
+    keyDivisorsProgram(),
     divideRowsProgram(),
     momentsProgram(),
     normalizeProgram(),
+    applyProgram(),
   ];
-  for (const order of orders) {
-    programs.push(applyProgram(order));
-    for (const [D, Dv] of dims) {
-      programs.push(directProgram(order, D, Dv, directKeyTile(D, Dv, workgroupStorage)));
-      programs.push(backwardQueryProgram(order, D, Dv));
-      programs.push(backwardKeyProgram(order, D, Dv));
+  for (const D of DIM_BUCKETS) {
+    for (const Dv of DIM_BUCKETS) {
+      programs.push(directProgram(D, Dv, directKeyTile(D, Dv, workgroupStorage)));
+      programs.push(backwardQueryProgram(D, Dv));
+      programs.push(backwardKeyProgram(D, Dv));
     }
   }
   return programs;

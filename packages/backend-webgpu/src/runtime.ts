@@ -37,7 +37,8 @@ export class Runtime {
     private readonly debug: boolean,
   ) {
     const deviceLimits = device.limits;
-    const pick = (name: keyof WorkLimits): number => Math.min(deviceLimits[name], limitOverrides[name] ?? Infinity);
+    const pick = (name: keyof WorkLimits): number =>
+      Math.min(deviceLimits[name], limitOverrides[name] ?? Infinity);
     this.limits = {
       maxStorageBufferBindingSize: pick('maxStorageBufferBindingSize'),
       maxBufferSize: pick('maxBufferSize'),
@@ -52,11 +53,16 @@ export class Runtime {
 
   /** Throws DEVICE_LOST (or DISPOSED) when the device can no longer be used. */
   assertAlive(): void {
-    if (this.destroyed) throw new FastmaxError('DISPOSED', 'this WebGPU backend was disposed', { argument: 'backend' });
+    if (this.destroyed)
+      throw new FastmaxError('DISPOSED', 'this WebGPU backend was disposed', { argument: 'backend' });
     if (this.lostReason !== undefined) {
-      throw new FastmaxError('DEVICE_LOST', `the WebGPU device was lost (${this.lostReason}); create the backend again`, {
-        argument: 'device',
-      });
+      throw new FastmaxError(
+        'DEVICE_LOST',
+        `the WebGPU device was lost (${this.lostReason}); create the backend again`,
+        {
+          argument: 'device',
+        },
+      );
     }
   }
 
@@ -139,8 +145,11 @@ export class Runtime {
   /** A buffer holding `data` (padded to 4 bytes). */
   upload(data: Float32Array | Uint32Array, pooled = true): GPUBuffer {
     const bytes = Math.max(4, data.byteLength);
-    const buffer = pooled ? this.acquire(bytes) : this.device.createBuffer({ size: Math.ceil(bytes / 4) * 4, usage: STORAGE_USAGE });
-    if (data.byteLength > 0) this.device.queue.writeBuffer(buffer, 0, data.buffer, data.byteOffset, data.byteLength);
+    const buffer = pooled
+      ? this.acquire(bytes)
+      : this.device.createBuffer({ size: Math.ceil(bytes / 4) * 4, usage: STORAGE_USAGE });
+    if (data.byteLength > 0)
+      this.device.queue.writeBuffer(buffer, 0, data.buffer, data.byteOffset, data.byteLength);
     return buffer;
   }
 
@@ -154,6 +163,7 @@ export class Runtime {
   /**
    * Records one program over a grid of workgroups, split into several dispatches where a dimension
    * exceeds maxComputeWorkgroupsPerDimension (the program reads its slice's offsets from uniforms).
+   * 1-D problems wrap into y (`linearGrid`), so their y may also be split.
    */
   dispatch(
     encoder: GPUCommandEncoder,
@@ -167,30 +177,42 @@ export class Runtime {
     if (gx === 0 || gy === 0 || gz === 0) return;
     const { pipeline, layout, fields } = this.pipeline(program);
     const maxDim = this.limits.maxComputeWorkgroupsPerDimension;
-    if (gy > maxDim) throw new Error(`grid y ${gy} exceeds ${maxDim}`);
     const storageEntries: GPUBindGroupEntry[] = program.bindings.map((binding, index) => {
       const source = buffers[binding.name];
       if (source === undefined) throw new Error(`${program.key}: no buffer for ${binding.name}`);
-      const resource = 'buffer' in source ? { buffer: source.buffer, size: Math.ceil(source.size / 4) * 4 || 4 } : { buffer: source };
+      const resource =
+        'buffer' in source
+          ? { buffer: source.buffer, size: Math.ceil(source.size / 4) * 4 || 4 }
+          : { buffer: source };
       return { binding: index + 1, resource };
     });
     for (let z = 0; z < gz; z += maxDim) {
-      for (let x = 0; x < gx; x += maxDim) {
-        const uniforms = this.device.createBuffer({
-          size: Math.max(16, Math.ceil((fields.length * 4) / 16) * 16),
-          usage: BufferUsage.UNIFORM | BufferUsage.COPY_DST,
-        });
-        temporaries.push(uniforms);
-        this.device.queue.writeBuffer(uniforms, 0, packUniforms(fields, { ...values, offsetX: x, offsetZ: z, gridX: gx }));
-        const bindGroup = this.device.createBindGroup({
-          layout,
-          entries: [{ binding: 0, resource: { buffer: uniforms } }, ...storageEntries],
-        });
-        const pass = encoder.beginComputePass();
-        pass.setPipeline(pipeline);
-        pass.setBindGroup(0, bindGroup);
-        pass.dispatchWorkgroups(Math.min(maxDim, gx - x), gy, Math.min(maxDim, gz - z));
-        pass.end();
+      for (let y = 0; y < gy; y += maxDim) {
+        for (let x = 0; x < gx; x += maxDim) {
+          const uniforms = this.device.createBuffer({
+            size: Math.max(16, Math.ceil((fields.length * 4) / 16) * 16),
+            usage: BufferUsage.UNIFORM | BufferUsage.COPY_DST,
+          });
+          temporaries.push(uniforms);
+          this.device.queue.writeBuffer(
+            uniforms,
+            0,
+            packUniforms(fields, { ...values, offsetX: x, offsetY: y, offsetZ: z, gridX: gx }),
+          );
+          const bindGroup = this.device.createBindGroup({
+            layout,
+            entries: [{ binding: 0, resource: { buffer: uniforms } }, ...storageEntries],
+          });
+          const pass = encoder.beginComputePass();
+          pass.setPipeline(pipeline);
+          pass.setBindGroup(0, bindGroup);
+          pass.dispatchWorkgroups(
+            Math.min(maxDim, gx - x),
+            Math.min(maxDim, gy - y),
+            Math.min(maxDim, gz - z),
+          );
+          pass.end();
+        }
       }
     }
   }
@@ -216,7 +238,9 @@ export class Runtime {
       const memory = await this.device.popErrorScope();
       const error = validation ?? memory;
       if (error !== null) {
-        throw new FastmaxError('BACKEND_ERROR', `WebGPU reported an error: ${error.message}`, { argument: 'device' });
+        throw new FastmaxError('BACKEND_ERROR', `WebGPU reported an error: ${error.message}`, {
+          argument: 'device',
+        });
       }
     }
     await this.settle(this.device.queue.onSubmittedWorkDone());
@@ -233,7 +257,10 @@ export class Runtime {
     } catch (error) {
       if (error instanceof FastmaxError) throw error;
       this.assertAlive();
-      throw new FastmaxError('BACKEND_ERROR', `WebGPU operation failed: ${String(error)}`, { argument: 'device', cause: error });
+      throw new FastmaxError('BACKEND_ERROR', `WebGPU operation failed: ${String(error)}`, {
+        argument: 'device',
+        cause: error,
+      });
     }
   }
 

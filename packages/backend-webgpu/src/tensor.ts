@@ -18,7 +18,8 @@ export class WebGpuTensor implements DeviceTensor {
 
   /** The buffer, row-major float32; valid until `dispose()`. */
   get buffer(): GPUBuffer {
-    if (this.released) throw new FastmaxError('DISPOSED', 'this device tensor was disposed', { argument: 'tensor' });
+    if (this.released)
+      throw new FastmaxError('DISPOSED', 'this device tensor was disposed', { argument: 'tensor' });
     return this.gpuBuffer;
   }
 

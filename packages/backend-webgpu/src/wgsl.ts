@@ -31,11 +31,12 @@ export interface ProgramInfo {
 }
 
 /**
- * Every dispatch may be split along x and z when it exceeds maxComputeWorkgroupsPerDimension, so
+ * Every dispatch may be split along x, y and z when it exceeds maxComputeWorkgroupsPerDimension, so
  * every program receives the offsets of its slice and the full grid width.
  */
 export const DISPATCH_FIELDS: readonly UniformField[] = [
   { name: 'offsetX', type: 'u32' },
+  { name: 'offsetY', type: 'u32' },
   { name: 'offsetZ', type: 'u32' },
   { name: 'gridX', type: 'u32' },
 ];
@@ -58,14 +59,17 @@ ${storage}
 ${program.declarations ?? ''}
 @compute @workgroup_size(${x}, ${y}, ${z})
 fn main(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-  let group = vec3<u32>(wid.x + u.offsetX, wid.y, wid.z + u.offsetZ);
+  let group = vec3<u32>(wid.x + u.offsetX, wid.y + u.offsetY, wid.z + u.offsetZ);
 ${program.body}
 }
 `;
 }
 
 /** Packs uniform values in declaration order (every field is 4 bytes; the struct is 16-byte padded). */
-export function packUniforms(fields: readonly UniformField[], values: Readonly<Record<string, number>>): ArrayBuffer {
+export function packUniforms(
+  fields: readonly UniformField[],
+  values: Readonly<Record<string, number>>,
+): ArrayBuffer {
   const bytes = Math.max(16, Math.ceil((fields.length * 4) / 16) * 16);
   const buffer = new ArrayBuffer(bytes);
   const view = new DataView(buffer);
@@ -125,7 +129,13 @@ fn keyLimit(i: u32, valid: u32) -> u32 {
  * A monomial feature x^m of a packed multiset m (up to four 8-bit indices, lowest byte first), read
  * from `source` at `base`; `degree` factors. Generated inline: WGSL cannot pass storage pointers.
  */
-export function monomial(source: string, base: string, packed: string, degree: string, result: string): string {
+export function monomial(
+  source: string,
+  base: string,
+  packed: string,
+  degree: string,
+  result: string,
+): string {
   return `var ${result} = 1.0;
     for (var t = 0u; t < ${degree}; t++) { ${result} *= ${source}[${base} + ((${packed} >> (8u * t)) & 0xffu)]; }`;
 }

@@ -1,4 +1,4 @@
-import { type HostTensor, type Shape4 } from '@fastmax/core';
+import type { HostTensor, Shape4 } from '@fastmax/core';
 import { webgpuBackend } from '../src/index.js';
 
 /** Deterministic uniform values in [-1, 1). */

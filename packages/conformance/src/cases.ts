@@ -606,6 +606,14 @@ function invalidInputCases(): InvalidInputCase[] {
       inputs: () => ({ ...ok(), k: t([1, 1, 2, 3, 4]) }),
     },
     {
+      // Empty dimensions are refused by core rather than special-cased in every backend.
+      name: 'q with N = 0 -> INVALID_SHAPE',
+      call: 'attention',
+      code: 'INVALID_SHAPE',
+      requires: {},
+      inputs: () => ({ ...ok(), q: t([1, 2, 0, 4]) }),
+    },
+    {
       name: 'v data length != shape -> INVALID_SHAPE',
       call: 'attention',
       code: 'INVALID_SHAPE',
@@ -738,11 +746,12 @@ function invalidInputCases(): InvalidInputCase[] {
       requires: {},
       inputs: poisoned('v', Number.NEGATIVE_INFINITY),
     },
+    // createFastmax checks capabilities before dOut, so these need what the call itself needs.
     {
       name: 'NaN in dOut -> NON_FINITE_INPUT',
       call: 'backward',
       code: 'NON_FINITE_INPUT',
-      requires: { backward: true },
+      requires: { backward: true, orders: [2], normalizations: ['max-norm'], headDim: 5 },
       inputs: () => {
         const dOut = t([1, 2, 3, 5]);
         dOut.data[0] = Number.NaN;
@@ -753,7 +762,7 @@ function invalidInputCases(): InvalidInputCase[] {
       name: 'dOut of the wrong shape -> SHAPE_MISMATCH',
       call: 'backward',
       code: 'SHAPE_MISMATCH',
-      requires: { backward: true },
+      requires: { backward: true, orders: [2], normalizations: ['max-norm'], headDim: 5 },
       inputs: () => ({ ...ok(), dOut: t([1, 2, 3, 4]) }),
     },
   ];
@@ -772,15 +781,16 @@ function degenerateCases(): DegenerateCase[] {
   }[] = [
     {
       // f(s) = 1 + s with s = 1·(1·-1) = -1: row 0 has den = 0; row 1 (q = -1) has s = 1, w = 2.
+      // Row 0 (q = 1) scores s = -1 against both keys (k = -1): den = 0. Row 1 (q = -1) has s = 1.
       label: 'p=1 {scale:1} q=[1] k=[-1]: w = 1 + s = 0',
       options: { order: 1, normalization: { scale: 1 } },
       base: {
         inputs: () => ({
           q: host([1, 1, 2, 1], [1, -1]),
-          k: host([1, 1, 1, 1], [-1]),
-          v: host([1, 1, 1, 2], [5, -3]),
+          k: host([1, 1, 2, 1], [-1, -1]),
+          v: host([1, 1, 2, 2], [5, -3, 1, 2]),
         }),
-        requires: { orders: [1], normalizations: ['scale'], crossAttention: true },
+        requires: { orders: [1], normalizations: ['scale'] },
         degenerateRows: [0],
       },
     },
@@ -790,12 +800,12 @@ function degenerateCases(): DegenerateCase[] {
       options: { keyLengths: [3, 0] },
       base: {
         inputs: () => ({
-          q: host([2, 1, 2, 2], [1, 0, 0, 1, 1, 1, -1, 0]),
+          q: host([2, 1, 3, 2], [1, 0, 0, 1, 2, -1, 1, 1, -1, 0, 0, 2]),
           k: host([2, 1, 3, 2], [1, 2, 0, 1, -1, 0, 3, 1, 2, 2, 0, 1]),
           v: host([2, 1, 3, 1], [1, 2, 3, 4, 5, 6]),
         }),
-        requires: { keyPadding: true, crossAttention: true },
-        degenerateRows: [2, 3],
+        requires: { keyPadding: true },
+        degenerateRows: [3, 4, 5],
       },
     },
     {

@@ -19,7 +19,7 @@ const cases = conformanceCases(referenceBackend().capabilities);
 const plainForward = cases.filter((c) => c.kind === 'forward' && c.name.includes(' plain: '));
 
 const targets: Record<BackendFault, ConformanceCase[]> = {
-  'leaks-padded-keys': cases.filter((c) => c.kind === 'padding-invariance'),
+  'leaks-padded-keys': cases.filter((c) => c.kind === 'padding-invariance' || c.kind === 'property'),
   'ignores-causal-mask': cases.filter((c) => c.kind === 'causal-prefix'),
   'wrong-kv-head': cases.filter(
     (c) => c.kind === 'forward' && c.spec.kvHeads > 1 && c.spec.kvHeads !== c.spec.heads,
@@ -28,7 +28,10 @@ const targets: Record<BackendFault, ConformanceCase[]> = {
     (c) => c.group === 'shapes' && c.kind === 'forward' && c.spec.queryLength > 2,
   ),
   'wrong-gradient': cases.filter(
-    (c) => c.kind === 'gradient-fd' || (c.kind === 'backward' && c.name.includes(' plain: ')),
+    (c) =>
+      c.kind === 'gradient-fd' ||
+      c.kind === 'property' ||
+      (c.kind === 'backward' && c.name.includes(' plain: ')),
   ),
   'uncounted-degenerate-rows': cases.filter((c) => c.kind === 'degenerate'),
   'forgetful-state': cases.filter((c) => c.kind === 'state'),

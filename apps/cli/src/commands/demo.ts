@@ -16,7 +16,7 @@ import {
   parseSizes,
   stringFlag,
 } from '../args.js';
-import { availableBackends, loadBackends } from '../backends.js';
+import { availableBackends, type BackendFactory, loadBackends } from '../backends.js';
 import { checkAgainstOracle } from '../check.js';
 import { type CliIO, println } from '../io.js';
 import {
@@ -100,7 +100,16 @@ export interface DemoRow {
   readonly pass: boolean;
 }
 
-export async function runDemo(args: readonly string[], io: CliIO): Promise<number> {
+export interface DemoOptions {
+  /** The backends to choose from; default `availableBackends()`. Tests pass their own. */
+  readonly backends?: readonly BackendFactory[];
+}
+
+export async function runDemo(
+  args: readonly string[],
+  io: CliIO,
+  options: DemoOptions = {},
+): Promise<number> {
   const values = parseFlags(args, FLAGS);
   if (values.help === true) {
     io.stdout.write(DEMO_HELP);
@@ -123,7 +132,8 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
   const seedText = stringFlag(values, 'seed');
   const seed = seedText === undefined ? DEFAULTS.seed : parseInteger(seedText, '--seed', 0, 2 ** 32 - 1);
   const backendText = stringFlag(values, 'backend');
-  const factories = availableBackends(backendText?.split(',').map((name) => name.trim()));
+  const names = backendText?.split(',').map((name) => name.trim());
+  const factories = availableBackends(names, options.backends);
 
   const { loaded, failed } = await loadBackends(factories);
   let fm: Awaited<ReturnType<typeof createFastmax>>;
@@ -156,56 +166,59 @@ export async function runDemo(args: readonly string[], io: CliIO): Promise<numbe
   println(stdout);
 
   const cases = sizes.flatMap((n) => causalModes.map((causal) => ({ n, causal })));
-  // Three steps per case (Fastmax, softmax, oracle check), weighted by their O(N²) or O(N) cost
-  // would be truer, but equal steps are enough to show that something is happening.
+  // Three equal steps per case (Fastmax, softmax, oracle check): their costs differ, but the bar
+  // only has to show that work is moving.
   const progress = createProgressBar(cases.length * 3, { stream: io.stderr, env: io.env });
   const rows: DemoRow[] = [];
-  for (const { n, causal } of cases) {
-    // Warm-up exists to get the JIT and first allocations out of the timings; after the first size
-    // that has happened, and at large N a warm-up run would cost as much as a timed one.
-    const timing = { warmup: n === sizes[0] ? warmup : 0, runs, maxTimeMs: DEFAULTS.maxTimeMs };
-    const label = `N=${n}${causal ? ' causal' : ''}`;
-    const { q, k, v } = attentionWorkload(
-      { batch: DEFAULTS.batch, heads: DEFAULTS.heads, queryLength: n, headDim },
-      seed,
-    );
-    const options: FastmaxOptions = { causal, order };
-    const plan = fm.plan(q, k, v, options);
+  try {
+    for (const { n, causal } of cases) {
+      // Warm-up exists to get the JIT and first allocations out of the timings; after the first size
+      // that has happened, and at large N a warm-up run would cost as much as a timed one.
+      const timing = { warmup: n === sizes[0] ? warmup : 0, runs, maxTimeMs: DEFAULTS.maxTimeMs };
+      const label = `N=${n}${causal ? ' causal' : ''}`;
+      const { q, k, v } = attentionWorkload(
+        { batch: DEFAULTS.batch, heads: DEFAULTS.heads, queryLength: n, headDim },
+        seed,
+      );
+      const callOptions: FastmaxOptions = { causal, order };
+      const plan = fm.plan(q, k, v, callOptions);
 
-    progress.update(`${label}: Fastmax (${chosen.name})`);
-    let last: Awaited<ReturnType<typeof fm.attention>> | undefined;
-    const fastmax = await measure(async () => {
-      last = await fm.attention(q, k, v, options);
-    }, timing);
-    const output = await toHost(last!.output);
+      progress.update(`${label}: Fastmax (${chosen.name})`);
+      let last: Awaited<ReturnType<typeof fm.attention>> | undefined;
+      const fastmax = await measure(async () => {
+        last = await fm.attention(q, k, v, callOptions);
+      }, timing);
+      const output = await toHost(last!.output);
 
-    progress.tick(`${label}: softmax attention`);
-    const softmax = await measure(() => softmaxAttention(q, k, v, { causal }), timing);
+      progress.tick(`${label}: softmax attention`);
+      const softmax = await measure(() => softmaxAttention(q, k, v, { causal }), timing);
 
-    progress.tick(`${label}: checking against the float64 oracle`);
-    const check = checkAgainstOracle(q, k, v, output, options, {
-      fullCheckLimit: DEFAULTS.fullCheckLimit,
-      sampleRows: DEFAULTS.sampleRows,
-      seed: seed + n,
-    });
-    progress.tick();
-    rows.push({
-      n,
-      causal,
-      path: plan.path,
-      fastmaxMs: fastmax.median,
-      fastmaxRunsMs: fastmax.runs,
-      softmaxMs: softmax.median,
-      softmaxRunsMs: softmax.runs,
-      maxRelativeError: check.maxRelativeError,
-      rowsChecked: check.rowsChecked,
-      sampled: check.sampled,
-      // Written so that a NaN error fails.
-      pass: check.maxRelativeError <= chosen.tolerance,
-    });
+      progress.tick(`${label}: checking against the float64 oracle`);
+      const check = checkAgainstOracle(q, k, v, output, callOptions, {
+        fullCheckLimit: DEFAULTS.fullCheckLimit,
+        sampleRows: DEFAULTS.sampleRows,
+        seed: seed + n,
+      });
+      progress.tick();
+      rows.push({
+        n,
+        causal,
+        path: plan.path,
+        fastmaxMs: fastmax.median,
+        fastmaxRunsMs: fastmax.runs,
+        softmaxMs: softmax.median,
+        softmaxRunsMs: softmax.runs,
+        maxRelativeError: check.maxRelativeError,
+        rowsChecked: check.rowsChecked,
+        sampled: check.sampled,
+        // Written so that a NaN error fails.
+        pass: check.maxRelativeError <= chosen.tolerance,
+      });
+    }
+  } finally {
+    progress.done();
+    await fm.dispose();
   }
-  progress.done();
-  await fm.dispose();
 
   println(
     stdout,

@@ -1,0 +1,569 @@
+import { cpuBackend } from '@fastmax/backend-cpu';
+import {
+  createFastmax,
+  type Fastmax,
+  type FastmaxOptions,
+  type HostTensor,
+  planAttention,
+  resolveOptions,
+  type Shape4,
+  validateAttentionInputs,
+} from '@fastmax/core';
+import { referenceBackend } from '@fastmax/core/reference';
+import { EXIT_OK } from '../args.js';
+import type { BenchContext } from '../commands/bench.js';
+import { println } from '../io.js';
+import { createProgressBar, formatDuration, formatTable, measure, writeJsonResult } from '../report.js';
+import { randomTensor } from '../workload.js';
+
+export const description = `Fastmax on the CPU backend (WebAssembly SIMD kernels on worker threads) against onnxruntime-node's
+softmax attention (the faster, at each point, of the fused com.microsoft.MultiHeadAttention op and the
+plain MatMul-Mul-Softmax-MatMul graph with an additive causal mask), core's float64 reference backend,
+and tfjs-backend-wasm's 1024³ matMul as the WebAssembly SIMD throughput yardstick. B = H = 1,
+D = Dv = 64 unless a row says otherwise. Each time is the median of --runs timed calls after
+--warmup untimed ones, all in one process. GFLOP/s counts 2 flops per multiply-add of the
+planner's cost estimate for the path that ran (plan.cost). The --sizes, --causal and --order
+flags are ignored: the rows are the fixed set of targets in docs/benchmarks.md.`;
+
+export const flags = {
+  threads: { type: 'string' },
+  quick: { type: 'boolean' },
+} as const;
+
+export const flagHelp = `  --threads <n>        CPU backend threads for the multi-threaded rows (default: available cores)
+  --quick              smaller sizes (N / 16) for a smoke run; the targets are not checked`;
+
+const HEAD_DIM = 64;
+/** The plain graph materializes N×N scores, weights and (causal) mask: keep it under ~6 GB. */
+const PLAIN_GRAPH_MAX_ELEMENTS = 2 ** 29;
+
+const WIRE_VARINT = 0;
+const WIRE_FIXED32 = 5;
+const WIRE_BYTES = 2;
+
+const FLOAT = 1;
+
+class Writer {
+  private readonly bytes: number[] = [];
+
+  private varint(value: number): void {
+    let v = value;
+    while (v >= 0x80) {
+      this.bytes.push((v % 0x80) | 0x80);
+      v = Math.floor(v / 0x80);
+    }
+    this.bytes.push(v);
+  }
+
+  private tag(field: number, wire: number): void {
+    this.varint(field * 8 + wire);
+  }
+
+  int(field: number, value: number): this {
+    this.tag(field, WIRE_VARINT);
+    this.varint(value);
+    return this;
+  }
+
+  float(field: number, value: number): this {
+    this.tag(field, WIRE_FIXED32);
+    const buffer = new DataView(new ArrayBuffer(4));
+    buffer.setFloat32(0, value, true);
+    for (let i = 0; i < 4; i++) this.bytes.push(buffer.getUint8(i));
+    return this;
+  }
+
+  string(field: number, value: string): this {
+    return this.message(field, new TextEncoder().encode(value));
+  }
+
+  message(field: number, value: Uint8Array | Writer): this {
+    const data = value instanceof Writer ? value.finish() : value;
+    this.tag(field, WIRE_BYTES);
+    this.varint(data.length);
+    for (const byte of data) this.bytes.push(byte);
+    return this;
+  }
+
+  finish(): Uint8Array {
+    return Uint8Array.from(this.bytes);
+  }
+}
+
+function valueInfo(name: string, dims: readonly number[]): Writer {
+  const shape = new Writer();
+  for (const dim of dims) shape.message(1, new Writer().int(1, dim));
+  const tensorType = new Writer().int(1, FLOAT).message(2, shape);
+  return new Writer().string(1, name).message(2, new Writer().message(1, tensorType));
+}
+
+interface NodeSpec {
+  readonly op: string;
+  readonly inputs: readonly string[];
+  readonly outputs: readonly string[];
+  readonly domain?: string;
+  readonly ints?: Readonly<Record<string, number>>;
+  readonly floats?: Readonly<Record<string, number>>;
+}
+
+function node(spec: NodeSpec): Writer {
+  const w = new Writer();
+  for (const input of spec.inputs) w.string(1, input);
+  for (const output of spec.outputs) w.string(2, output);
+  w.string(4, spec.op);
+  if (spec.domain !== undefined) w.string(7, spec.domain);
+  for (const [name, value] of Object.entries(spec.ints ?? {})) {
+    w.message(5, new Writer().string(1, name).int(3, value).int(20, 2));
+  }
+  for (const [name, value] of Object.entries(spec.floats ?? {})) {
+    w.message(5, new Writer().string(1, name).float(2, value).int(20, 1));
+  }
+  return w;
+}
+
+function scalarInitializer(name: string, value: number): Writer {
+  return new Writer().int(2, FLOAT).float(4, value).string(8, name);
+}
+
+function model(
+  nodes: readonly Writer[],
+  inputs: readonly Writer[],
+  outputs: readonly Writer[],
+  initializers: readonly Writer[],
+  microsoft: boolean,
+): Uint8Array {
+  const graph = new Writer();
+  for (const n of nodes) graph.message(1, n);
+  graph.string(2, 'attention');
+  for (const init of initializers) graph.message(5, init);
+  for (const input of inputs) graph.message(11, input);
+  for (const output of outputs) graph.message(12, output);
+  const w = new Writer().int(1, 8).string(2, 'fastmax-bench');
+  w.message(8, new Writer().string(1, '').int(2, 17));
+  if (microsoft) w.message(8, new Writer().string(1, 'com.microsoft').int(2, 1));
+  return w.message(7, graph).finish();
+}
+
+/** q, k, v: [1, N, H·D]; output [1, N, H·Dv]; scale 1/sqrt(D). */
+export function multiHeadAttentionModel(
+  queryLength: number,
+  keyLength: number,
+  heads: number,
+  headDim: number,
+  causal: boolean,
+): Uint8Array {
+  const hidden = heads * headDim;
+  return model(
+    [
+      node({
+        op: 'MultiHeadAttention',
+        domain: 'com.microsoft',
+        inputs: ['q', 'k', 'v'],
+        outputs: ['o'],
+        ints: { num_heads: heads, unidirectional: causal ? 1 : 0 },
+        floats: { scale: 1 / Math.sqrt(headDim) },
+      }),
+    ],
+    [
+      valueInfo('q', [1, queryLength, hidden]),
+      valueInfo('k', [1, keyLength, hidden]),
+      valueInfo('v', [1, keyLength, hidden]),
+    ],
+    [valueInfo('o', [1, queryLength, hidden])],
+    [],
+    true,
+  );
+}
+
+/** q: [N, D], kT: [D, N], v: [N, Dv], mask (causal only): [N, N] additive; output [N, Dv]. */
+export function plainAttentionModel(length: number, headDim: number, causal: boolean): Uint8Array {
+  const nodes = [
+    node({ op: 'MatMul', inputs: ['q', 'kT'], outputs: ['scores'] }),
+    node({ op: 'Mul', inputs: ['scores', 'scale'], outputs: ['scaled'] }),
+  ];
+  let logits = 'scaled';
+  if (causal) {
+    nodes.push(node({ op: 'Add', inputs: ['scaled', 'mask'], outputs: ['masked'] }));
+    logits = 'masked';
+  }
+  nodes.push(node({ op: 'Softmax', inputs: [logits], outputs: ['weights'], ints: { axis: 1 } }));
+  nodes.push(node({ op: 'MatMul', inputs: ['weights', 'v'], outputs: ['o'] }));
+  const inputs = [
+    valueInfo('q', [length, headDim]),
+    valueInfo('kT', [headDim, length]),
+    valueInfo('v', [length, headDim]),
+  ];
+  if (causal) inputs.push(valueInfo('mask', [length, length]));
+  return model(
+    nodes,
+    inputs,
+    [valueInfo('o', [length, headDim])],
+    [scalarInitializer('scale', 1 / Math.sqrt(headDim))],
+    false,
+  );
+}
+
+type Ort = typeof import('onnxruntime-node');
+
+interface SoftmaxTiming {
+  readonly ms: number;
+  readonly kind: 'MultiHeadAttention' | 'plain graph';
+  readonly all: Readonly<Record<string, number>>;
+}
+
+function transpose(data: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(rows * cols);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = data[r * cols + c]!;
+  return out;
+}
+
+/** onnxruntime-node's best softmax attention time for B = H = 1 at this N. */
+async function softmaxTime(
+  ort: Ort,
+  inputs: { q: HostTensor; k: HostTensor; v: HostTensor },
+  causal: boolean,
+  threads: number,
+  context: BenchContext,
+): Promise<SoftmaxTiming> {
+  const N = inputs.q.shape[2];
+  const options = {
+    intraOpNumThreads: threads,
+    interOpNumThreads: 1,
+    graphOptimizationLevel: 'all' as const,
+  };
+  const all: Record<string, number> = {};
+  const dims = [1, N, HEAD_DIM];
+  const mha = await ort.InferenceSession.create(multiHeadAttentionModel(N, N, 1, HEAD_DIM, causal), options);
+  const mhaFeeds = {
+    q: new ort.Tensor('float32', inputs.q.data, dims),
+    k: new ort.Tensor('float32', inputs.k.data, dims),
+    v: new ort.Tensor('float32', inputs.v.data, dims),
+  };
+  all.MultiHeadAttention = (
+    await measure(() => mha.run(mhaFeeds), { runs: context.runs, warmup: context.warmup })
+  ).median;
+  await mha.release();
+  if (N * N * (causal ? 3 : 2) <= PLAIN_GRAPH_MAX_ELEMENTS) {
+    const plain = await ort.InferenceSession.create(plainAttentionModel(N, HEAD_DIM, causal), options);
+    const feeds: Record<string, InstanceType<Ort['Tensor']>> = {
+      q: new ort.Tensor('float32', inputs.q.data, [N, HEAD_DIM]),
+      kT: new ort.Tensor('float32', transpose(inputs.k.data, N, HEAD_DIM), [HEAD_DIM, N]),
+      v: new ort.Tensor('float32', inputs.v.data, [N, HEAD_DIM]),
+    };
+    if (causal) {
+      const mask = new Float32Array(N * N);
+      for (let i = 0; i < N; i++) mask.fill(-1e30, i * N + i + 1, (i + 1) * N);
+      feeds.mask = new ort.Tensor('float32', mask, [N, N]);
+    }
+    all['plain graph'] = (
+      await measure(() => plain.run(feeds), { runs: context.runs, warmup: context.warmup })
+    ).median;
+    await plain.release();
+  }
+  const plainMs = all['plain graph'] ?? Number.POSITIVE_INFINITY;
+  const mhaMs = all.MultiHeadAttention;
+  return mhaMs <= plainMs
+    ? { ms: mhaMs, kind: 'MultiHeadAttention', all }
+    : { ms: plainMs, kind: 'plain graph', all };
+}
+
+function inputsOf(N: number, seed: number, heads = 1): { q: HostTensor; k: HostTensor; v: HostTensor } {
+  const shape: Shape4 = [1, heads, N, HEAD_DIM];
+  return { q: randomTensor(shape, seed), k: randomTensor(shape, seed + 1), v: randomTensor(shape, seed + 2) };
+}
+
+/** 2 flops per multiply-add of the planner's estimate for the path it picks. */
+function usefulFlops(
+  inputs: { q: HostTensor; k: HostTensor; v: HostTensor },
+  options: FastmaxOptions,
+): number {
+  const resolved = resolveOptions(options);
+  const shape = validateAttentionInputs(inputs.q, inputs.k, inputs.v, resolved);
+  const plan = planAttention(shape, resolved);
+  const heads = shape.batch * shape.heads;
+  return 2 * heads * (plan.path === 'factorized' ? plan.cost.factorized : plan.cost.direct);
+}
+
+async function tfjsMatMulGflops(context: BenchContext): Promise<number> {
+  const tf = await import('@tensorflow/tfjs-core');
+  await import('@tensorflow/tfjs-backend-wasm');
+  await tf.setBackend('wasm');
+  await tf.ready();
+  const size = 1024;
+  const a = tf.randomNormal([size, size]);
+  const b = tf.randomNormal([size, size]);
+  const time = await measure(
+    async () => {
+      const c = tf.matMul(a, b);
+      await c.data();
+      c.dispose();
+    },
+    { runs: Math.max(context.runs, 9), warmup: Math.max(context.warmup, 2) },
+  );
+  a.dispose();
+  b.dispose();
+  return (2 * size ** 3) / (time.median * 1e6);
+}
+
+interface ResultRow {
+  readonly case: string;
+  readonly N: number;
+  readonly fastmaxMs: number;
+  readonly baselineMs?: number;
+  readonly baseline?: string;
+  readonly gflops?: number;
+  readonly target: string;
+  /** null when the row checks nothing (or --quick). */
+  readonly met: boolean | null;
+}
+
+export async function run(context: BenchContext): Promise<number> {
+  const { io } = context;
+  const quick = context.flags.quick === true;
+  const scale = quick ? 16 : 1;
+  const threadsFlag = typeof context.flags.threads === 'string' ? Number(context.flags.threads) : undefined;
+  const many = cpuBackend(threadsFlag === undefined ? {} : { threads: threadsFlag });
+  const one = cpuBackend({ threads: 1 });
+  const fm = await createFastmax({ backend: many });
+  const fm1 = await createFastmax({ backend: one });
+  const threads = await many.threadCount();
+  const ort = (await import('onnxruntime-node')) as Ort;
+  const timing = { runs: context.runs, warmup: context.warmup };
+  const rows: ResultRow[] = [];
+  const details: Record<string, unknown> = {};
+  const progress = createProgressBar(12, { stream: io.stderr });
+  const n16 = 16384 / scale;
+  const n64 = 65536 / scale;
+  const check = (ok: boolean): boolean | null => (quick ? null : ok);
+
+  const time = async (instance: Fastmax, inputs: ReturnType<typeof inputsOf>, options: FastmaxOptions) =>
+    (await measure(() => instance.attention(inputs.q, inputs.k, inputs.v, options), timing)).median;
+
+  progress.update('tfjs-wasm matMul 1024³');
+  const tfjsGflops = await tfjsMatMulGflops(context);
+  details.tfjsMatMulGflops = tfjsGflops;
+  progress.tick();
+
+  // p = 2 and p = 1 causal at N = 16384 share onnxruntime's causal time (it does not depend on p).
+  const in16 = inputsOf(n16, context.seed);
+  progress.update(`onnxruntime causal N = ${n16}`);
+  const ortCausal16 = await softmaxTime(ort, in16, true, threads, context);
+  progress.tick();
+  progress.update(`onnxruntime non-causal N = ${n16}`);
+  const ortPlain16 = await softmaxTime(ort, in16, false, threads, context);
+  progress.tick();
+  details.onnxruntime = { [`causal N=${n16}`]: ortCausal16.all, [`non-causal N=${n16}`]: ortPlain16.all };
+
+  progress.update('fastmax forward N = 16384');
+  const causal2 = { order: 2, causal: true } as const;
+  const plain2 = { order: 2, causal: false } as const;
+  const causal16 = await time(fm, in16, causal2);
+  rows.push({
+    case: 'p=2 causal forward',
+    N: n16,
+    fastmaxMs: causal16,
+    baselineMs: ortCausal16.ms,
+    baseline: `onnxruntime ${ortCausal16.kind}`,
+    gflops: usefulFlops(in16, causal2) / (causal16 * 1e6),
+    target: '<= 1/3 of onnxruntime',
+    met: check(causal16 * 3 <= ortCausal16.ms),
+  });
+  const plain16 = await time(fm, in16, plain2);
+  rows.push({
+    case: 'p=2 non-causal forward',
+    N: n16,
+    fastmaxMs: plain16,
+    baselineMs: ortPlain16.ms,
+    baseline: `onnxruntime ${ortPlain16.kind}`,
+    gflops: usefulFlops(in16, plain2) / (plain16 * 1e6),
+    target: 'faster than onnxruntime',
+    met: check(plain16 < ortPlain16.ms),
+  });
+  const causal1 = { order: 1, causal: true } as const;
+  const p1 = await time(fm, in16, causal1);
+  rows.push({
+    case: 'p=1 causal forward',
+    N: n16,
+    fastmaxMs: p1,
+    baselineMs: ortCausal16.ms,
+    baseline: `onnxruntime ${ortCausal16.kind}`,
+    gflops: usefulFlops(in16, causal1) / (p1 * 1e6),
+    target: '<= 1/30 of onnxruntime',
+    met: check(p1 * 30 <= ortCausal16.ms),
+  });
+  progress.tick();
+
+  progress.update('fastmax backward N = 16384');
+  const dOut = randomTensor([1, 1, n16, HEAD_DIM], context.seed + 7);
+  const backward16 = (await measure(() => fm.backward(in16.q, in16.k, in16.v, dOut, causal2), timing)).median;
+  rows.push({
+    case: 'p=2 causal backward',
+    N: n16,
+    fastmaxMs: backward16,
+    baselineMs: causal16,
+    baseline: 'fastmax forward',
+    target: '<= 3x the forward',
+    met: check(backward16 <= 3 * causal16),
+  });
+  progress.tick();
+
+  const in64 = inputsOf(n64, context.seed + 3);
+  progress.update(`onnxruntime non-causal N = ${n64}`);
+  const ortPlain64 = await softmaxTime(ort, in64, false, threads, context);
+  details.onnxruntime = { ...(details.onnxruntime as object), [`non-causal N=${n64}`]: ortPlain64.all };
+  progress.tick();
+  progress.update(`fastmax N = ${n64}`);
+  const plain64 = await time(fm, in64, plain2);
+  const plainFlops64 = usefulFlops(in64, plain2);
+  rows.push({
+    case: 'p=2 non-causal forward',
+    N: n64,
+    fastmaxMs: plain64,
+    baselineMs: ortPlain64.ms,
+    baseline: `onnxruntime ${ortPlain64.kind}`,
+    gflops: plainFlops64 / (plain64 * 1e6),
+    target: '<= 1/4 of onnxruntime',
+    met: check(plain64 * 4 <= ortPlain64.ms),
+  });
+  const causal64 = await time(fm, in64, causal2);
+  const causalFlops64 = usefulFlops(in64, causal2);
+  rows.push({
+    case: 'p=2 causal forward',
+    N: n64,
+    fastmaxMs: causal64,
+    baselineMs: causal16,
+    baseline: `fastmax at N = ${n16}`,
+    gflops: causalFlops64 / (causal64 * 1e6),
+    target: 't(4N)/t(N) <= 4.5',
+    met: check(causal64 / causal16 <= 4.5),
+  });
+  progress.tick();
+
+  progress.update(`fastmax N = ${n64}, 1 thread`);
+  const plain64One = await time(fm1, in64, plain2);
+  const causal64One = await time(fm1, in64, causal2);
+  for (const [label, ms, flops, multi] of [
+    ['p=2 non-causal forward, 1 thread', plain64One, plainFlops64, plain64],
+    ['p=2 causal forward, 1 thread', causal64One, causalFlops64, causal64],
+  ] as const) {
+    const gflops = flops / (ms * 1e6);
+    rows.push({
+      case: label,
+      N: n64,
+      fastmaxMs: ms,
+      baseline: `tfjs-wasm matMul ${tfjsGflops.toFixed(1)} GFLOP/s`,
+      gflops,
+      target: '>= 60% of tfjs-wasm GFLOP/s',
+      met: check(gflops >= 0.6 * tfjsGflops),
+    });
+    rows.push({
+      case: label.replace('1 thread', `${threads} threads vs 1`),
+      N: n64,
+      fastmaxMs: multi,
+      baselineMs: ms,
+      baseline: 'fastmax, 1 thread',
+      gflops: flops / (multi * 1e6),
+      target: threads >= 2 ? '>= 1.7x one thread' : '(one core: not checked)',
+      met: threads >= 2 ? check(ms / multi >= 1.7) : null,
+    });
+  }
+  progress.tick();
+
+  progress.update('reference backend');
+  const reference = await createFastmax({ backend: referenceBackend() });
+  const nRef = 2048 / (quick ? 4 : 1);
+  const inRef = inputsOf(nRef, context.seed + 5);
+  for (const options of [causal2, plain2]) {
+    const refMs = (
+      await measure(() => reference.attention(inRef.q, inRef.k, inRef.v, options), {
+        runs: context.runs,
+        warmup: Math.min(context.warmup, 1),
+      })
+    ).median;
+    const cpuMs = await time(fm, inRef, options);
+    rows.push({
+      case: `p=2 ${options.causal ? 'causal' : 'non-causal'} forward`,
+      N: nRef,
+      fastmaxMs: cpuMs,
+      baselineMs: refMs,
+      baseline: 'reference backend (float64 JS)',
+      gflops: usefulFlops(inRef, options) / (cpuMs * 1e6),
+      target: '(context)',
+      met: null,
+    });
+  }
+  await reference.dispose();
+  progress.tick();
+
+  progress.update('decoding');
+  const decodeHeads = 8;
+  const state = await fm.createState({ batch: 1, heads: decodeHeads, headDim: HEAD_DIM, order: 2 });
+  const decodeRows: { context: number; ms: number }[] = [];
+  const fill = 4096;
+  for (const target of quick ? [1000, 4000] : [1000, 10000, 100000]) {
+    while (state.tokens < target) {
+      const T = Math.min(fill, target - state.tokens);
+      const x = randomTensor([1, decodeHeads, T, HEAD_DIM], state.tokens + 11);
+      await state.step(x, x, x);
+    }
+    const token = inputsOf(1, target, decodeHeads);
+    // Each timed step appends a token; a few out of 10^5 does not change the context size.
+    const ms = (await measure(() => state.step(token.q, token.k, token.v), { runs: 21, warmup: 3 })).median;
+    decodeRows.push({ context: target, ms });
+  }
+  state.dispose();
+  const slowest = Math.max(...decodeRows.map((r) => r.ms));
+  const fastest = Math.min(...decodeRows.map((r) => r.ms));
+  for (const r of decodeRows) {
+    rows.push({
+      case: `decode step, H = ${decodeHeads}, p=2`,
+      N: r.context,
+      fastmaxMs: r.ms,
+      target: '<= 2 ms, flat in context',
+      met: check(r.ms <= 2 && slowest <= 1.5 * fastest),
+    });
+  }
+  progress.tick();
+  progress.done();
+
+  await fm.dispose();
+  await fm1.dispose();
+
+  println(
+    io.stdout,
+    `CPU backend: ${threads} thread${threads === 1 ? '' : 's'}; onnxruntime-node intra-op threads: ${threads}; ` +
+      `tfjs-wasm matMul 1024³: ${tfjsGflops.toFixed(1)} GFLOP/s; D = Dv = ${HEAD_DIM}, B = H = 1 unless stated`,
+  );
+  println(
+    io.stdout,
+    formatTable(
+      [
+        { header: 'case', align: 'left' },
+        { header: 'N' },
+        { header: 'fastmax' },
+        { header: 'GFLOP/s' },
+        { header: 'baseline', align: 'left' },
+        { header: 'baseline time' },
+        { header: 'ratio' },
+        { header: 'target', align: 'left' },
+        { header: 'met', align: 'left' },
+      ],
+      rows.map((row) => [
+        row.case,
+        String(row.N),
+        formatDuration(row.fastmaxMs),
+        row.gflops === undefined ? '-' : row.gflops.toFixed(1),
+        row.baseline ?? '-',
+        row.baselineMs === undefined ? '-' : formatDuration(row.baselineMs),
+        row.baselineMs === undefined ? '-' : (row.fastmaxMs / row.baselineMs).toFixed(3),
+        row.target,
+        row.met === null ? '-' : row.met ? 'yes' : 'NO',
+      ]),
+    ),
+  );
+  if (context.json) {
+    const path = await writeJsonResult('cpu', { threads, quick, rows, details, decode: decodeRows });
+    println(io.stdout, `wrote ${path}`);
+  }
+  return EXIT_OK;
+}

@@ -1,0 +1,148 @@
+import {
+  createFastmax,
+  type FastmaxOptions,
+  type HostTensor,
+  isFastmaxError,
+  prepareScores,
+  resolveOptions,
+  type Shape4,
+  validateAttentionInputs,
+} from '@fastmax/core';
+import { referenceAttention } from '@fastmax/core/reference';
+import { afterAll, describe, expect, it } from 'vitest';
+import { cpuBackend } from '../src/index.js';
+
+function tensor(shape: Shape4, seed: number, scale = 1): HostTensor {
+  let state = seed >>> 0 || 1;
+  const data = new Float32Array(shape[0] * shape[1] * shape[2] * shape[3]);
+  for (let i = 0; i < data.length; i++) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    data[i] = (state / 2 ** 31 - 1) * scale;
+  }
+  return { shape, data };
+}
+
+function relativeError(actual: Float32Array, expected: Float64Array): number {
+  let error = 0;
+  let scale = 0;
+  for (let i = 0; i < expected.length; i++) {
+    error = Math.max(error, Math.abs(actual[i]! - expected[i]!));
+    scale = Math.max(scale, Math.abs(expected[i]!));
+  }
+  return error / scale;
+}
+
+describe('normalization', () => {
+  // The engine re-derives z = σ·x per chunk in float64 from the float32 inputs; with order 1 and
+  // a_0 = 0 the output of a single key is o = f(s)·v / f(s) = v, so instead compare through
+  // attention with one value column per key that reads back Σ_j w_ij·e_j = the weights themselves.
+  for (const normalization of ['max-norm', 'prefix-max-norm', 'l2', { scale: 0.3 }] as const) {
+    it(`matches core's prepareScores (${JSON.stringify(normalization)})`, async () => {
+      const N = 9;
+      const M = 7;
+      const D = 5;
+      const q = tensor([1, 1, N, D], 3, 2);
+      const k = tensor([1, 1, M, D], 4, 2);
+      // One-hot values: output row i = w_i / Σ_j w_ij, the normalized weights of row i.
+      const v: HostTensor = { shape: [1, 1, M, M], data: new Float32Array(M * M) };
+      for (let j = 0; j < M; j++) v.data[j * M + j] = 1;
+      const options: FastmaxOptions = { order: 1, coefficients: [2, 1], normalization, causal: true };
+      const fm = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const result = await fm.attention(q, k, v, options);
+      await fm.dispose();
+      const resolved = resolveOptions(options);
+      const shape = validateAttentionInputs(q, k, v, resolved);
+      const prepared = prepareScores(q, k, shape, resolved);
+      const output = (result.output as HostTensor).data;
+      for (let i = 0; i < N; i++) {
+        const limit = Math.max(0, Math.min(M, i + M - N + 1));
+        let den = 0;
+        const w: number[] = [];
+        for (let j = 0; j < limit; j++) {
+          let dot = 0;
+          for (let d = 0; d < D; d++) dot += prepared.x[i * D + d]! * prepared.y[j * D + d]!;
+          w.push(2 + prepared.sigma[i]! * dot);
+          den += w[j]!;
+        }
+        for (let j = 0; j < M; j++) {
+          const expected = j < limit ? w[j]! / den : 0;
+          expect(Math.abs(output[i * M + j]! - expected)).toBeLessThan(1e-6);
+        }
+      }
+    });
+  }
+});
+
+describe('threads', () => {
+  const backend = cpuBackend({ threads: 2, parallelThreshold: 0 });
+  afterAll(() => backend.dispose());
+
+  it('splits heads and value columns over workers and matches one thread', async () => {
+    const q = tensor([2, 3, 70, 16], 1);
+    const k = tensor([2, 1, 70, 16], 2);
+    const v = tensor([2, 1, 70, 40], 3);
+    const options: FastmaxOptions = { order: 2, causal: true, keyLengths: [70, 33] };
+    const parallel = await createFastmax({ backend });
+    const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+    const a = await parallel.attention(q, k, v, options);
+    const b = await serial.attention(q, k, v, options);
+    expect(a.degenerateRows).toBe(b.degenerateRows);
+    expect((a.output as HostTensor).data).toEqual((b.output as HostTensor).data);
+    const reference = referenceAttention(q, k, v, options);
+    expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+    await serial.dispose();
+  });
+
+  it('reports a crashed worker as BACKEND_ERROR and recovers', async () => {
+    const pool = await backend.poolForTesting();
+    expect(pool).not.toBeNull();
+    const q = tensor([1, 4, 2048, 64], 5);
+    const fm = await createFastmax({ backend });
+    const running = fm.attention(q, q, q, { order: 2 });
+    // Let the run reach the workers, then end one as a crash would.
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    pool!.crashWorkerForTesting(0);
+    const error = await running.then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(isFastmaxError(error, 'BACKEND_ERROR')).toBe(true);
+    const small = tensor([1, 2, 40, 8], 6);
+    const after = await fm.attention(small, small, small, { order: 2 });
+    const reference = referenceAttention(small, small, small, { order: 2 });
+    expect(relativeError((after.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+  });
+
+  it('lets the process exit without dispose (idle workers are unref-ed)', async () => {
+    const { execFileSync } = await import('node:child_process');
+    const script = `
+      import { cpuBackend } from '@fastmax/backend-cpu';
+      import { createFastmax } from '@fastmax/core';
+      const fm = await createFastmax({ backend: cpuBackend({ threads: 2, parallelThreshold: 0 }) });
+      const t = { shape: [1, 1, 64, 8], data: new Float32Array(512).fill(0.5) };
+      const r = await fm.attention(t, t, t, {});
+      console.log(r.output.data[0]);
+    `;
+    const out = execFileSync(process.execPath, ['--conditions=@fastmax/source', '--experimental-strip-types', '--input-type=module', '-e', script], {
+      cwd: new URL('..', import.meta.url),
+      timeout: 20000,
+      stdio: 'pipe',
+    }).toString();
+    expect(out.trim()).toBe('0.5');
+  });
+});
+
+describe('limits', () => {
+  it('refuses a factorized state larger than WebAssembly memory with RESOURCE_EXHAUSTED', async () => {
+    // D = 64, p = 4: F = 814,385 features; with Dv = 256 the state needs ~1.7 GB per copy.
+    const fm = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+    const q = tensor([1, 1, 2, 64], 1);
+    const v = tensor([1, 1, 2, 256], 2);
+    const error = await fm.attention(q, q, v, { order: 4, path: 'factorized' }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(isFastmaxError(error, 'RESOURCE_EXHAUSTED')).toBe(true);
+    await fm.dispose();
+  });
+});

@@ -1,0 +1,87 @@
+import {
+  type FastmaxOptions,
+  type HostTensor,
+  keyLimit,
+  prepareScores,
+  resolveOptions,
+  validateAttentionInputs,
+} from '@fastmax/core';
+import { describe, expect, it } from 'vitest';
+import { recordPrepare } from '../src/backend.js';
+import { webgpuBackend } from '../src/index.js';
+import { Runtime } from '../src/runtime.js';
+import { adapterMissing, maxRelativeError, randomTensor } from './support.js';
+
+const missing = await adapterMissing();
+
+async function prepareOnDevice(runtime: Runtime, q: HostTensor, k: HostTensor, options: FastmaxOptions) {
+  const resolved = resolveOptions(options);
+  const shape = validateAttentionInputs(q, k, k, resolved);
+  const units = shape.batch * shape.kvHeads;
+  const G = shape.heads / shape.kvHeads;
+  const geometry = {
+    units,
+    G,
+    N: shape.queryLength,
+    M: shape.keyLength,
+    D: shape.headDim,
+    Dv: shape.headDim,
+  };
+  const borrowed: GPUBuffer[] = [];
+  const temporaries: GPUBuffer[] = [];
+  const encoder = runtime.device.createCommandEncoder();
+  const slice = (t: HostTensor) => ({ buffer: runtime.upload(t.data), size: t.data.byteLength });
+  const valid = new Uint32Array(units).map((_, u) =>
+    resolved.keyLengths === null ? shape.keyLength : resolved.keyLengths[Math.floor(u / shape.kvHeads)]!,
+  );
+  const zeros = () => runtime.upload(new Float32Array(units * G));
+  const prepared = recordPrepare(
+    runtime,
+    encoder,
+    temporaries,
+    geometry,
+    resolved,
+    slice(q),
+    slice(k),
+    runtime.upload(valid),
+    zeros(),
+    zeros(),
+    borrowed,
+  );
+  await runtime.submit(encoder, temporaries);
+  const read = (s: { buffer: GPUBuffer; size: number }) => runtime.read(s.buffer, s.size);
+  return {
+    shape,
+    resolved,
+    x: await read(prepared.x),
+    y: await read(prepared.y),
+    sigma: await read(prepared.sigma),
+  };
+}
+
+describe.skipIf(missing !== undefined)('the WGSL prepare kernels against core prepareScores', () => {
+  const q = randomTensor([2, 4, 13, 6], 21);
+  const k = randomTensor([2, 2, 11, 6], 22);
+  const cases: FastmaxOptions[] = [
+    { normalization: 'max-norm' },
+    { normalization: 'max-norm', keyLengths: [11, 4] },
+    { normalization: 'prefix-max-norm', causal: true, keyLengths: [9, 0] },
+    { normalization: 'prefix-max-norm' },
+    { normalization: 'l2', temperature: 2 },
+    { normalization: { scale: 0.3 }, temperature: 1.5 },
+  ];
+  it.each(cases)('%o', async (options) => {
+    const backend = webgpuBackend();
+    const runtime = new Runtime(await backend.device(), 'test', {}, true);
+    const got = await prepareOnDevice(runtime, q, k, options);
+    const want = prepareScores(q, k, got.shape, got.resolved);
+    // Float32 centering and norms of 6 values: a few ulps.
+    expect(maxRelativeError(got.x, want.x)).toBeLessThan(1e-6);
+    expect(maxRelativeError(got.y, want.y)).toBeLessThan(1e-6);
+    expect(maxRelativeError(got.sigma, want.sigma)).toBeLessThan(1e-6);
+    // The key limit drives the prefix maxima: a sanity check that the case exercises it.
+    if (got.resolved.causal)
+      expect(keyLimit(0, 0, got.shape, got.resolved)).toBeLessThan(got.shape.keyLength);
+    await backend.dispose();
+  });
+});
