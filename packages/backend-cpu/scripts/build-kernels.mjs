@@ -53,15 +53,18 @@ function workerSource() {
   const { outputText } = ts.transpileModule(source, {
     compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, removeComments: true },
   });
-  // Node workers run eval'd code as CommonJS (require is defined); browsers run a classic script.
+  // Node evaluates the worker code as CommonJS or, when the process runs with
+  // --input-type=module, as an ES module: dynamic import works in both (the port queues messages
+  // until the listener is attached). Browsers run it as a classic script.
   return [
     '"use strict";',
     'const engineModule = {};',
     `(function (exports) {\n${outputText}\n})(engineModule);`,
     'if (typeof process === "object" && process.versions && process.versions.node) {',
-    '  const { parentPort } = require("node:worker_threads");',
-    '  const onMessage = engineModule.serveWorker((reply) => parentPort.postMessage(reply));',
-    '  parentPort.on("message", onMessage);',
+    '  import("node:worker_threads").then(({ parentPort }) => {',
+    '    const onMessage = engineModule.serveWorker((reply) => parentPort.postMessage(reply));',
+    '    parentPort.on("message", onMessage);',
+    '  });',
     '} else {',
     '  const onMessage = engineModule.serveWorker((reply) => self.postMessage(reply));',
     '  self.onmessage = (event) => onMessage(event.data);',

@@ -37,7 +37,6 @@ export async function workerFactory(): Promise<WorkerFactory | null> {
     const { Worker } = await import('node:worker_threads');
     return (events) => {
       const worker = new Worker(WORKER_SOURCE, { eval: true });
-      worker.unref();
       let alive = true;
       worker.on('message', (reply: WorkerReply) => events.message(reply));
       worker.on('error', (error: Error) => {
@@ -48,6 +47,9 @@ export async function workerFactory(): Promise<WorkerFactory | null> {
         if (alive) events.died(`exited with code ${code}`);
         alive = false;
       });
+      // After the listeners: adding a 'message' listener refs the port again. An idle worker must
+      // not keep the process alive; `hold` refs it while it has work.
+      worker.unref();
       return {
         post: (message) => worker.postMessage(message),
         hold: (busy) => (busy ? worker.ref() : worker.unref()),

@@ -5,6 +5,7 @@ import {
   type BackendState,
   type BackwardRequest,
   type BackwardResult,
+  chunkRanges,
   type FastmaxBackend,
   FastmaxError,
   type ForwardRequest,
@@ -28,6 +29,7 @@ import {
   applyProgram,
   backwardKeyProgram,
   backwardQueryProgram,
+  convertProgram,
   dimBucket,
   directKeyTile,
   directProgram,
@@ -59,8 +61,11 @@ export interface WebGpuBackend extends FastmaxBackend {
   device(): Promise<GPUDevice>;
   /** The adapter in words (vendor, architecture, device), or 'user device'. */
   adapterDescription(): Promise<string>;
-  /** Uploads a host tensor into a device tensor of this backend. */
-  toDevice(tensor: HostTensor): Promise<WebGpuTensor>;
+  /**
+   * Uploads a host tensor into a device tensor of this backend; `'float16'` stores it in half
+   * precision (needs the adapter's shader-f16; kernels still compute in float32).
+   */
+  toDevice(tensor: HostTensor, dtype?: 'float32' | 'float16'): Promise<WebGpuTensor>;
 }
 
 export const WEBGPU_CAPABILITIES: BackendCapabilities = {
@@ -73,7 +78,8 @@ export const WEBGPU_CAPABILITIES: BackendCapabilities = {
   crossAttention: true,
   backward: true,
   state: true,
-  dtypes: ['float32'],
+  // float16 is storage only (device tensors from toDevice), on adapters with shader-f16.
+  dtypes: ['float32', 'float16'],
   paths: ['factorized', 'direct'],
   deviceTensors: true,
 };
@@ -119,18 +125,59 @@ function validKeyCounts(
   return counts;
 }
 
-/** Units per pass so that no binding exceeds maxStorageBufferBindingSize. */
-function unitsPerPass(runtime: Runtime, perUnitBytes: readonly number[], units: number): number {
-  const largest = Math.max(...perUnitBytes);
-  const fit = Math.floor(runtime.limits.maxStorageBufferBindingSize / largest);
-  if (fit < 1) {
-    throw new FastmaxError('RESOURCE_EXHAUSTED', 'one (batch, kv head) does not fit in a storage binding', {
+/**
+ * One pass of work: units [u0, u1) with their query heads [g0, g1) each. Query-like tensors of a
+ * pass are the contiguous query heads [h0, h1); key-like ones the units [u0, u1).
+ */
+interface Pass {
+  readonly u0: number;
+  readonly u1: number;
+  readonly g0: number;
+  readonly g1: number;
+  readonly h0: number;
+  readonly h1: number;
+}
+
+/**
+ * Passes that keep every binding within maxStorageBufferBindingSize: as many whole units as fit,
+ * or, when one unit's query heads do not fit together (grouped-query attention at large N), one
+ * unit at a time in groups of its query heads (its keys are then read once per group). Only a
+ * single query head or a single kv head too large for a binding is refused.
+ */
+function planPasses(
+  runtime: Runtime,
+  units: number,
+  G: number,
+  perQueryHead: readonly number[],
+  perUnit: readonly number[],
+): Pass[] {
+  const limit = runtime.limits.maxStorageBufferBindingSize;
+  const headBytes = Math.max(...perQueryHead);
+  const unitBytes = Math.max(...perUnit);
+  if (headBytes > limit || unitBytes > limit) {
+    throw new FastmaxError('RESOURCE_EXHAUSTED', 'one attention head does not fit in a storage binding', {
       argument: 'q, k, v',
-      expected: `<= ${runtime.limits.maxStorageBufferBindingSize} bytes per head (maxStorageBufferBindingSize)`,
-      actual: `${largest} bytes`,
+      expected: `<= ${limit} bytes per head (maxStorageBufferBindingSize)`,
+      actual: `${Math.max(headBytes, unitBytes)} bytes`,
     });
   }
-  return Math.min(units, fit);
+  const passes: Pass[] = [];
+  const wholeUnits = Math.min(Math.floor(limit / (headBytes * G)), Math.floor(limit / unitBytes));
+  if (wholeUnits >= 1) {
+    for (let u0 = 0; u0 < units; u0 += wholeUnits) {
+      const u1 = Math.min(units, u0 + wholeUnits);
+      passes.push({ u0, u1, g0: 0, g1: G, h0: u0 * G, h1: u1 * G });
+    }
+    return passes;
+  }
+  const headsPerPass = Math.floor(limit / headBytes);
+  for (let u = 0; u < units; u++) {
+    for (let g0 = 0; g0 < G; g0 += headsPerPass) {
+      const g1 = Math.min(G, g0 + headsPerPass);
+      passes.push({ u0: u, u1: u + 1, g0, g1, h0: u * G + g0, h1: u * G + g1 });
+    }
+  }
+  return passes;
 }
 
 /**
@@ -363,12 +410,12 @@ function recordKernel(
     recordApply(runtime, encoder, temporaries, geometry, options, F, features, inputs, S, acc, 0, N);
     return;
   }
+  // Core's schedule; padding is masked in the kernels (validKeys), so every unit shares it.
   let seen = 0;
-  for (let i0 = 0; i0 < N; i0 += chunkSize) {
-    const boundary = Math.max(0, Math.min(M, i0 + M - N + 1));
-    if (boundary > seen) {
-      recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, seen, boundary);
-      seen = boundary;
+  for (const chunk of chunkRanges(N, M, chunkSize)) {
+    if (chunk.stateKeyEnd > seen) {
+      recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, seen, chunk.stateKeyEnd);
+      seen = chunk.stateKeyEnd;
     }
     recordApply(
       runtime,
@@ -381,8 +428,8 @@ function recordKernel(
       inputs,
       S,
       acc,
-      i0,
-      Math.min(N, i0 + chunkSize),
+      chunk.queryStart,
+      chunk.queryEnd,
     );
   }
   recordDirect(runtime, encoder, temporaries, geometry, options, inputs, acc, chunkSize, true);
@@ -469,58 +516,104 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     return opened;
   };
 
-  /** A slice of units [u0, u1) of a tensor, as a buffer the kernels can bind. */
+  /** Blocks [first, end) of a tensor (a block: one unit's or one query head's rows), as a bindable buffer. */
   const sliceOf = async (
     runtime: Runtime,
     encoder: GPUCommandEncoder,
     tensor: Tensor,
-    perUnit: number,
-    u0: number,
-    u1: number,
+    perBlock: number,
+    first: number,
+    end: number,
     borrowed: GPUBuffer[],
+    temporaries: GPUBuffer[],
   ): Promise<Slice> => {
-    const bytes = (u1 - u0) * perUnit * 4;
-    if (tensor instanceof WebGpuTensor && tensor.runtime === runtime) {
-      if (u0 === 0 && bytes === tensor.byteLength) return { buffer: tensor.buffer, size: bytes };
+    const bytes = (end - first) * perBlock * 4;
+    if (tensor instanceof WebGpuTensor && tensor.runtime === runtime && tensor.dtype === 'float16') {
       const buffer = runtime.acquire(bytes);
       borrowed.push(buffer);
-      encoder.copyBufferToBuffer(tensor.buffer, u0 * perUnit * 4, buffer, 0, Math.ceil(bytes / 4) * 4);
+      runtime.dispatch(
+        encoder,
+        convertProgram('f32'),
+        { source: { buffer: tensor.buffer, size: tensor.buffer.size }, destination: { buffer, size: bytes } },
+        { count: (end - first) * perBlock, sourceOffset: first * perBlock, targetOffset: 0 },
+        runtime.linearGrid((end - first) * perBlock, 64),
+        temporaries,
+      );
+      return { buffer, size: bytes };
+    }
+    if (tensor instanceof WebGpuTensor && tensor.runtime === runtime) {
+      if (first === 0 && bytes === tensor.byteLength) return { buffer: tensor.buffer, size: bytes };
+      const buffer = runtime.acquire(bytes);
+      borrowed.push(buffer);
+      encoder.copyBufferToBuffer(tensor.buffer, first * perBlock * 4, buffer, 0, Math.ceil(bytes / 4) * 4);
       return { buffer, size: bytes };
     }
     const host = isDeviceTensor(tensor) ? await tensor.read() : tensor;
-    const buffer = runtime.upload(host.data.subarray(u0 * perUnit, u1 * perUnit));
+    const buffer = runtime.upload(host.data.subarray(first * perBlock, end * perBlock));
     borrowed.push(buffer);
     return { buffer, size: bytes };
   };
 
   /** Output assembly: a device tensor filled pass by pass, or a host array. */
-  const makeSink = (runtime: Runtime, shape: Shape4, perUnit: number, keepOnDevice: boolean) => {
+  const makeSink = (
+    runtime: Runtime,
+    shape: Shape4,
+    perBlock: number,
+    keepOnDevice: boolean,
+    dtype: 'float32' | 'float16',
+  ) => {
     const total = shape[0] * shape[1] * shape[2] * shape[3];
+    const bytesPer = dtype === 'float16' ? 2 : 4;
+    if (keepOnDevice && total * bytesPer > runtime.limits.maxBufferSize) {
+      throw new FastmaxError('RESOURCE_EXHAUSTED', 'the output does not fit in one GPU buffer', {
+        argument: 'options.output',
+        expected: `'host', or an output of at most ${runtime.limits.maxBufferSize} bytes (maxBufferSize)`,
+        actual: `${total * bytesPer} bytes`,
+      });
+    }
     const device = keepOnDevice
       ? new WebGpuTensor(
           runtime,
-          runtime.device.createBuffer({ size: Math.max(4, total * 4), usage: 0x80 | 0x4 | 0x8 }),
+          runtime.device.createBuffer({
+            size: Math.max(4, Math.ceil((total * bytesPer) / 4) * 4),
+            usage: 0x80 | 0x4 | 0x8,
+          }),
           shape,
+          dtype,
         )
       : undefined;
     const host = keepOnDevice ? undefined : new Float32Array(total);
     return {
-      record(encoder: GPUCommandEncoder, source: Slice, u0: number): void {
-        if (device !== undefined) {
+      record(encoder: GPUCommandEncoder, source: Slice, first: number, temporaries: GPUBuffer[]): void {
+        if (device !== undefined && dtype === 'float16') {
+          const count = source.size / 4;
+          runtime.dispatch(
+            encoder,
+            convertProgram('f16'),
+            { source, destination: { buffer: device.buffer, size: device.buffer.size } },
+            { count, sourceOffset: 0, targetOffset: first * perBlock },
+            runtime.linearGrid(count, 64),
+            temporaries,
+          );
+        } else if (device !== undefined) {
           encoder.copyBufferToBuffer(
             source.buffer,
             0,
             device.buffer,
-            u0 * perUnit * 4,
+            first * perBlock * 4,
             Math.ceil(source.size / 4) * 4,
           );
         }
       },
-      async collect(source: Slice, u0: number): Promise<void> {
-        if (host !== undefined) host.set(await runtime.read(source.buffer, source.size), u0 * perUnit);
+      async collect(source: Slice, first: number): Promise<void> {
+        if (host !== undefined) host.set(await runtime.read(source.buffer, source.size), first * perBlock);
       },
       tensor(): Tensor {
         return device ?? { shape, data: host! };
+      },
+      /** Releases the device output when the call fails half way. */
+      abandon(): void {
+        device?.dispose();
       },
     };
   };
@@ -532,72 +625,78 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     const U = batch * kvHeads;
     const G = heads / kvHeads;
     const F = featureCount(D, resolved.order);
-    const perUnit = [G * N * D * 4, M * D * 4, M * Dv * 4, G * N * (Dv + 1) * 4];
+    const perUnit = [M * D * 4, M * Dv * 4];
     if (plan.path === 'factorized') perUnit.push(F * (Dv + 1) * 4);
-    const step = unitsPerPass(runtime, perUnit, U);
-    const sink = makeSink(runtime, [batch, heads, N, Dv], G * N * Dv, request.keepOnDevice);
+    const passes = planPasses(runtime, U, G, [N * D * 4, N * (Dv + 1) * 4], perUnit);
+    const dtype = request.q instanceof WebGpuTensor ? request.q.dtype : 'float32';
+    const sink = makeSink(runtime, [batch, heads, N, Dv], N * Dv, request.keepOnDevice, dtype);
     let degenerateRows = 0;
-    for (let u0 = 0; u0 < U; u0 += step) {
-      const u1 = Math.min(U, u0 + step);
-      const units = u1 - u0;
-      const geometry: Geometry = { units, G, N, M, D, Dv };
-      const borrowed: GPUBuffer[] = [];
-      const temporaries: GPUBuffer[] = [];
-      try {
-        const encoder = runtime.device.createCommandEncoder();
-        const q = await sliceOf(runtime, encoder, request.q, G * N * D, u0, u1, borrowed);
-        const k = await sliceOf(runtime, encoder, request.k, M * D, u0, u1, borrowed);
-        const v = await sliceOf(runtime, encoder, request.v, M * Dv, u0, u1, borrowed);
-        const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
-        borrowed.push(validKeys);
-        const runningQ = runtime.acquire(units * G * 4);
-        const runningK = runtime.acquire(units * G * 4);
-        borrowed.push(runningQ, runningK);
-        encoder.clearBuffer(runningQ);
-        encoder.clearBuffer(runningK);
-        const prepared = recordPrepare(
-          runtime,
-          encoder,
-          temporaries,
-          geometry,
-          resolved,
-          q,
-          k,
-          validKeys,
-          runningQ,
-          runningK,
-          borrowed,
-        );
-        const rows = units * G * N;
-        const acc = { buffer: runtime.acquire(rows * (Dv + 1) * 4), size: rows * (Dv + 1) * 4 };
-        const output = { buffer: runtime.acquire(rows * Dv * 4), size: rows * Dv * 4 };
-        const denominators = { buffer: runtime.acquire(rows * 4), size: rows * 4 };
-        const degenerate = runtime.acquire(4);
-        borrowed.push(acc.buffer, output.buffer, denominators.buffer, degenerate);
-        encoder.clearBuffer(degenerate);
-        const inputs: KernelInputs = { ...prepared, v, validKeys };
-        recordKernel(
-          runtime,
-          encoder,
-          temporaries,
-          geometry,
-          resolved,
-          plan.path,
-          plan.chunkSize,
-          inputs,
-          acc,
-          borrowed,
-          tables,
-        );
-        recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate);
-        sink.record(encoder, output, u0);
-        await runtime.submit(encoder, temporaries);
-        await sink.collect(output, u0);
-        degenerateRows += new Uint32Array((await runtime.read(degenerate, 4)).buffer)[0]!;
-      } finally {
-        for (const buffer of temporaries) buffer.destroy();
-        for (const buffer of borrowed) runtime.release(buffer);
+    let complete = false;
+    try {
+      for (const { u0, u1, g0, g1, h0, h1 } of passes) {
+        const units = u1 - u0;
+        const geometry: Geometry = { units, G: g1 - g0, N, M, D, Dv };
+        const borrowed: GPUBuffer[] = [];
+        const temporaries: GPUBuffer[] = [];
+        try {
+          const encoder = runtime.device.createCommandEncoder();
+          const q = await sliceOf(runtime, encoder, request.q, N * D, h0, h1, borrowed, temporaries);
+          const k = await sliceOf(runtime, encoder, request.k, M * D, u0, u1, borrowed, temporaries);
+          const v = await sliceOf(runtime, encoder, request.v, M * Dv, u0, u1, borrowed, temporaries);
+          const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
+          borrowed.push(validKeys);
+          const runningQ = runtime.acquire((h1 - h0) * 4);
+          const runningK = runtime.acquire(units * 4);
+          borrowed.push(runningQ, runningK);
+          encoder.clearBuffer(runningQ);
+          encoder.clearBuffer(runningK);
+          const prepared = recordPrepare(
+            runtime,
+            encoder,
+            temporaries,
+            geometry,
+            resolved,
+            q,
+            k,
+            validKeys,
+            runningQ,
+            runningK,
+            borrowed,
+          );
+          const rows = (h1 - h0) * N;
+          const acc = { buffer: runtime.acquire(rows * (Dv + 1) * 4), size: rows * (Dv + 1) * 4 };
+          const output = { buffer: runtime.acquire(rows * Dv * 4), size: rows * Dv * 4 };
+          const denominators = { buffer: runtime.acquire(rows * 4), size: rows * 4 };
+          const degenerate = runtime.acquire(4);
+          borrowed.push(acc.buffer, output.buffer, denominators.buffer, degenerate);
+          encoder.clearBuffer(degenerate);
+          const inputs: KernelInputs = { ...prepared, v, validKeys };
+          recordKernel(
+            runtime,
+            encoder,
+            temporaries,
+            geometry,
+            resolved,
+            plan.path,
+            plan.chunkSize,
+            inputs,
+            acc,
+            borrowed,
+            tables,
+          );
+          recordNormalize(runtime, encoder, temporaries, rows, Dv, acc, output, denominators, degenerate);
+          sink.record(encoder, output, h0, temporaries);
+          await runtime.submit(encoder, temporaries);
+          await sink.collect(output, h0);
+          degenerateRows += new Uint32Array((await runtime.read(degenerate, 4)).buffer)[0]!;
+        } finally {
+          for (const buffer of temporaries) buffer.destroy();
+          for (const buffer of borrowed) runtime.release(buffer);
+        }
       }
+      complete = true;
+    } finally {
+      if (!complete) sink.abandon();
     }
     return { output: sink.tensor(), degenerateRows };
   };
@@ -622,11 +721,14 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     const dy = new Float64Array(prepared.y.length);
     const dsigma = new Float64Array(prepared.sigma.length);
     const dv = new Float32Array(U * M * Dv);
-    const step = unitsPerPass(runtime, [G * N * D * 4, G * N * (Dv + 1) * 4, M * D * 4, M * Dv * 4], U);
-    for (let u0 = 0; u0 < U; u0 += step) {
-      const u1 = Math.min(U, u0 + step);
+    const passes = planPasses(runtime, U, G, [N * D * 4, N * Dv * 4], [M * D * 4, M * Dv * 4]);
+    // Key-side gradients sum over every query head; a unit split into head groups adds them up.
+    const addInto = (target: Float32Array | Float64Array, values: Float32Array, offset: number): void => {
+      for (let i = 0; i < values.length; i++) target[offset + i]! += values[i]!;
+    };
+    for (const { u0, u1, g0, g1, h0, h1 } of passes) {
       const units = u1 - u0;
-      const rows = units * G * N;
+      const rows = (h1 - h0) * N;
       const keys = units * M;
       const borrowed: GPUBuffer[] = [];
       const temporaries: GPUBuffer[] = [];
@@ -643,11 +745,11 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
       };
       try {
         const encoder = runtime.device.createCommandEncoder();
-        const x = put(prepared.x, u0 * G * N * D, rows * D);
+        const x = put(prepared.x, h0 * N * D, rows * D);
         const y = put(prepared.y, u0 * M * D, keys * D);
-        const sigma = put(prepared.sigma, u0 * G * N, rows);
+        const sigma = put(prepared.sigma, h0 * N, rows);
         const values = put(v!.data, u0 * M * Dv, keys * Dv);
-        const gradOut = put(dOut!.data, u0 * G * N * Dv, rows * Dv);
+        const gradOut = put(dOut!.data, h0 * N * Dv, rows * Dv);
         const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
         borrowed.push(validKeys);
         const denominators = take(rows * 4);
@@ -656,7 +758,15 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         const delta = take(rows * 4);
         const gradY = take(keys * D * 4);
         const gradV = take(keys * Dv * 4);
-        const common = { N, M, causal: resolved.causal ? 1 : 0, D, DV: Dv, G, ...polynomialValues(resolved) };
+        const common = {
+          N,
+          M,
+          causal: resolved.causal ? 1 : 0,
+          D,
+          DV: Dv,
+          G: g1 - g0,
+          ...polynomialValues(resolved),
+        };
         const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
         runtime.dispatch(
           encoder,
@@ -686,10 +796,10 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
           temporaries,
         );
         await runtime.submit(encoder, temporaries);
-        dx.set(await runtime.read(gradX.buffer, gradX.size), u0 * G * N * D);
-        dsigma.set(await runtime.read(gradSigma.buffer, gradSigma.size), u0 * G * N);
-        dy.set(await runtime.read(gradY.buffer, gradY.size), u0 * M * D);
-        dv.set(await runtime.read(gradV.buffer, gradV.size), u0 * M * Dv);
+        dx.set(await runtime.read(gradX.buffer, gradX.size), h0 * N * D);
+        dsigma.set(await runtime.read(gradSigma.buffer, gradSigma.size), h0 * N);
+        addInto(dy, await runtime.read(gradY.buffer, gradY.size), u0 * M * D);
+        addInto(dv, await runtime.read(gradV.buffer, gradV.size), u0 * M * Dv);
       } finally {
         for (const buffer of temporaries) buffer.destroy();
         for (const buffer of borrowed) runtime.release(buffer);
@@ -707,10 +817,42 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     };
   };
 
-  const toDevice = async (tensor: HostTensor): Promise<WebGpuTensor> => {
+  const toDevice = async (
+    tensor: HostTensor,
+    dtype: 'float32' | 'float16' = 'float32',
+  ): Promise<WebGpuTensor> => {
     const { runtime } = await live();
-    const buffer = runtime.upload(tensor.data, false);
-    return new WebGpuTensor(runtime, buffer, tensor.shape);
+    if (dtype === 'float32')
+      return new WebGpuTensor(runtime, runtime.upload(tensor.data, false), tensor.shape);
+    if (!runtime.device.features.has('shader-f16')) {
+      throw new FastmaxError('UNSUPPORTED_CAPABILITY', 'float16 storage needs the shader-f16 feature', {
+        argument: 'dtype',
+        expected: "'float32' on this adapter (it lacks shader-f16)",
+        actual: "'float16'",
+      });
+    }
+    const count = tensor.data.length;
+    const half = runtime.device.createBuffer({
+      size: Math.max(4, Math.ceil((count * 2) / 4) * 4),
+      usage: 0x80 | 0x4 | 0x8,
+    });
+    const single = runtime.upload(tensor.data);
+    const temporaries: GPUBuffer[] = [];
+    try {
+      const encoder = runtime.device.createCommandEncoder();
+      runtime.dispatch(
+        encoder,
+        convertProgram('f16'),
+        { source: { buffer: single, size: count * 4 }, destination: { buffer: half, size: half.size } },
+        { count, sourceOffset: 0, targetOffset: 0 },
+        runtime.linearGrid(count, 64),
+        temporaries,
+      );
+      await runtime.submit(encoder, temporaries);
+    } finally {
+      runtime.release(single);
+    }
+    return new WebGpuTensor(runtime, half, tensor.shape, 'float16');
   };
 
   const createState = async (state: ResolvedStateOptions): Promise<BackendState> => {
@@ -759,9 +901,9 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         const temporaries: GPUBuffer[] = [];
         try {
           const encoder = runtime.device.createCommandEncoder();
-          const q = await sliceOf(runtime, encoder, qIn, G * T * D, 0, U, borrowed);
-          const k = await sliceOf(runtime, encoder, kIn, T * D, 0, U, borrowed);
-          const v = await sliceOf(runtime, encoder, vIn, T * Dv, 0, U, borrowed);
+          const q = await sliceOf(runtime, encoder, qIn, G * T * D, 0, U, borrowed, temporaries);
+          const k = await sliceOf(runtime, encoder, kIn, T * D, 0, U, borrowed, temporaries);
+          const v = await sliceOf(runtime, encoder, vIn, T * Dv, 0, U, borrowed, temporaries);
           const validKeys = runtime.upload(new Uint32Array(U).fill(T));
           borrowed.push(validKeys);
           const prepared = recordPrepare(

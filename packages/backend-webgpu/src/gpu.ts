@@ -77,7 +77,9 @@ export async function acquireDevice(
     if (typeof value === 'number') requiredLimits[name] = value;
   }
   try {
-    const device = await adapter.requestDevice({ requiredLimits });
+    // float16 storage needs shader-f16; compute stays float32 either way.
+    const requiredFeatures: GPUFeatureName[] = adapter.features.has('shader-f16') ? ['shader-f16'] : [];
+    const device = await adapter.requestDevice({ requiredLimits, requiredFeatures });
     const info = adapter.info;
     const description = [info?.vendor, info?.architecture, info?.device, info?.description]
       .filter((part) => typeof part === 'string' && part.length > 0)

@@ -416,6 +416,8 @@ export function directProgram(headDim: number, valueDim: number, keyTile: number
     workgroupSize: [ROW_THREADS, 1, 1],
     declarations: `
 const KT = ${keyTile}u;
+const BD = ${headDim}u;
+const BDV = ${valueDim}u;
 var<workgroup> keyTile: array<f32, ${keyTile * headDim}>;
 var<workgroup> valueTile: array<f32, ${keyTile * valueDim}>;
 var<workgroup> sharedValid: u32;
@@ -423,10 +425,13 @@ ${KEY_LIMIT_HELPER}
 ${polynomialHelpers(4)}
 fn chunkStart(i: u32) -> u32 {
   if (u.chunk == 0u) { return 0u; }
-  let reach = i32((i / u.chunk) * u.chunk) + i32(u.M) - i32(u.N) + 1;
+  // stateKeyEnd of core's chunkRanges: the keys before the chunk's diagonal block.
+  let reach = i32((i / u.chunk) * u.chunk) + i32(u.M) - i32(u.N);
   return u32(clamp(reach, 0, i32(u.M)));
 }`,
     body: `
+  // Tiles are laid out with the bucket's stride and zero-padded past D and Dv, so the inner loops
+  // run over compile-time bounds (BD, BDV) and unroll; the padding adds exact zeros.
   let D = u.D;
   let DV = u.DV;
   let head = group.z;
@@ -442,26 +447,28 @@ fn chunkStart(i: u32) -> u32 {
   var start = 0u;
   var limit = 0u;
   var s = 0.0;
-  var xi: array<f32, ${headDim}>;
+  var xi: array<f32, BD>;
   if (rowActive) {
     start = chunkStart(i);
     limit = keyLimit(i, valid);
     s = sigma[head * u.N + i];
     for (var d = 0u; d < D; d++) { xi[d] = x[(head * u.N + i) * D + d]; }
   }
-  var numerator: array<f32, ${valueDim}>;
+  var numerator: array<f32, BDV>;
   var denominator = 0.0;
   for (var tileStart = low; tileStart < high; tileStart += KT) {
-    for (var e = lid.x; e < KT * D; e += ${ROW_THREADS}u) {
-      let j = tileStart + e / D;
+    for (var e = lid.x; e < KT * BD; e += ${ROW_THREADS}u) {
+      let j = tileStart + e / BD;
+      let d = e % BD;
       var value = 0.0;
-      if (j < high) { value = y[(unit * u.M + j) * D + e % D]; }
+      if (j < high && d < D) { value = y[(unit * u.M + j) * D + d]; }
       keyTile[e] = value;
     }
-    for (var e = lid.x; e < KT * DV; e += ${ROW_THREADS}u) {
-      let j = tileStart + e / DV;
+    for (var e = lid.x; e < KT * BDV; e += ${ROW_THREADS}u) {
+      let j = tileStart + e / BDV;
+      let c = e % BDV;
       var value = 0.0;
-      if (j < high) { value = v[(unit * u.M + j) * DV + e % DV]; }
+      if (j < high && c < DV) { value = v[(unit * u.M + j) * DV + c]; }
       valueTile[e] = value;
     }
     workgroupBarrier();
@@ -469,10 +476,10 @@ fn chunkStart(i: u32) -> u32 {
       let j = tileStart + t;
       if (rowActive && j >= start && j < limit) {
         var dot = 0.0;
-        for (var d = 0u; d < D; d++) { dot += xi[d] * keyTile[t * D + d]; }
+        for (var d = 0u; d < BD; d++) { dot += xi[d] * keyTile[t * BD + d]; }
         let w = poly(s * dot);
         denominator += w;
-        for (var c = 0u; c < DV; c++) { numerator[c] += w * valueTile[t * DV + c]; }
+        for (var c = 0u; c < BDV; c++) { numerator[c] += w * valueTile[t * BDV + c]; }
       }
     }
     workgroupBarrier();
@@ -667,4 +674,27 @@ export const DIM_BUCKETS = [8, 16, 32, 64, 128, 256] as const;
 export function dimBucket(dim: number): number {
   for (const bucket of DIM_BUCKETS) if (dim <= bucket) return bucket;
   throw new Error(`head dim ${dim} exceeds ${DIM_BUCKETS[DIM_BUCKETS.length - 1]}`);
+}
+
+/**
+ * float16 storage: converts `count` values between an f32 and an f16 array, each at its own element
+ * offset (so a slice of units needs no byte alignment). Compute always runs in f32.
+ */
+export function convertProgram(to: 'f16' | 'f32'): ProgramInfo {
+  const from = to === 'f16' ? 'f32' : 'f16';
+  return {
+    key: `convert:${to}`,
+    enables: ['f16'],
+    uniforms: [
+      { name: 'count', type: 'u32' },
+      { name: 'sourceOffset', type: 'u32' },
+      { name: 'targetOffset', type: 'u32' },
+    ],
+    bindings: [read('source', from), write('destination', to)],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let index = ${linearIndex(ROW_THREADS)};
+  if (index >= u.count) { return; }
+  destination[u.targetOffset + index] = ${to}(source[u.sourceOffset + index]);`,
+  };
 }

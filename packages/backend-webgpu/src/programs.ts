@@ -2,6 +2,7 @@ import {
   applyProgram,
   backwardKeyProgram,
   backwardQueryProgram,
+  convertProgram,
   DIM_BUCKETS,
   directKeyTile,
   directProgram,
@@ -20,7 +21,7 @@ import type { ProgramInfo } from './wgsl.js';
  * (DIM_BUCKETS), so this list is finite. The validation test compiles all of them on Dawn,
  * including the sizes the host cannot run quickly.
  */
-export function allPrograms(workgroupStorage: number): ProgramInfo[] {
+export function allPrograms(workgroupStorage: number, float16: boolean): ProgramInfo[] {
   const programs: ProgramInfo[] = [
     rowNormsProgram(),
     prefixMaxProgram(),
@@ -38,5 +39,6 @@ export function allPrograms(workgroupStorage: number): ProgramInfo[] {
       programs.push(backwardKeyProgram(D, Dv));
     }
   }
+  if (float16) programs.push(convertProgram('f16'), convertProgram('f32'));
   return programs;
 }

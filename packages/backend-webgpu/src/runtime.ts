@@ -28,6 +28,8 @@ export class Runtime {
   private readonly pipelines = new Map<string, CachedPipeline>();
   private readonly pool = new Map<number, GPUBuffer[]>();
   private lostReason: string | undefined;
+  /** Error scopes around pipeline creations not yet checked; `submit` awaits them. */
+  private pipelineChecks: Promise<GPUError | null>[] = [];
   private destroyed = false;
 
   constructor(
@@ -73,6 +75,8 @@ export class Runtime {
   pipeline(program: ProgramInfo): CachedPipeline {
     const cached = this.pipelines.get(program.key);
     if (cached !== undefined) return cached;
+    // Always scoped, debug or not: an invalid pipeline would otherwise fail silently at dispatch.
+    this.device.pushErrorScope('validation');
     const module = this.device.createShaderModule({ code: buildShader(program), label: program.key });
     const entries: GPUBindGroupLayoutEntry[] = [
       { binding: 0, visibility: 0x4, buffer: { type: 'uniform' } },
@@ -90,6 +94,7 @@ export class Runtime {
       compute: { module, entryPoint: 'main' },
       label: program.key,
     });
+    this.pipelineChecks.push(this.device.popErrorScope());
     const entry = { pipeline, layout, fields: uniformFields(program), program };
     this.pipelines.set(program.key, entry);
     return entry;
@@ -108,8 +113,11 @@ export class Runtime {
     } catch (error) {
       problems.push(`${program.key}: ${String(error)}`);
     }
-    const error = await this.device.popErrorScope();
-    if (error !== null) problems.push(`${program.key}: ${error.message}`);
+    const checks = this.pipelineChecks;
+    this.pipelineChecks = [];
+    for (const error of [...(await Promise.all(checks)), await this.device.popErrorScope()]) {
+      if (error !== null) problems.push(`${program.key}: ${error.message}`);
+    }
     return problems;
   }
 
@@ -151,13 +159,6 @@ export class Runtime {
     if (data.byteLength > 0)
       this.device.queue.writeBuffer(buffer, 0, data.buffer, data.byteOffset, data.byteLength);
     return buffer;
-  }
-
-  /** Fills `bytes` of a buffer with zeros (or with one f32 value). */
-  fill(encoder: GPUCommandEncoder, buffer: GPUBuffer, bytes: number, value = 0): void {
-    const size = Math.ceil(bytes / 4) * 4;
-    if (value === 0) encoder.clearBuffer(buffer, 0, size);
-    else this.device.queue.writeBuffer(buffer, 0, new Float32Array(size / 4).fill(value));
   }
 
   /**
@@ -228,6 +229,17 @@ export class Runtime {
   /** Submits the encoder; in debug mode validation and out-of-memory errors become BACKEND_ERROR. */
   async submit(encoder: GPUCommandEncoder, temporaries: GPUBuffer[]): Promise<void> {
     this.assertAlive();
+    const checks = this.pipelineChecks;
+    this.pipelineChecks = [];
+    for (const check of await Promise.all(checks)) {
+      if (check !== null) {
+        for (const buffer of temporaries) buffer.destroy();
+        temporaries.length = 0;
+        throw new FastmaxError('BACKEND_ERROR', `a WGSL pipeline failed to build: ${check.message}`, {
+          argument: 'device',
+        });
+      }
+    }
     if (this.debug) {
       this.device.pushErrorScope('out-of-memory');
       this.device.pushErrorScope('validation');

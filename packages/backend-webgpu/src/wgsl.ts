@@ -14,8 +14,8 @@ export interface UniformField {
 export interface StorageBinding {
   readonly name: string;
   readonly access: 'read' | 'read_write';
-  /** Element type; `atomic<u32>` for counters. */
-  readonly element: 'f32' | 'u32' | 'atomic<u32>';
+  /** Element type; `atomic<u32>` for counters, `f16` only in programs that enable it. */
+  readonly element: 'f32' | 'f16' | 'u32' | 'atomic<u32>';
 }
 
 export interface ProgramInfo {
@@ -24,6 +24,8 @@ export interface ProgramInfo {
   readonly uniforms: readonly UniformField[];
   readonly bindings: readonly StorageBinding[];
   readonly workgroupSize: readonly [number, number, number];
+  /** WGSL extensions, e.g. `f16` (the device must have the matching feature). */
+  readonly enables?: readonly string[];
   /** Module-scope declarations (workgroup arrays, helper functions). */
   readonly declarations?: string;
   /** Body of `main`; sees `lid`, `wid` (with the split offsets added as `group`) and `u`. */
@@ -53,7 +55,8 @@ export function buildShader(program: ProgramInfo): string {
     .map((b, i) => `@group(0) @binding(${i + 1}) var<storage, ${b.access}> ${b.name}: array<${b.element}>;`)
     .join('\n');
   const [x, y, z] = program.workgroupSize;
-  return `${struct}
+  const enables = (program.enables ?? []).map((name) => `enable ${name};\n`).join('');
+  return `${enables}${struct}
 ${uniforms}
 ${storage}
 ${program.declarations ?? ''}

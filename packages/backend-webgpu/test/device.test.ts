@@ -3,11 +3,11 @@ import { referenceAttention } from '@fastmax/core/reference';
 import { describe, expect, it } from 'vitest';
 import { WebGpuTensor, webgpuBackend } from '../src/index.js';
 import { Runtime } from '../src/runtime.js';
-import { adapterMissing, maxRelativeError, randomTensor } from './support.js';
+import { adapterMissing, maxRelativeError, randomTensor, skipNote } from './support.js';
 
 const missing = await adapterMissing();
 
-describe.skipIf(missing !== undefined)('device tensors, errors and device loss', () => {
+describe.skipIf(missing !== undefined)(`device tensors, errors and device loss${skipNote(missing)}`, () => {
   it('chains two layers on device tensors and reads back only at the end', async () => {
     const backend = webgpuBackend();
     const fm = await createFastmax({ backend });
@@ -83,6 +83,26 @@ describe.skipIf(missing !== undefined)('device tensors, errors and device loss',
     const error = await runtime.submit(encoder, []).catch((e: unknown) => e);
     expect(isFastmaxError(error, 'BACKEND_ERROR')).toBe(true);
     expect(String(error)).toMatch(/copy|size|range|overflow/i);
+    await backend.dispose();
+  });
+
+  it('reports a pipeline that fails to build as BACKEND_ERROR even outside debug mode', async () => {
+    const backend = webgpuBackend();
+    const device = await backend.device();
+    const runtime = new Runtime(device, 'test', {}, false);
+    const encoder = device.createCommandEncoder();
+    const broken = {
+      key: 'broken',
+      uniforms: [],
+      bindings: [{ name: 'values', access: 'read_write', element: 'f32' }] as const,
+      workgroupSize: [1, 1, 1] as const,
+      body: '  values[0] = undefinedName;',
+    };
+    const buffer = runtime.acquire(4);
+    runtime.dispatch(encoder, broken, { values: buffer }, {}, [1, 1, 1], []);
+    const error = await runtime.submit(encoder, []).catch((e: unknown) => e);
+    expect(isFastmaxError(error, 'BACKEND_ERROR')).toBe(true);
+    expect(String(error)).toMatch(/undefinedName/);
     await backend.dispose();
   });
 });

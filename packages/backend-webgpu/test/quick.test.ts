@@ -2,11 +2,11 @@ import { createFastmax } from '@fastmax/core';
 import { referenceAttention } from '@fastmax/core/reference';
 import { describe, expect, it } from 'vitest';
 import { webgpuBackend } from '../src/index.js';
-import { adapterMissing, maxRelativeError, randomTensor } from './support.js';
+import { adapterMissing, maxRelativeError, randomTensor, skipNote } from './support.js';
 
 const missing = await adapterMissing();
 
-describe.skipIf(missing !== undefined)('webgpu forward smoke', () => {
+describe.skipIf(missing !== undefined)(`webgpu forward smoke${skipNote(missing)}`, () => {
   it('matches the float64 oracle, both paths, causal and not', async () => {
     const fm = await createFastmax({ backend: webgpuBackend({ debug: true }) });
     const q = randomTensor([1, 2, 37, 8], 1);

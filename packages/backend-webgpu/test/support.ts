@@ -28,3 +28,8 @@ export function maxRelativeError(actual: ArrayLike<number>, expected: ArrayLike<
   for (let i = 0; i < expected.length; i++) worst = Math.max(worst, Math.abs(actual[i]! - expected[i]!));
   return worst / Math.max(scale, 1e-30);
 }
+
+/** Appended to a describe title so the report says why GPU tests were skipped. */
+export function skipNote(missing: string | undefined): string {
+  return missing === undefined ? '' : ` (skipped: ${missing})`;
+}

@@ -13,7 +13,11 @@ describe.skipIf(missing !== undefined)(
       const backend = webgpuBackend();
       const device = await backend.device();
       const runtime = new Runtime(device, 'validation', {}, true);
-      const programs = [...allPrograms(device.limits.maxComputeWorkgroupStorageSize), ...allPrograms(4096)];
+      const float16 = device.features.has('shader-f16');
+      const programs = [
+        ...allPrograms(device.limits.maxComputeWorkgroupStorageSize, float16),
+        ...allPrograms(4096, float16),
+      ];
       const unique = [...new Map(programs.map((p) => [p.key, p])).values()];
       const problems: string[] = [];
       for (const program of unique) problems.push(...(await runtime.validate(program)));

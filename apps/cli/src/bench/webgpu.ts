@@ -162,7 +162,8 @@ interface Row {
 
 export async function run(context: BenchContext): Promise<number> {
   const { io } = context;
-  const backend = webgpuBackend();
+  // On a machine with both a GPU and lavapipe, ask for the GPU.
+  const backend = webgpuBackend({ powerPreference: 'high-performance' });
   const availability = await backend.isAvailable();
   if (!availability.available) {
     println(io.stderr, `fastmax bench --backend webgpu: no WebGPU adapter: ${availability.reason}`);
