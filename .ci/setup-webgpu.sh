@@ -25,10 +25,19 @@ fastmax_webgpu_setup() (
   export DEBIAN_FRONTEND=noninteractive
   local backports=/etc/apt/sources.list.d/bookworm-backports.sources
   if [ "$mesa_ok" = 0 ] && [ ! -f "$backports" ]; then
-    # The stock stanza (mirror, keyring, components) with only the suite changed.
-    awk 'BEGIN { RS = ""; ORS = "\n\n" } /Suites: bookworm bookworm-updates/ {
-           sub(/Suites: bookworm bookworm-updates/, "Suites: bookworm-backports"); print; exit }' \
-      /etc/apt/sources.list.d/debian.sources | $sudo tee "$backports" >/dev/null
+    # The stock stanza (mirror, keyring, components) with only the suite changed; the plain Debian
+    # mirror when the image has no deb822 stanza for bookworm.
+    local stanza=''
+    if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+      stanza="$(awk 'BEGIN { RS = ""; ORS = "\n" } /Suites: bookworm bookworm-updates/ {
+        sub(/Suites: bookworm bookworm-updates/, "Suites: bookworm-backports"); print; exit }' \
+        /etc/apt/sources.list.d/debian.sources)"
+    fi
+    if [ -z "$stanza" ]; then
+      stanza="$(printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' 'Suites: bookworm-backports' \
+        'Components: main' 'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg')"
+    fi
+    printf '%s\n' "$stanza" | $sudo tee "$backports" >/dev/null
   fi
   $sudo apt-get update -qq
   if [ "$mesa_ok" = 0 ]; then

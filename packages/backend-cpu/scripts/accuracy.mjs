@@ -7,7 +7,13 @@
 // conformance suite's measure). N = 4096: every row, oracle = core's referenceAttention. Larger N:
 // the full O(N²) oracle is too slow, so 256 rows (the first, the last and evenly spaced ones) are
 // evaluated in float64 straight from the definition, on core's prepareScores (float64).
-import { createFastmax, keyLimit, prepareScores, resolveOptions, validateAttentionInputs } from '@fastmax/core';
+import {
+  createFastmax,
+  keyLimit,
+  prepareScores,
+  resolveOptions,
+  validateAttentionInputs,
+} from '@fastmax/core';
 import { referenceAttention } from '@fastmax/core/reference';
 import { cpuBackend } from '../dist/index.js';
 

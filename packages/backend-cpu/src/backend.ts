@@ -141,12 +141,21 @@ function refuseLargeState(bytes: number, what: string): void {
 }
 
 /**
- * Splits the (batch, head) pairs, and their value columns when there are fewer pairs than threads,
- * into work units, grouped in a few batches per thread so idle workers keep finding work.
+ * A unit that owns some value columns still builds every feature row and prepares every query and
+ * key of its head, and on the direct path computes every score. That duplicated work is small next
+ * to the moments only when there are many features: below this F, splitting a head costs more
+ * than it saves.
  */
-function planUnits(heads: number, valueDim: number, threads: number): WorkUnit[][] {
+const MIN_FEATURES_TO_SPLIT_COLUMNS = 256;
+
+/**
+ * Splits the (batch, head) pairs, and their value columns when there are fewer pairs than threads
+ * (and `splitColumns`), into work units, grouped in a few batches per thread so idle workers keep
+ * finding work.
+ */
+function planUnits(heads: number, valueDim: number, threads: number, splitColumns: boolean): WorkUnit[][] {
   const panels = Math.max(1, Math.ceil(valueDim / 8));
-  const splits = heads >= threads ? 1 : Math.min(Math.ceil(threads / heads), panels);
+  const splits = heads >= threads || !splitColumns ? 1 : Math.min(Math.ceil(threads / heads), panels);
   const perSplit = Math.ceil(panels / splits);
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) {
@@ -255,9 +264,14 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       }
       const heads = B * H;
       const work = (factorized ? plan.cost.factorized : plan.cost.direct) * heads;
-      const workers = heads > 0 && N > 0 && work >= parallelThreshold ? await pool() : null;
-      const count = workers?.size ?? 1;
-      const batches = planUnits(heads, Dv, count);
+      const splitColumns = factorized && plan.featureCount >= MIN_FEATURES_TO_SPLIT_COLUMNS;
+      let workers = heads > 0 && N > 0 && work >= parallelThreshold ? await pool() : null;
+      let batches = planUnits(heads, Dv, workers?.size ?? 1, splitColumns);
+      if (workers !== null && batches.length === 1) {
+        // One unit: the calling thread runs it without copying inputs to shared memory.
+        workers = null;
+        batches = planUnits(heads, Dv, 1, false);
+      }
       const widest = batches.flat().reduce((m, u) => Math.max(m, u.c1 - u.c0), 0);
       if (factorized)
         refuseLargeState(

@@ -377,32 +377,48 @@ export class Engine {
 
     // Writes keys [start, end) (global indices) as y (transposed, D × keyLd) and their value
     // columns [c0, c1) as 8-column panels.
+    // The last key range written to yT / vPanels: a causal chunk's diagonal keys are the next
+    // chunk's state update, so they are loaded once.
+    let loadedStart = -1;
+    let loadedEnd = -1;
     const loadKeys = (start: number, end: number): void => {
+      if (start === loadedStart && end === loadedEnd) return;
+      loadedStart = start;
+      loadedEnd = end;
       this.refreshViews();
       const f32 = this.f32;
       const yBase = b.yT >> 2;
       const vBase = b.vPanels >> 2;
+      const panelFloats = vPanel >> 2;
+      const keys = view.k;
+      const values = view.v;
       const count = end - start;
       for (let t = 0; t < count; t++) {
-        const local = start + t - view.keyOffset;
-        const kb = view.kBase + local * D;
+        const kb = view.kBase + (start + t - view.keyOffset) * D;
         let mean = 0;
         if (centered) {
-          for (let d = 0; d < D; d++) mean += view.k[kb + d]!;
+          for (let d = 0; d < D; d++) mean += keys[kb + d]!;
           mean /= D;
         }
         let divisor = 1;
         if (kind === 'max-norm') divisor = scales!.keyDivisor;
         else if (kind === 'l2') {
-          const norm = centeredNorm(view.k, kb, D);
+          const norm = centeredNorm(keys, kb, D);
           divisor = norm > 0 ? norm : 1;
         }
-        for (let d = 0; d < D; d++) f32[yBase + d * keyLd + t] = (view.k[kb + d]! - mean) / divisor;
-        const vb = view.vBase + local * view.valueDim;
-        for (let c = view.c0; c < view.c0 + W; c++) {
-          const panel = (c - view.c0) >> 3;
-          f32[vBase + panel * (vPanel >> 2) + t * 8 + ((c - view.c0) & 7)] =
-            c < view.c1 ? view.v[vb + c]! : 0;
+        const inverse = 1 / divisor;
+        let target = yBase + t;
+        for (let d = 0; d < D; d++) {
+          f32[target] = (keys[kb + d]! - mean) * inverse;
+          target += keyLd;
+        }
+        const vb = view.vBase + (start + t - view.keyOffset) * view.valueDim;
+        for (let c = 0; c < W; c += 8) {
+          const row = vBase + (c >> 3) * panelFloats + t * 8;
+          for (let lane = 0; lane < 8; lane++) {
+            const col = view.c0 + c + lane;
+            f32[row + lane] = col < view.c1 ? values[vb + col]! : 0;
+          }
         }
       }
       // The scores kernel reads whole 8-key tiles: keep the tail of the last tile finite.
@@ -462,18 +478,7 @@ export class Engine {
         // Queries: z_i = σ_i · x_i, transposed to D × C.
         for (let r = 0; r < nq; r++) {
           const i = i0 + r;
-          const qb = view.qBase + i * D;
-          let mean = 0;
-          if (centered) {
-            for (let d = 0; d < D; d++) mean += view.q[qb + d]!;
-            mean /= D;
-          }
-          let norm2 = 0;
-          for (let d = 0; d < D; d++) {
-            qRow[d] = view.q[qb + d]! - mean;
-            norm2 += qRow[d]! * qRow[d]!;
-          }
-          const norm = Math.sqrt(norm2);
+          const norm = centeredRow(view.q, view.qBase + i * D, D, centered, qRow);
           let factor: number;
           switch (kind) {
             case 'max-norm':
@@ -491,7 +496,7 @@ export class Engine {
             default:
               factor = scale / T;
           }
-          for (let d = 0; d < D; d++) f32[xBase + d * C + r] = qRow[d]! * factor;
+          scatterColumn(f32, xBase + r, C, qRow, D, factor);
         }
         for (let d = 0; d < D; d++) f32.fill(0, xBase + d * C + nq, xBase + d * C + nq4 * 4);
         f32.fill(0, b.o >> 2, (b.o >> 2) + C * W);
@@ -523,27 +528,93 @@ export class Engine {
         }
 
         this.refreshViews();
-        const out = this.f32;
-        const oBase = b.o >> 2;
-        const denBase = b.den >> 2;
-        for (let r = 0; r < nq; r++) {
-          const den = out[denBase + r]!;
-          const target = view.oBase + (i0 + r) * view.valueDim;
-          if (!(den > 0)) {
-            degenerate++;
-            view.out.fill(0, target + view.c0, target + view.c1);
-            continue;
-          }
-          const inv = 1 / den;
-          for (let col = view.c0; col < view.c1; col++) {
-            view.out[target + col] = out[oBase + r * W + (col - view.c0)]! * inv;
-          }
-        }
+        degenerate += normalizeRows(
+          this.f32,
+          b.o >> 2,
+          b.den >> 2,
+          W,
+          nq,
+          view.out,
+          view.oBase + i0 * view.valueDim,
+          view.valueDim,
+          view.c0,
+          view.c1,
+        );
       }
     }
     if (path === 'factorized') advance(finalKeys);
     return view.c0 === 0 ? degenerate : 0;
   }
+}
+
+/** out = the row minus its mean (when centered), in float64; returns its norm. */
+function centeredRow(
+  data: Float32Array,
+  base: number,
+  dim: number,
+  centered: boolean,
+  out: Float64Array,
+): number {
+  let mean = 0;
+  if (centered) {
+    for (let d = 0; d < dim; d++) mean += data[base + d]!;
+    mean /= dim;
+  }
+  let sum = 0;
+  for (let d = 0; d < dim; d++) {
+    const c = data[base + d]! - mean;
+    out[d] = c;
+    sum += c * c;
+  }
+  return Math.sqrt(sum);
+}
+
+/** target[start + d·stride] = row[d]·factor: one column of a feature-major (transposed) block. */
+function scatterColumn(
+  target: Float32Array,
+  start: number,
+  stride: number,
+  row: Float64Array,
+  dim: number,
+  factor: number,
+): void {
+  let at = start;
+  for (let d = 0; d < dim; d++) {
+    target[at] = row[d]! * factor;
+    at += stride;
+  }
+}
+
+/**
+ * out row = numerator / denominator for columns [c0, c1) of rows [0, rows) of the chunk, zeros for
+ * a row whose denominator is <= 0 (or NaN); returns how many rows were degenerate.
+ */
+function normalizeRows(
+  source: Float32Array,
+  numerators: number,
+  denominators: number,
+  width: number,
+  rows: number,
+  out: Float32Array,
+  outBase: number,
+  valueDim: number,
+  c0: number,
+  c1: number,
+): number {
+  let degenerate = 0;
+  for (let r = 0; r < rows; r++) {
+    const den = source[denominators + r]!;
+    const target = outBase + r * valueDim;
+    if (!(den > 0)) {
+      degenerate++;
+      out.fill(0, target + c0, target + c1);
+      continue;
+    }
+    const inverse = 1 / den;
+    const row = numerators + r * width - c0;
+    for (let col = c0; col < c1; col++) out[target + col] = source[row + col]! * inverse;
+  }
+  return degenerate;
 }
 
 function centeredNorm(data: Float32Array, base: number, dim: number): number {

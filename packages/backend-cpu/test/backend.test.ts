@@ -11,6 +11,7 @@ import {
 import { referenceAttention } from '@fastmax/core/reference';
 import { afterAll, describe, expect, it } from 'vitest';
 import { cpuBackend } from '../src/index.js';
+import type { WorkerPool } from '../src/pool.js';
 
 function tensor(shape: Shape4, seed: number, scale = 1): HostTensor {
   let state = seed >>> 0 || 1;
@@ -94,7 +95,9 @@ describe('threads', () => {
   });
 
   it('reports a crashed worker as BACKEND_ERROR and recovers', async () => {
-    const pool = await backend.poolForTesting();
+    const pool = await (
+      backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
+    ).poolForTesting();
     expect(pool).not.toBeNull();
     const q = tensor([1, 4, 2048, 64], 5);
     const fm = await createFastmax({ backend });

@@ -19,14 +19,19 @@ interface CachedPipeline {
 
 const STORAGE_USAGE = BufferUsage.STORAGE | BufferUsage.COPY_SRC | BufferUsage.COPY_DST;
 
+/** Free buffers the pool keeps at most; past it, released buffers are destroyed. */
+const POOL_BUDGET_BYTES = 512 * 2 ** 20;
+
 /**
  * One device's pipelines, buffer pool and error handling. Pipelines are cached by program key;
- * storage buffers are pooled by power-of-two size class (exact size past the binding limit's half).
+ * storage buffers are pooled by power-of-two size class (exact size where the power of two would
+ * exceed maxBufferSize), keeping at most POOL_BUDGET_BYTES of free buffers.
  */
 export class Runtime {
   readonly limits: WorkLimits;
   private readonly pipelines = new Map<string, CachedPipeline>();
   private readonly pool = new Map<number, GPUBuffer[]>();
+  private pooledBytes = 0;
   private lostReason: string | undefined;
   /** Error scopes around pipeline creations not yet checked; `submit` awaits them. */
   private pipelineChecks: Promise<GPUError | null>[] = [];
@@ -139,12 +144,20 @@ export class Runtime {
     }
     const free = this.pool.get(size);
     const reused = free?.pop();
-    if (reused !== undefined) return reused;
+    if (reused !== undefined) {
+      this.pooledBytes -= reused.size;
+      return reused;
+    }
     return this.device.createBuffer({ size, usage: STORAGE_USAGE });
   }
 
   release(buffer: GPUBuffer): void {
     if (this.destroyed) return;
+    if (this.pooledBytes + buffer.size > POOL_BUDGET_BYTES) {
+      buffer.destroy();
+      return;
+    }
+    this.pooledBytes += buffer.size;
     const list = this.pool.get(buffer.size) ?? [];
     list.push(buffer);
     this.pool.set(buffer.size, list);
@@ -246,9 +259,10 @@ export class Runtime {
     }
     this.device.queue.submit([encoder.finish()]);
     if (this.debug) {
-      const validation = await this.device.popErrorScope();
-      const memory = await this.device.popErrorScope();
-      const error = validation ?? memory;
+      // Both pops before any await: another call's scopes must not interleave with these.
+      const scopes = [this.device.popErrorScope(), this.device.popErrorScope()];
+      const [validation, memory] = await Promise.all(scopes);
+      const error = validation ?? memory ?? null;
       if (error !== null) {
         throw new FastmaxError('BACKEND_ERROR', `WebGPU reported an error: ${error.message}`, {
           argument: 'device',
@@ -298,6 +312,7 @@ export class Runtime {
     this.destroyed = true;
     for (const list of this.pool.values()) for (const buffer of list) buffer.destroy();
     this.pool.clear();
+    this.pooledBytes = 0;
     this.pipelines.clear();
     if (ownsDevice) this.device.destroy();
   }

@@ -23,4 +23,21 @@ describe.skipIf(missing !== undefined)(`webgpu forward smoke${skipNote(missing)}
     }
     await fm.dispose();
   });
+
+  it('runs concurrent calls on one backend independently (pooled buffers, shared pipelines)', async () => {
+    const fm = await createFastmax({ backend: webgpuBackend({ debug: true }) });
+    const inputs = [1, 2, 3, 4].map((seed) => ({
+      q: randomTensor([1, 2, 21, 8], 10 * seed),
+      k: randomTensor([1, 2, 21, 8], 10 * seed + 1),
+      v: randomTensor([1, 2, 21, 3], 10 * seed + 2),
+      options: { causal: seed % 2 === 0, path: seed > 2 ? 'direct' : 'factorized' } as const,
+    }));
+    const results = await Promise.all(inputs.map(({ q, k, v, options }) => fm.attention(q, k, v, options)));
+    results.forEach((result, index) => {
+      const { q, k, v, options } = inputs[index]!;
+      const want = referenceAttention(q, k, v, options).output;
+      expect(maxRelativeError((result.output as { data: Float32Array }).data, want)).toBeLessThan(1e-5);
+    });
+    await fm.dispose();
+  });
 });

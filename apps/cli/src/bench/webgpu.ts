@@ -8,7 +8,6 @@ import {
   createProgressBar,
   formatDuration,
   formatError,
-  formatSpeedup,
   formatTable,
   measure,
   writeJsonResult,
@@ -148,16 +147,35 @@ function softmaxRunner(
   };
 }
 
-interface Row {
+/** The CPU benchmark's row shape (apps/cli/src/bench/cpu.ts), so both tables read the same. */
+interface ResultRow {
+  readonly case: string;
   readonly N: number;
-  readonly causal: boolean;
-  readonly order: Order;
-  readonly path: string;
   readonly fastmaxMs: number;
-  readonly fastmaxGflops: number;
-  readonly softmaxMs: number;
-  readonly softmaxGflops: number;
-  readonly speedup: number;
+  readonly baselineMs?: number;
+  readonly baseline?: string;
+  readonly gflops?: number;
+  readonly target: string;
+  /** null when the row checks nothing (every row on a software adapter: the targets are for GPUs). */
+  readonly met: boolean | null;
+}
+
+/** The GPU targets of the WebGPU backend (docs/benchmarks-webgpu.md). */
+function targetOf(
+  N: number,
+  order: Order,
+  causal: boolean,
+  batchHeads: number,
+): { text: string; limitMs?: number } {
+  if (order === 2 && causal && N === 65536 && batchHeads === 16) {
+    return { text: '< 100 ms, faster than softmax', limitMs: 100 };
+  }
+  if (N >= 4096) return { text: 'faster than softmax' };
+  return { text: '-' };
+}
+
+function formatGflops(value: number): string {
+  return value < 10 ? value.toFixed(2) : value.toFixed(1);
 }
 
 export async function run(context: BenchContext): Promise<number> {
@@ -179,7 +197,7 @@ export async function run(context: BenchContext): Promise<number> {
   const causalModes = context.causal ?? [false, true];
   const orders: Order[] = context.order === undefined ? [1, 2] : [context.order];
   const fm = await createFastmax({ backend });
-  const rows: Row[] = [];
+  const rows: ResultRow[] = [];
   let failed = false;
   const progress = createProgressBar(sizes.length * causalModes.length * orders.length, {
     stream: io.stderr,
@@ -216,16 +234,20 @@ export async function run(context: BenchContext): Promise<number> {
         if (N === sizes[0] && N <= 2048)
           failed = !(await checkAgainstOracle(fm, hostQ, hostK, hostV, options, io)) || failed;
         const flops = 2 * batchHeads * plan.cost[plan.path];
+        const target = targetOf(N, order, causal, batchHeads);
+        const faster = time.median < softmaxTime.median;
         rows.push({
+          case: `p=${order}${causal ? ' causal' : ''}, ${plan.path}`,
           N,
-          causal,
-          order,
-          path: plan.path,
           fastmaxMs: time.median,
-          fastmaxGflops: flops / time.median / 1e6,
-          softmaxMs: softmaxTime.median,
-          softmaxGflops: softmaxFlops / softmaxTime.median / 1e6,
-          speedup: softmaxTime.median / time.median,
+          gflops: flops / time.median / 1e6,
+          baseline: `softmax WGSL (${formatGflops(softmaxFlops / softmaxTime.median / 1e6)} GFLOP/s)`,
+          baselineMs: softmaxTime.median,
+          target: target.text,
+          met:
+            software || target.text === '-'
+              ? null
+              : faster && (target.limitMs === undefined || time.median < target.limitMs),
         });
         progress.tick();
       }
@@ -237,29 +259,30 @@ export async function run(context: BenchContext): Promise<number> {
     io.stdout,
     formatTable(
       [
+        { header: 'case', align: 'left' },
         { header: 'N' },
-        { header: 'causal', align: 'left' },
-        { header: 'p' },
-        { header: 'path', align: 'left' },
         { header: 'fastmax' },
         { header: 'GFLOP/s' },
-        { header: 'softmax' },
-        { header: 'GFLOP/s' },
-        { header: 'speedup' },
+        { header: 'baseline', align: 'left' },
+        { header: 'baseline time' },
+        { header: 'ratio' },
+        { header: 'target', align: 'left' },
+        { header: 'met', align: 'left' },
       ],
       rows.map((row) => [
+        row.case,
         String(row.N),
-        row.causal ? 'yes' : 'no',
-        String(row.order),
-        row.path,
         formatDuration(row.fastmaxMs),
-        row.fastmaxGflops.toFixed(2),
-        formatDuration(row.softmaxMs),
-        row.softmaxGflops.toFixed(2),
-        formatSpeedup(row.softmaxMs, row.fastmaxMs),
+        row.gflops === undefined ? '-' : formatGflops(row.gflops),
+        row.baseline ?? '-',
+        row.baselineMs === undefined ? '-' : formatDuration(row.baselineMs),
+        row.baselineMs === undefined ? '-' : (row.fastmaxMs / row.baselineMs).toFixed(3),
+        row.target,
+        row.met === null ? '-' : row.met ? 'yes' : 'NO',
       ]),
     ),
   );
+  println(io.stdout, 'ratio: Fastmax time / softmax time (below 1: Fastmax is faster).');
   if (software)
     println(io.stdout, 'Software adapter: absolute times say nothing about a GPU; compare ratios only.');
   if (context.json) {
