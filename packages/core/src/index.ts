@@ -59,7 +59,13 @@ export {
   resolveOptions,
   SUPPORTED_ORDERS,
 } from './options.js';
-export { type AttentionPlan, chooseChunkSize, estimateCosts, planAttention } from './planner.js';
+export {
+  type AttentionPlan,
+  chooseChunkSize,
+  estimateCosts,
+  MAX_MOMENT_VALUES,
+  planAttention,
+} from './planner.js';
 export {
   nonZeroDivisor,
   type PreparationTrace,

@@ -3,6 +3,14 @@ import { FastmaxError } from './errors.js';
 import type { AttentionPath, Order, ResolvedOptions } from './options.js';
 import type { AttentionShape } from './validate.js';
 
+/**
+ * Largest moment state F × (Dv + 1) the planner sends to the factorized path on its own: 2^25
+ * values (128 MiB in float32, 256 MiB in float64). Beyond it `'auto'` picks the direct path, which
+ * needs no state; a forced factorized call is left to the backend, which may refuse it with
+ * RESOURCE_EXHAUSTED.
+ */
+export const MAX_MOMENT_VALUES = 2 ** 25;
+
 /** The planner's decision for one call; backends follow `path` and `chunkSize`. */
 export interface AttentionPlan {
   readonly path: AttentionPath;
@@ -44,7 +52,9 @@ export function estimateCosts(
 ): { factorized: number; direct: number } {
   const { queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
   const F = featureCount(D, options.order);
-  const pairs = options.causal ? (N * (N + 1)) / 2 + N * Math.max(0, M - N) : N * M;
+  // Causal row i sees min(M, max(0, i + M - N + 1)) keys: with M >= N that sums to
+  // N(N+1)/2 + N(M-N); with M < N only the last M rows see any key, M(M+1)/2 pairs in all.
+  const pairs = !options.causal ? N * M : M >= N ? (N * (N + 1)) / 2 + N * (M - N) : (M * (M + 1)) / 2;
   const direct = pairs * (D + Dv + options.order);
   const moments = (N + M) * F * (Dv + 1) + (N + M) * F * options.order;
   const intraChunk = options.causal ? N * chunkSize * (D + Dv) * 0.5 : 0;
@@ -84,6 +94,16 @@ export function planAttention(
       featureCount: features,
       cost,
       reason: `the backend implements only ${only}`,
+    };
+  }
+  const momentValues = features * (shape.valueDim + 1);
+  if (momentValues > MAX_MOMENT_VALUES && paths.includes('direct')) {
+    return {
+      path: 'direct',
+      chunkSize,
+      featureCount: features,
+      cost,
+      reason: `the moment state (${momentValues} values) exceeds ${MAX_MOMENT_VALUES}; direct needs none`,
     };
   }
   const path: AttentionPath = cost.factorized <= cost.direct ? 'factorized' : 'direct';

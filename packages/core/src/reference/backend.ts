@@ -41,7 +41,7 @@ import {
   queryFeatures,
 } from '../features.js';
 import { NORMALIZATION_KINDS, type ResolvedOptions, SUPPORTED_ORDERS } from '../options.js';
-import type { AttentionPlan } from '../planner.js';
+import { type AttentionPlan, MAX_MOMENT_VALUES } from '../planner.js';
 import {
   nonZeroDivisor,
   type PreparedScores,
@@ -51,13 +51,6 @@ import {
 } from '../prepare.js';
 import { type HostTensor, hostTensor, type Tensor, toHost } from '../tensor.js';
 import { type AttentionShape, keyLimit, kvHeadOf } from '../validate.js';
-
-/**
- * Largest moment matrix (F × (Dv + 1) float64 values) we allocate: 256 MiB. Beyond it a forced
- * factorized call is refused with RESOURCE_EXHAUSTED rather than crashing the process; the direct
- * path handles such shapes.
- */
-const MAX_MOMENT_VALUES = 2 ** 25;
 
 /**
  * Σ_t φ(t) ⊗ r_t over the tokens added so far: an F × width matrix. Over keys, with r_j = [v_j | 1],

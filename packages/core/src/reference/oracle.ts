@@ -87,9 +87,12 @@ function forEachRow(
   }
 }
 
-/** A row is degenerate when its denominator is <= 0; that includes rows that see no key (den = 0). */
+/**
+ * A row is degenerate when its denominator is not > 0: that includes rows that see no key (den = 0)
+ * and a NaN denominator (possible only with checkFinite: false), handled like the backends do.
+ */
 function isDegenerate(den: number): boolean {
-  return den <= 0;
+  return !(den > 0);
 }
 
 export function referenceAttention(
