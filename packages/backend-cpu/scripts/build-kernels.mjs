@@ -1,6 +1,7 @@
-// Compiles asm/kernels.ts to WebAssembly (SIMD, and SIMD + relaxed SIMD), transpiles the worker
-// driver (src/engine.ts) to a classic script, and writes both into src/generated/kernels.ts, so the
-// package loads the same way in Node and in browsers: no file or network fetch at run time.
+// Compiles asm/kernels.ts to WebAssembly (SIMD, and SIMD + relaxed SIMD), bundles the worker
+// (src/worker.ts, src/engine.ts, src/backward-engine.ts) into a classic script, and writes both
+// into src/generated/kernels.ts, so the package loads the same way in Node and in browsers: no file
+// or network fetch at run time.
 // `node scripts/build-kernels.mjs --check` fails when the generated file is stale.
 import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -10,7 +11,15 @@ import asc from 'assemblyscript/asc';
 import ts from 'typescript';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const inputs = ['asm/kernels.ts', 'src/engine.ts', 'scripts/build-kernels.mjs'];
+const inputs = [
+  'asm/kernels.ts',
+  'src/engine.ts',
+  'src/backward-engine.ts',
+  'src/worker.ts',
+  'scripts/build-kernels.mjs',
+];
+/** The worker's modules, bundled in this order (each may require the ones before it). */
+const workerModules = ['engine', 'backward-engine', 'worker'];
 const target = join(root, 'src/generated/kernels.ts');
 
 export function sourceHash() {
@@ -49,24 +58,42 @@ async function compile(features) {
 }
 
 function workerSource() {
-  const source = readFileSync(join(root, 'src/engine.ts'), 'utf8');
-  const { outputText } = ts.transpileModule(source, {
-    compilerOptions: { module: ts.ModuleKind.CommonJS, target: ts.ScriptTarget.ES2022, removeComments: true },
+  // Each module is transpiled to CommonJS and wrapped in a function that receives its exports and a
+  // require that resolves the bundled modules by their relative import path.
+  const modules = workerModules.map((name) => {
+    const source = readFileSync(join(root, `src/${name}.ts`), 'utf8');
+    const { outputText } = ts.transpileModule(source, {
+      compilerOptions: {
+        module: ts.ModuleKind.CommonJS,
+        target: ts.ScriptTarget.ES2022,
+        removeComments: true,
+      },
+    });
+    return `${JSON.stringify(`./${name}.js`)}: function (exports, require) {\n${outputText}\n}`;
   });
   // Node evaluates the worker code as CommonJS or, when the process runs with
   // --input-type=module, as an ES module: dynamic import works in both (the port queues messages
   // until the listener is attached). Browsers run it as a classic script.
   return [
     '"use strict";',
-    'const engineModule = {};',
-    `(function (exports) {\n${outputText}\n})(engineModule);`,
+    `const fastmaxSources = {\n${modules.join(',\n')}\n};`,
+    'const fastmaxModules = {};',
+    'function fastmaxRequire(name) {',
+    '  if (!(name in fastmaxModules)) {',
+    '    const exports = {};',
+    '    fastmaxModules[name] = exports;',
+    '    fastmaxSources[name](exports, fastmaxRequire);',
+    '  }',
+    '  return fastmaxModules[name];',
+    '}',
+    'const workerModule = fastmaxRequire("./worker.js");',
     'if (typeof process === "object" && process.versions && process.versions.node) {',
     '  import("node:worker_threads").then(({ parentPort }) => {',
-    '    const onMessage = engineModule.serveWorker((reply) => parentPort.postMessage(reply));',
+    '    const onMessage = workerModule.serveWorker((reply) => parentPort.postMessage(reply));',
     '    parentPort.on("message", onMessage);',
     '  });',
     '} else {',
-    '  const onMessage = engineModule.serveWorker((reply) => self.postMessage(reply));',
+    '  const onMessage = workerModule.serveWorker((reply) => self.postMessage(reply));',
     '  self.onmessage = (event) => onMessage(event.data);',
     '}',
   ].join('\n');
@@ -94,7 +121,7 @@ if (process.argv.includes('--check')) {
       `export const KERNELS_SIMD = '${simd}';`,
       '/** The same kernels with relaxed-SIMD fused multiply-add, used when the engine validates it. */',
       `export const KERNELS_RELAXED_SIMD = '${relaxed}';`,
-      '/** src/engine.ts as a classic worker script (Node worker_threads with eval, or a Blob URL). */',
+      '/** src/worker.ts with engine.ts and backward-engine.ts as one classic script (Node eval, or a Blob URL). */',
       `export const WORKER_SOURCE = ${JSON.stringify(worker)};`,
       '',
     ].join('\n'),

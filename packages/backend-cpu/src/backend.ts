@@ -280,10 +280,16 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         );
       const outLength = B * H * N * Dv;
       const job: AttentionJob = {
-        q: workers ? shared(q.data) : q.data,
-        k: workers ? shared(k.data) : k.data,
-        v: workers ? shared(v.data) : v.data,
-        out: workers ? new Float32Array(new SharedArrayBuffer(outLength * 4)) : new Float32Array(outLength),
+        ...allocate(() =>
+          workers
+            ? {
+                q: shared(q.data),
+                k: shared(k.data),
+                v: shared(v.data),
+                out: new Float32Array(new SharedArrayBuffer(outLength * 4)),
+              }
+            : { q: q.data, k: k.data, v: v.data, out: new Float32Array(outLength) },
+        ),
         batch: B,
         heads: H,
         kvHeads: shape.kvHeads,
@@ -324,14 +330,19 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         );
       }
       backwardEngine ??= new BackwardEngine(await compiled());
+      const { plan, shape } = request;
+      const heads = shape.batch * shape.heads;
+      const work = (plan.path === 'factorized' ? plan.cost.factorized : plan.cost.direct) * heads;
+      const workers = heads >= 2 && work >= parallelThreshold ? await pool() : null;
       try {
-        return cpuBackward(
+        return await cpuBackward(
           request,
           host(request.q, 'q'),
           host(request.k, 'k'),
           host(request.v, 'v'),
           host(request.dOut, 'dOut'),
           backwardEngine,
+          workers,
         );
       } catch (error) {
         throw wrapEngineError(error);
@@ -359,6 +370,25 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     poolForTesting: () => pool(),
   };
   return backend;
+}
+
+/** Runs an allocation of host memory; a refusal becomes RESOURCE_EXHAUSTED instead of a RangeError. */
+function allocate<T>(make: () => T): T {
+  try {
+    return make();
+  } catch (error) {
+    if (!(error instanceof RangeError)) throw error;
+    throw new FastmaxError(
+      'RESOURCE_EXHAUSTED',
+      'not enough memory for the output (or shared copies of the inputs)',
+      {
+        argument: 'q',
+        expected: 'tensors that fit in memory',
+        actual: error.message,
+        cause: error,
+      },
+    );
+  }
 }
 
 function wrapEngineError(error: unknown): FastmaxError {

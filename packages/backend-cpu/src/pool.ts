@@ -1,6 +1,7 @@
 import { FastmaxError } from '@fastmax/core';
-import type { AttentionJob, WorkerReply, WorkerRequest, WorkUnit } from './engine.js';
+import type { AttentionJob, WorkUnit } from './engine.js';
 import { WORKER_SOURCE } from './generated/kernels.js';
+import type { BackwardJob, WorkerReply, WorkerRequest } from './worker.js';
 
 /** The part of a Node `Worker` or a browser `Worker` the pool uses. */
 interface PortableWorker {
@@ -136,14 +137,29 @@ export class WorkerPool {
     slot.worker.post({ type: 'init', module: this.module });
   }
 
-  /** Runs the batches on the workers; resolves with the summed degenerate rows. */
+  /** Runs the forward batches on the workers; resolves with the summed degenerate rows. */
   run(job: AttentionJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
-    const result = this.tail.then(() => this.execute(job, batches));
+    return this.enqueue((id, units) => ({ type: 'run', id, job, units }), batches);
+  }
+
+  /** Runs the backward of the heads in `batches` (units of whole heads) on the workers. */
+  backward(job: BackwardJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
+    return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches);
+  }
+
+  private enqueue(
+    request: (id: number, units: readonly WorkUnit[]) => WorkerRequest,
+    batches: readonly (readonly WorkUnit[])[],
+  ): Promise<number> {
+    const result = this.tail.then(() => this.execute(request, batches));
     this.tail = result.catch(() => {});
     return result;
   }
 
-  private execute(job: AttentionJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
+  private execute(
+    request: (id: number, units: readonly WorkUnit[]) => WorkerRequest,
+    batches: readonly (readonly WorkUnit[])[],
+  ): Promise<number> {
     if (this.disposed) return Promise.reject(new FastmaxError('DISPOSED', 'the CPU backend was disposed'));
     return new Promise((resolve, reject) => {
       let next = 0;
@@ -173,7 +189,7 @@ export class WorkerPool {
           },
         };
         slot.worker.hold(true);
-        slot.worker.post({ type: 'run', id, job, units });
+        slot.worker.post(request(id, units));
       };
       const idle = this.slots.filter((slot) => slot.task === null);
       if (idle.length === 0) {

@@ -35,8 +35,8 @@ export const flagHelp = `  --threads <n>        CPU backend threads for the mult
   --quick              smaller sizes (N / 16) for a smoke run; the targets are not checked`;
 
 const HEAD_DIM = 64;
-/** The plain graph materializes N×N scores, weights and (causal) mask: keep it under ~6 GB. */
-const PLAIN_GRAPH_MAX_ELEMENTS = 2 ** 29;
+/** The plain graph materializes N×N scores, weights and (causal) mask: at most 4 GiB of them. */
+const PLAIN_GRAPH_MAX_ELEMENTS = 2 ** 30;
 
 const WIRE_VARINT = 0;
 const WIRE_FIXED32 = 5;

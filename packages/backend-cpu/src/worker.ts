@@ -1,0 +1,130 @@
+/**
+ * The worker side of the pool: one kernel instance per worker for the forward (engine.ts) and one
+ * for the backward (backward-engine.ts). The build bundles this file with those two into
+ * src/generated/kernels.ts (WORKER_SOURCE), wrapped in a few lines of glue that connect it to the
+ * platform's message port; it imports nothing else at run time.
+ */
+import { BackwardEngine, type BackwardHead } from './backward-engine.js';
+import { type AttentionJob, Engine, type KernelSetup, type WorkUnit } from './engine.js';
+
+/** A backward call's data; dz, dy, dv are written per query head (dy, dv reduced by the caller). */
+export interface BackwardJob {
+  readonly z: Float32Array;
+  readonly y: Float32Array;
+  readonly v: Float32Array;
+  readonly dOut: Float32Array;
+  readonly dz: Float64Array;
+  /** B×H×M×D: one slice per query head, so heads sharing a kv head never write the same memory. */
+  readonly dy: Float64Array;
+  /** B×H×M×Dv, likewise. */
+  readonly dv: Float64Array;
+  readonly batch: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly queryLength: number;
+  readonly keyLength: number;
+  readonly headDim: number;
+  readonly valueDim: number;
+  readonly causal: boolean;
+  readonly validKeys: Int32Array;
+  readonly path: 'factorized' | 'direct';
+  readonly schedules: readonly Int32Array[];
+  readonly chunkSize: number;
+  readonly setup: KernelSetup;
+}
+
+/** Runs the backward of one query head; its dy, dv go to the slices `dyBase`, `dvBase`. */
+export function backwardHead(
+  engine: BackwardEngine,
+  job: BackwardJob,
+  head: number,
+  dyBase: number,
+  dvBase: number,
+): void {
+  const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = job;
+  const b = Math.floor(head / H);
+  const kvHead = b * Hkv + Math.floor((head % H) / (H / Hkv));
+  const task: BackwardHead = {
+    z: job.z,
+    zBase: head * N * D,
+    y: job.y,
+    yBase: kvHead * M * D,
+    v: job.v,
+    vBase: kvHead * M * Dv,
+    dOut: job.dOut,
+    dOutBase: head * N * Dv,
+    dz: job.dz,
+    dzBase: head * N * D,
+    dy: job.dy,
+    dyBase,
+    dv: job.dv,
+    dvBase,
+    rows: N,
+    valid: job.validKeys[b]!,
+    causal: job.causal,
+    causalShift: M - N,
+    headDim: D,
+    valueDim: Dv,
+    path: job.path,
+    schedule: job.schedules[b]!,
+  };
+  engine.run(task);
+}
+
+/** Messages from the pool to a worker. */
+export type WorkerRequest =
+  | { readonly type: 'init'; readonly module: WebAssembly.Module }
+  | {
+      readonly type: 'run';
+      readonly id: number;
+      readonly job: AttentionJob;
+      readonly units: readonly WorkUnit[];
+    }
+  | {
+      readonly type: 'backward';
+      readonly id: number;
+      readonly job: BackwardJob;
+      readonly units: readonly WorkUnit[];
+    };
+
+/** Replies of a worker: degenerate rows of the units, or why they failed. */
+export type WorkerReply =
+  | { readonly id: number; readonly degenerate: number }
+  | { readonly id: number; readonly error: string; readonly memory: boolean };
+
+export function serveWorker(post: (reply: WorkerReply) => void): (request: WorkerRequest) => void {
+  let module: WebAssembly.Module | null = null;
+  let forward: Engine | null = null;
+  let backward: BackwardEngine | null = null;
+  return (request) => {
+    if (request.type === 'init') {
+      module = request.module;
+      return;
+    }
+    try {
+      if (module === null) throw new Error('worker used before init');
+      let degenerate = 0;
+      if (request.type === 'run') {
+        forward ??= new Engine(module);
+        for (const unit of request.units) degenerate += forward.runUnit(request.job, unit);
+      } else {
+        const job = request.job;
+        backward ??= new BackwardEngine(module);
+        backward.prepare(job.setup, job.valueDim, job.chunkSize);
+        for (const unit of request.units) {
+          backwardHead(
+            backward,
+            job,
+            unit.head,
+            unit.head * job.keyLength * job.headDim,
+            unit.head * job.keyLength * job.valueDim,
+          );
+        }
+      }
+      post({ id: request.id, degenerate });
+    } catch (error) {
+      const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
+      post({ id: request.id, error: text, memory: error instanceof RangeError });
+    }
+  };
+}
