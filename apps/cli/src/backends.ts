@@ -1,6 +1,11 @@
 import type { FastmaxBackend, SkippedBackend } from '@fastmax/core';
 import { UsageError } from './args.js';
 
+/** How a backend was picked: by name (`--backend`), or as one candidate of the automatic list. */
+export interface BackendSelection {
+  readonly named: boolean;
+}
+
 /** One backend the CLI knows how to build. */
 export interface BackendFactory {
   /** What `--backend <name>` matches. */
@@ -17,7 +22,7 @@ export interface BackendFactory {
    * whose module cannot load on this machine (a missing native binary) is skipped with the reason
    * instead of taking the whole CLI down.
    */
-  create(): Promise<FastmaxBackend>;
+  create(selection: BackendSelection): Promise<FastmaxBackend>;
 }
 
 /**
@@ -31,7 +36,10 @@ const BACKENDS: readonly BackendFactory[] = [
       'WGSL kernels on WebGPU (dawn.node in Node through the optional webgpu package; GPU or lavapipe)',
     // float32 kernels: the conformance suite's FORWARD_TOLERANCE (see packages/conformance/src/compare.ts).
     tolerance: 1e-4,
-    create: async () => (await import('@fastmax/backend-webgpu')).webgpuBackend(),
+    // In the automatic list a software adapter (lavapipe, SwiftShader) does not count: the CPU
+    // backend is much faster than WebGPU emulated on the CPU. `--backend webgpu` still takes one.
+    create: async ({ named }) =>
+      (await import('@fastmax/backend-webgpu')).webgpuBackend(named ? {} : { fallbackAdapter: 'reject' }),
   },
   {
     name: 'cpu',
@@ -85,12 +93,15 @@ export interface LoadedBackends {
 }
 
 /** Builds each backend; one that fails to load is reported, not thrown. */
-export async function loadBackends(factories: readonly BackendFactory[]): Promise<LoadedBackends> {
+export async function loadBackends(
+  factories: readonly BackendFactory[],
+  selection: BackendSelection = { named: false },
+): Promise<LoadedBackends> {
   const loaded: LoadedBackend[] = [];
   const failed: SkippedBackend[] = [];
   for (const factory of factories) {
     try {
-      loaded.push({ factory, backend: await factory.create() });
+      loaded.push({ factory, backend: await factory.create(selection) });
     } catch (error) {
       const reason = error instanceof Error ? error.message : String(error);
       failed.push({ name: factory.name, reason: `could not load: ${reason}` });

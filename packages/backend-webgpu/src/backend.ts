@@ -50,6 +50,12 @@ export interface WebGpuBackendOptions {
   /** Use this device (it is not destroyed by `dispose()`). Default: request an adapter and a device. */
   readonly device?: GPUDevice;
   readonly powerPreference?: GPUPowerPreference;
+  /**
+   * Whether a software adapter (lavapipe, SwiftShader: `adapter.info.isFallbackAdapter`) counts as
+   * available. Default `'allow'`; a list of backends in order of preference passes `'reject'` so a
+   * CPU backend wins over WebGPU emulated on the CPU.
+   */
+  readonly fallbackAdapter?: 'allow' | 'reject';
   /** Lower the limits the backend splits its work by (tests use this to force splitting). */
   readonly limits?: Partial<WorkLimits>;
   /** Wrap submissions in validation / out-of-memory error scopes (slower; errors become BACKEND_ERROR). */
@@ -489,7 +495,7 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     session ??= (async () => {
       const acquired =
         options.device === undefined
-          ? await acquireDevice(options.powerPreference)
+          ? await acquireDevice(options.powerPreference, options.fallbackAdapter ?? 'allow')
           : { device: options.device, adapterDescription: 'user device' };
       if (typeof acquired === 'string') return acquired;
       const runtime = new Runtime(

@@ -51,6 +51,7 @@ export interface AcquiredDevice {
 /** Requests an adapter and a device with the adapter's full limits; returns the reason on failure. */
 export async function acquireDevice(
   powerPreference: GPUPowerPreference | undefined,
+  fallbackAdapter: 'allow' | 'reject' = 'allow',
 ): Promise<AcquiredDevice | string> {
   const gpu = await findGpu();
   if (typeof gpu === 'string') return gpu;
@@ -62,6 +63,14 @@ export async function acquireDevice(
   }
   if (adapter === null) {
     return 'requestAdapter() returned null: no WebGPU adapter (install a GPU driver or Mesa lavapipe >= 23 with a Vulkan loader)';
+  }
+  // `isFallbackAdapter` moved from the adapter to adapter.info in the spec; read both.
+  const fallback =
+    (adapter.info as { isFallbackAdapter?: boolean } | undefined)?.isFallbackAdapter ??
+    (adapter as { isFallbackAdapter?: boolean }).isFallbackAdapter ??
+    false;
+  if (fallback && fallbackAdapter === 'reject') {
+    return `only a software (fallback) adapter is available (${adapter.info?.description || 'unknown'}), and fallbackAdapter is 'reject'`;
   }
   const wanted: (keyof GPUSupportedLimits)[] = [
     'maxStorageBufferBindingSize',

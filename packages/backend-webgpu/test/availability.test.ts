@@ -44,3 +44,33 @@ describe('availability without an adapter', () => {
     expect(isFastmaxError(error, 'BACKEND_UNAVAILABLE')).toBe(true);
   });
 });
+
+describe('software (fallback) adapters', () => {
+  let restore: (() => void) | undefined;
+  afterEach(() => restore?.());
+
+  const fallbackAdapter = {
+    info: { isFallbackAdapter: true, description: 'llvmpipe' },
+    features: new Set<string>(),
+    limits: {},
+    requestDevice: async () => {
+      throw new Error('requestDevice must not be reached when the adapter is rejected');
+    },
+  };
+
+  it("are refused with a reason under fallbackAdapter: 'reject'", async () => {
+    restore = withNavigatorGpu({ requestAdapter: async () => fallbackAdapter });
+    const availability = await webgpuBackend({ fallbackAdapter: 'reject' }).isAvailable();
+    expect(availability.available).toBe(false);
+    expect(availability.available ? '' : availability.reason).toMatch(
+      /software \(fallback\) adapter.*llvmpipe/,
+    );
+  });
+
+  it('are used by default', async () => {
+    restore = withNavigatorGpu({ requestAdapter: async () => fallbackAdapter });
+    const availability = await webgpuBackend().isAvailable();
+    // The stand-in adapter cannot make a device, so the reason is requestDevice's, not the fallback's.
+    expect(availability.available ? '' : availability.reason).toMatch(/requestDevice\(\) failed/);
+  });
+});

@@ -135,7 +135,7 @@ export async function runDemo(
   const names = backendText?.split(',').map((name) => name.trim());
   const factories = availableBackends(names, options.backends);
 
-  const { loaded, failed } = await loadBackends(factories);
+  const { loaded, failed } = await loadBackends(factories, { named: names !== undefined });
   let fm: Awaited<ReturnType<typeof createFastmax>>;
   try {
     fm = await createFastmax({ backend: loaded.map((entry) => entry.backend) });
