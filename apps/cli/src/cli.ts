@@ -19,6 +19,10 @@ const COMMANDS: Readonly<Record<string, Command>> = {
     run: runDemo,
   },
   bench: { summary: 'benchmark one backend: fastmax bench --backend <cpu|webgpu>', run: runBench },
+  accuracy: {
+    summary: 'largest relative error against the float64 oracle over the conformance cases',
+    run: runAccuracy,
+  },
   help: { summary: 'show help for a command: fastmax help <command>', run: runHelp },
 };
 
@@ -62,7 +66,16 @@ async function runHelp(args: readonly string[], io: CliIO): Promise<number> {
     return EXIT_OK;
   }
   if (topic === 'bench') return runBench(['--help'], io);
+  if (topic === 'accuracy') return runAccuracy(['--help'], io);
   throw new UsageError(`unknown command '${topic}'`);
+}
+
+/**
+ * Loaded on first use: it pulls in the conformance kit and the float64 oracle, which the other
+ * commands do not need at start-up.
+ */
+async function runAccuracy(args: readonly string[], io: CliIO): Promise<number> {
+  return (await import('./commands/accuracy.js')).runAccuracy(args, io);
 }
 
 function version(): string {

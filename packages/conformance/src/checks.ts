@@ -5,6 +5,7 @@ import {
   type HostTensor,
   isDeviceTensor,
   type Shape4,
+  type StateOptions,
   type Tensor,
   toHost,
 } from '@fastmax/core';
@@ -599,7 +600,8 @@ async function checkDegenerate(ctx: CheckContext, testCase: DegenerateCase): Pro
   return report.done();
 }
 
-function sliceTokens(tensor: HostTensor, start: number, end: number): HostTensor {
+/** Tokens start..end-1 of a B×H×L×D tensor, as one decoding step receives them. */
+export function sliceTokens(tensor: HostTensor, start: number, end: number): HostTensor {
   const [B, H, L, D] = tensor.shape;
   const length = end - start;
   const data = new Float32Array(B * H * length * D);
@@ -609,12 +611,10 @@ function sliceTokens(tensor: HostTensor, start: number, end: number): HostTensor
   return { shape: [B, H, length, D], data };
 }
 
-async function checkState(ctx: CheckContext, testCase: StateCase): Promise<CheckReport> {
-  const report = new Report();
-  const { spec } = testCase;
+/** The decoding state that replays a causal spec: prefix-max-norm, or its fixed scale. */
+export function stateOptionsFor(spec: AttentionSpec): StateOptions {
   const o = spec.options;
-  const inputs = caseInputs(spec);
-  const state = await ctx.fm.createState({
+  return {
     batch: spec.batch,
     heads: spec.heads,
     kvHeads: spec.kvHeads,
@@ -624,7 +624,14 @@ async function checkState(ctx: CheckContext, testCase: StateCase): Promise<Check
     ...(o.coefficients === undefined ? {} : { coefficients: o.coefficients }),
     ...(o.temperature === undefined ? {} : { temperature: o.temperature }),
     normalization: typeof o.normalization === 'object' ? o.normalization : 'prefix-max-norm',
-  });
+  };
+}
+
+async function checkState(ctx: CheckContext, testCase: StateCase): Promise<CheckReport> {
+  const report = new Report();
+  const { spec } = testCase;
+  const inputs = caseInputs(spec);
+  const state = await ctx.fm.createState(stateOptionsFor(spec));
   const N = spec.queryLength;
   const Dv = spec.valueDim;
   const expected = ctx.reference(spec, inputs);
