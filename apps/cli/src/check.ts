@@ -1,3 +1,4 @@
+import { createRandom } from '@fastmax/conformance/kit';
 import {
   type FastmaxOptions,
   type HostTensor,
@@ -6,7 +7,6 @@ import {
   validateAttentionInputs,
 } from '@fastmax/core';
 import { referenceAttention } from '@fastmax/core/reference';
-import { seededRandom } from './workload.js';
 
 export interface OracleCheck {
   /** Largest per-row relative error max_d |o − o_ref| / max_d |o_ref| over the rows checked. */
@@ -94,7 +94,7 @@ export function sampleRowIndices(length: number, count: number, seed: number): n
   const spread = Math.max(2, Math.ceil(count / 2));
   for (let s = 0; s < spread; s++) chosen.add(Math.round((s * (length - 1)) / (spread - 1)));
   // Random rows land inside causal chunks and between spread rows, where off-by-one masks hide.
-  const random = seededRandom(seed);
+  const random = createRandom(seed);
   while (chosen.size < count) chosen.add(Math.floor(random() * length));
   return [...chosen].sort((a, b) => a - b);
 }

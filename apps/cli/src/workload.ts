@@ -1,23 +1,12 @@
+import { createRandom } from '@fastmax/conformance/kit';
 import type { HostTensor, Shape4 } from '@fastmax/core';
 
 /**
- * Seeded inputs, so a failing demo or benchmark row can be rerun with the very same numbers
- * (`--seed`). mulberry32: tiny, fast, and plenty for test data (not for cryptography).
+ * Standard normal entries (Box–Muller), like activations after a layer norm, seeded so a failing
+ * demo or benchmark row reruns with the very same numbers (`--seed`).
  */
-export function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-/** Standard normal entries (Box–Muller), like activations after a layer norm. */
 export function randomTensor(shape: Shape4, seed: number): HostTensor {
-  const random = seededRandom(seed);
+  const random = createRandom(seed);
   const data = new Float32Array(shape[0] * shape[1] * shape[2] * shape[3]);
   for (let i = 0; i < data.length; i += 2) {
     // 1 - u keeps the logarithm's argument in (0, 1].

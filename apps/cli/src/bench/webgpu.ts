@@ -12,6 +12,7 @@ import {
   measure,
   writeJsonResult,
 } from '../report.js';
+import { randomTensor } from '../workload.js';
 
 export const description = `Fastmax on WebGPU against a tiled, flash-style WebGPU softmax attention kernel (online
 softmax, keys streamed through workgroup memory), both with inputs and outputs resident on the GPU.
@@ -31,16 +32,6 @@ const SOFTWARE_SIZES = [256, 512, 1024];
 const KEY_TILE = 16;
 
 type Device = Awaited<ReturnType<WebGpuBackend['device']>>;
-
-function randomTensor(shape: Shape4, seed: number): HostTensor {
-  let state = seed >>> 0 || 1;
-  const data = new Float32Array(shape[0] * shape[1] * shape[2] * shape[3]);
-  for (let i = 0; i < data.length; i++) {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    data[i] = state / 2 ** 31 - 1;
-  }
-  return { shape, data };
-}
 
 /**
  * The baseline: one invocation per query row, 64 rows per workgroup, K and V tiles of 16 keys in
