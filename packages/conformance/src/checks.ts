@@ -30,7 +30,14 @@ import {
   type PropertyCase,
   type StateCase,
 } from './cases.js';
-import { compareTensors, describeComparison, FORWARD_TOLERANCE, GRADIENT_TOLERANCE } from './compare.js';
+import {
+  type Comparison,
+  compareGradients,
+  compareTensors,
+  describeComparison,
+  FORWARD_TOLERANCE,
+  GRADIENT_TOLERANCE,
+} from './compare.js';
 import { createRandom, randomTensor } from './random.js';
 
 export interface CheckSettings {
@@ -99,7 +106,14 @@ class Report {
     this.notes.push(message);
   }
   compare(label: string, actual: ArrayLike<number>, expected: ArrayLike<number>, tolerance: number): void {
-    const comparison = compareTensors(actual, expected, tolerance);
+    this.record(label, compareTensors(actual, expected, tolerance), actual, expected);
+  }
+  record(
+    label: string,
+    comparison: Comparison,
+    actual: ArrayLike<number>,
+    expected: ArrayLike<number>,
+  ): void {
     if (comparison.ok) {
       this.note(
         `${label}: relative error ${comparison.maxRelError.toExponential(2)} (scale ${comparison.scale.toExponential(2)})`,
@@ -237,11 +251,20 @@ async function checkBackward(ctx: CheckContext, spec: AttentionSpec): Promise<Ch
   const result = await ctx.fm.backward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
   checkUntouched(report, tensors, before);
   const expected = referenceBackward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
+  const actual = {
+    dq: await toHost(result.dq),
+    dk: await toHost(result.dk),
+    dv: await toHost(result.dv),
+  };
+  const sources = { dq: inputs.q, dk: inputs.k, dv: inputs.v };
+  const comparisons = compareGradients(
+    { dq: actual.dq.data, dk: actual.dk.data, dv: actual.dv.data },
+    expected,
+    ctx.settings.gradientTolerance,
+  );
   for (const name of ['dq', 'dk', 'dv'] as const) {
-    const actual = await toHost(result[name]);
-    const source = name === 'dq' ? inputs.q : name === 'dk' ? inputs.k : inputs.v;
-    if (report.shape(`${name} shape`, actual.shape, source.shape)) {
-      report.compare(name, actual.data, expected[name], ctx.settings.gradientTolerance);
+    if (report.shape(`${name} shape`, actual[name].shape, sources[name].shape)) {
+      report.record(name, comparisons[name], actual[name].data, expected[name]);
     }
   }
   return report.done();

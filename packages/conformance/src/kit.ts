@@ -49,10 +49,12 @@ export {
 } from './checks.js';
 export {
   type Comparison,
+  compareGradients,
   compareTensors,
   describeComparison,
   FORWARD_TOLERANCE,
   GRADIENT_TOLERANCE,
+  type Gradients,
   SCALE_FLOOR,
 } from './compare.js';
 export { BACKEND_FAULTS, type BackendFault, brokenBackend } from './doubles.js';

@@ -6,6 +6,7 @@ import {
   type Comparison,
   type ConformanceCase,
   caseInputs,
+  compareGradients,
   compareTensors,
   conformanceCases,
   createCheckContext,
@@ -149,14 +150,13 @@ async function measureBackward(fm: Fastmax, spec: AttentionSpec) {
   const path = fm.plan(q, k, v, spec.options).path;
   const result = await fm.backward(q, k, v, dOut, spec.options);
   const expected = referenceBackward(q, k, v, dOut, spec.options);
-  const comparisons: { label: string; comparison: Comparison }[] = [];
-  for (const name of ['dq', 'dk', 'dv'] as const) {
-    const actual = await toHost(result[name]);
-    comparisons.push({
-      label: name,
-      comparison: compareTensors(actual.data, expected[name], GRADIENT_TOLERANCE),
-    });
-  }
+  const host = { dq: await toHost(result.dq), dk: await toHost(result.dk), dv: await toHost(result.dv) };
+  const byName = compareGradients(
+    { dq: host.dq.data, dk: host.dk.data, dv: host.dv.data },
+    expected,
+    GRADIENT_TOLERANCE,
+  );
+  const comparisons = (['dq', 'dk', 'dv'] as const).map((label) => ({ label, comparison: byName[label] }));
   const worst = worstOf(comparisons.map((c) => c.comparison));
   return { path, comparison: worst, label: comparisons.find((c) => c.comparison === worst)!.label };
 }
