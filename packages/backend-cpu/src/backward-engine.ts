@@ -166,10 +166,6 @@ export class BackwardEngine {
       head.causal ? Math.max(0, Math.min(head.valid, i + head.causalShift + 1)) : head.valid;
     const factorized = head.path === 'factorized';
     const G = new Float32Array(head.rows * Wp);
-    // When no row sees two keys, every output row is its one visible value whatever the scores:
-    // dz and dy are exactly 0, and only dv flows. Computing them anyway would leave float32
-    // rounding noise (G_ij = dO·(v_j - o_i) with o_i = v_j up to rounding) where 0 is exact.
-    const scoreFree = head.rows === 0 || limitOf(head.rows - 1) <= 1;
 
     const zero = (name: string, floats: number): void => {
       this.views();
@@ -196,7 +192,7 @@ export class BackwardEngine {
         if (withG) {
           for (let c = 0; c < Wp; c++) {
             const value = G[(i0 + r) * Wp + c]!;
-            f[(b.gT! >> 2) + c * C + r] = scoreFree ? 0 : value;
+            f[(b.gT! >> 2) + c * C + r] = value;
             f[(b.gPanels! >> 2) + (c >> 3) * C * 8 + r * 8 + (c & 7)] = value;
           }
         }
@@ -401,7 +397,6 @@ export class BackwardEngine {
           const nf = Math.min(FEATURE_BLOCK, F - f0);
           ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, keyLd);
           ex.readout(b.uk!, keyLd, nf, b.r! + f0 * 32, sPanel, b.z! + f0 * 4, nk4, Wp, b.dvRows!, Wp, b.den!);
-          if (scoreFree) continue;
           ex.project(b.r! + f0 * 32, sPanel, nf, Wp, b.vT!, keyLd, Math.ceil(nk / 8), b.h!, keyLd);
           ex.featureGradient(b.h!, keyLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
         }
