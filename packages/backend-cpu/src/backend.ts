@@ -333,7 +333,11 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const { plan, shape } = request;
       const heads = shape.batch * shape.heads;
       const work = (plan.path === 'factorized' ? plan.cost.factorized : plan.cost.direct) * heads;
-      const workers = heads >= 2 && work >= parallelThreshold ? await pool() : null;
+      const splitColumns =
+        plan.path === 'factorized' &&
+        plan.featureCount >= MIN_FEATURES_TO_SPLIT_COLUMNS &&
+        shape.valueDim > 8;
+      const workers = (heads >= 2 || splitColumns) && work >= parallelThreshold ? await pool() : null;
       try {
         return await cpuBackward(
           request,
@@ -343,6 +347,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           host(request.dOut, 'dOut'),
           backwardEngine,
           workers,
+          splitColumns,
         );
       } catch (error) {
         throw wrapEngineError(error);

@@ -48,7 +48,17 @@ export interface BackwardHead {
   readonly causal: boolean;
   readonly causalShift: number;
   readonly headDim: number;
+  /** Columns of v, dOut and dv rows (their row stride). */
   readonly valueDim: number;
+  /**
+   * The value columns [c0, c1) this run owns (the engine must be prepared for c1 - c0 columns).
+   * Everything that sums over value columns (den excepted) is linear in g, so a run over a column
+   * range writes its share of dz and dy with β_i restricted to its columns; the shares summed over
+   * the ranges are the full dz and dy. Each run computes den itself (the ones column), and writes
+   * only its columns of dv.
+   */
+  readonly c0: number;
+  readonly c1: number;
   readonly path: 'factorized' | 'direct';
   readonly schedule: Int32Array;
 }
@@ -159,7 +169,12 @@ export class BackwardEngine {
     const keyLd = b.keyLd!;
     const F = setup.paddedFeatures;
     const D = head.headDim;
-    const Dv = head.valueDim;
+    // Local columns (the ones column sits right after them) and the row stride of v, dOut, dv.
+    const Dv = head.c1 - head.c0;
+    const stride = head.valueDim;
+    const vBase = head.vBase + head.c0;
+    const dOutBase = head.dOutBase + head.c0;
+    const dvBase = head.dvBase + head.c0;
     const order = setup.order;
     const sPanel = F * 32;
     const limitOf = (i: number): number =>
@@ -217,7 +232,7 @@ export class BackwardEngine {
           if (d < D) f[yT + d * keyLd + t] = value;
           f[yP + (d >> 3) * keyLd * 8 + t * 8 + (d & 7)] = value;
         }
-        const vs = head.vBase + (k0 + t) * Dv;
+        const vs = vBase + (k0 + t) * stride;
         for (let c = 0; c < Wp; c++) {
           const value = c < Dv ? head.v[vs + c]! : c === Dv ? 1 : 0;
           f[vT + c * keyLd + t] = value;
@@ -305,7 +320,7 @@ export class BackwardEngine {
           const target = (i0 + r) * Wp;
           if (!(den > 0)) continue;
           const alpha = 1 / den;
-          const dOut = head.dOutBase + (i0 + r) * Dv;
+          const dOut = dOutBase + (i0 + r) * stride;
           let beta = 0;
           for (let col = 0; col < Dv; col++) beta += head.dOut[dOut + col]! * f[oq + r * Wp + col]! * alpha;
           for (let col = 0; col < Dv; col++) G[target + col] = alpha * head.dOut[dOut + col]!;
@@ -341,7 +356,7 @@ export class BackwardEngine {
           ex.transpose(b.wf!, KEY_CHUNK, nq, nk, b.trans!, C);
           zero('dvRows', keyLd * Wp);
           ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, Wp, b.dvRows!, Wp, b.den!);
-          this.addKeyRows(head, k0, nk, b.dyRows!, Dp, b.dvRows!, Wp);
+          this.addKeyRows(head, k0, nk, b.dyRows!, Dp, b.dvRows!, Wp, dvBase, Dv);
         }
         this.views();
         const g = this.f32;
@@ -405,7 +420,7 @@ export class BackwardEngine {
         for (let t = 0; t < nk; t++) {
           const dy = head.dyBase + (k0 + t) * D;
           for (let d = 0; d < D; d++) head.dy[dy + d]! += f[(b.dyT! >> 2) + d * keyLd + t]!;
-          const dv = head.dvBase + (k0 + t) * Dv;
+          const dv = dvBase + (k0 + t) * stride;
           for (let col = 0; col < Dv; col++) head.dv[dv + col]! += f[(b.dvRows! >> 2) + t * Wp + col]!;
         }
       }
@@ -420,15 +435,16 @@ export class BackwardEngine {
     Dp: number,
     dvRows: number,
     Wp: number,
+    dvBase: number,
+    Dv: number,
   ): void {
     this.views();
     const f = this.f32;
     const D = head.headDim;
-    const Dv = head.valueDim;
     for (let t = 0; t < nk; t++) {
       const dy = head.dyBase + (k0 + t) * D;
       for (let d = 0; d < D; d++) head.dy[dy + d]! += f[(dyRows >> 2) + t * Dp + d]!;
-      const dv = head.dvBase + (k0 + t) * Dv;
+      const dv = dvBase + (k0 + t) * head.valueDim;
       for (let col = 0; col < Dv; col++) head.dv[dv + col]! += f[(dvRows >> 2) + t * Wp + col]!;
     }
   }

@@ -38,6 +38,8 @@ export async function cpuBackward(
   engine: BackwardEngine,
   /** Workers to spread the (batch, head) pairs over; null: the calling thread does them all. */
   pool: WorkerPool | null,
+  /** Whether a head may be split by value columns when there are fewer heads than workers. */
+  splitColumns: boolean,
 ): Promise<BackwardResult> {
   const { shape, options, plan } = request;
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
@@ -48,7 +50,15 @@ export async function cpuBackward(
   engine.prepare(setup, Dv, chunkSize);
 
   const heads = B * H;
-  const share = pool !== null && heads >= 2;
+  // Fewer heads than workers: split each head's value columns into panels of 8 (see
+  // BackwardHead.c0): every range repeats the features and the denominator column, so this pays
+  // only when F is large.
+  const panels = Math.max(1, Math.ceil(Dv / 8));
+  const parts =
+    pool !== null && splitColumns && heads < pool.size ? Math.min(Math.ceil(pool.size / heads), panels) : 1;
+  const share = pool !== null && (heads >= 2 || parts >= 2);
+  const perPart = Math.ceil(panels / parts) * 8;
+  const columnBounds = Int32Array.from({ length: parts + 1 }, (_, s) => Math.min(Dv, s * perPart));
   const z = share
     ? new Float32Array(new SharedArrayBuffer(B * H * N * D * 4))
     : new Float32Array(B * H * N * D);
@@ -57,11 +67,11 @@ export async function cpuBackward(
     for (let d = 0; d < D; d++) z[row * D + d] = sigma * prepared.x[row * D + d]!;
   }
   const y = sharedF32(Float32Array.from(prepared.y), share);
-  const dz = zerosF64(B * H * N * D, share);
+  const dz = zerosF64(B * H * parts * N * D, share);
   // With workers, each query head writes its own dy, dv slice (no two workers touch the same
   // memory); they are summed per kv head below. In one thread heads accumulate in place.
   const dyHeads = share ? heads : B * Hkv;
-  const dy = zerosF64(dyHeads * M * D, share);
+  const dy = zerosF64(dyHeads * parts * M * D, share);
   const dv = zerosF64(dyHeads * M * Dv, share);
   const validKeys = new Int32Array(B);
   const schedules: Int32Array[] = [];
@@ -99,10 +109,12 @@ export async function cpuBackward(
     schedules,
     chunkSize,
     setup,
+    columnBounds,
   };
   if (share) {
     const units: WorkUnit[] = [];
-    for (let head = 0; head < heads; head++) units.push({ head, c0: 0, c1: Dv });
+    for (let head = 0; head < heads; head++)
+      for (let s = 0; s < parts; s++) units.push({ head, c0: columnBounds[s]!, c1: columnBounds[s + 1]! });
     const perBatch = Math.ceil(units.length / (pool.size * 2));
     const batches: WorkUnit[][] = [];
     for (let i = 0; i < units.length; i += perBatch) batches.push(units.slice(i, i + perBatch));
@@ -111,20 +123,23 @@ export async function cpuBackward(
     for (let head = 0; head < heads; head++) {
       const b = Math.floor(head / H);
       const kvHead = b * Hkv + Math.floor((head % H) / (H / Hkv));
-      backwardHead(engine, job, head, kvHead * M * D, kvHead * M * Dv);
+      backwardHead(engine, job, { head, c0: 0, c1: Dv }, head * N * D, kvHead * M * D, kvHead * M * Dv);
     }
   }
-  const dyKv = share ? sumGroups(dy, B, H, Hkv, M * D) : dy;
+  // Column ranges of a head each wrote a share of dz and dy (B·H·parts slices): sum them per head.
+  const dzHeads = parts > 1 ? sumGroups(dz, 1, heads * parts, heads, N * D) : dz;
+  const dyPerHead = parts > 1 ? sumGroups(dy, 1, heads * parts, heads, M * D) : dy;
+  const dyKv = share ? sumGroups(dyPerHead, B, H, Hkv, M * D) : dy;
   const dvKv = share ? sumGroups(dv, B, H, Hkv, M * Dv) : dv;
   // z = σx: ∂L/∂x = σ·dz and ∂L/∂σ = dz·x.
-  const dx = new Float64Array(dz.length);
+  const dx = new Float64Array(dzHeads.length);
   const dsigma = new Float64Array(B * H * N);
   for (let row = 0; row < B * H * N; row++) {
     const sigma = prepared.sigma[row]!;
     let dot = 0;
     for (let d = 0; d < D; d++) {
-      dx[row * D + d] = sigma * dz[row * D + d]!;
-      dot += dz[row * D + d]! * prepared.x[row * D + d]!;
+      dx[row * D + d] = sigma * dzHeads[row * D + d]!;
+      dot += dzHeads[row * D + d]! * prepared.x[row * D + d]!;
     }
     dsigma[row] = dot;
   }

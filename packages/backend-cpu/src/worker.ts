@@ -7,14 +7,21 @@
 import { BackwardEngine, type BackwardHead } from './backward-engine.js';
 import { type AttentionJob, Engine, type KernelSetup, type WorkUnit } from './engine.js';
 
-/** A backward call's data; dz, dy, dv are written per query head (dy, dv reduced by the caller). */
+/**
+ * A backward call's data. With workers, dz and dy are written per (query head, column range) and
+ * dv per query head (its column ranges are disjoint); the caller sums them.
+ */
 export interface BackwardJob {
   readonly z: Float32Array;
   readonly y: Float32Array;
   readonly v: Float32Array;
   readonly dOut: Float32Array;
+  /** B×H×parts×N×D (parts = columnBounds.length - 1). */
   readonly dz: Float64Array;
-  /** B×H×M×D: one slice per query head, so heads sharing a kv head never write the same memory. */
+  /**
+   * B×H×parts×M×D: one slice per query head and column range, so heads sharing a kv head (and
+   * column ranges of one head) never write the same memory.
+   */
   readonly dy: Float64Array;
   /** B×H×M×Dv, likewise. */
   readonly dv: Float64Array;
@@ -31,16 +38,23 @@ export interface BackwardJob {
   readonly schedules: readonly Int32Array[];
   readonly chunkSize: number;
   readonly setup: KernelSetup;
+  /** Boundaries of the value-column ranges a head is split into: [0, ..., valueDim]. */
+  readonly columnBounds: Int32Array;
 }
 
-/** Runs the backward of one query head; its dy, dv go to the slices `dyBase`, `dvBase`. */
+/**
+ * Runs the backward of one query head over the value columns of `unit` (prepared for that many);
+ * its dz, dy, dv go to the slices `dzBase`, `dyBase`, `dvBase`.
+ */
 export function backwardHead(
   engine: BackwardEngine,
   job: BackwardJob,
-  head: number,
+  unit: WorkUnit,
+  dzBase: number,
   dyBase: number,
   dvBase: number,
 ): void {
+  const head = unit.head;
   const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = job;
   const b = Math.floor(head / H);
   const kvHead = b * Hkv + Math.floor((head % H) / (H / Hkv));
@@ -54,7 +68,7 @@ export function backwardHead(
     dOut: job.dOut,
     dOutBase: head * N * Dv,
     dz: job.dz,
-    dzBase: head * N * D,
+    dzBase,
     dy: job.dy,
     dyBase,
     dv: job.dv,
@@ -65,6 +79,8 @@ export function backwardHead(
     causalShift: M - N,
     headDim: D,
     valueDim: Dv,
+    c0: unit.c0,
+    c1: unit.c1,
     path: job.path,
     schedule: job.schedules[b]!,
   };
@@ -110,13 +126,16 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
       } else {
         const job = request.job;
         backward ??= new BackwardEngine(module);
-        backward.prepare(job.setup, job.valueDim, job.chunkSize);
+        const parts = job.columnBounds.length - 1;
         for (const unit of request.units) {
+          const slot = unit.head * parts + job.columnBounds.indexOf(unit.c0);
+          backward.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize);
           backwardHead(
             backward,
             job,
-            unit.head,
-            unit.head * job.keyLength * job.headDim,
+            unit,
+            slot * job.queryLength * job.headDim,
+            slot * job.keyLength * job.headDim,
             unit.head * job.keyLength * job.valueDim,
           );
         }

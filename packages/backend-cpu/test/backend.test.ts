@@ -94,6 +94,35 @@ describe('threads', () => {
     await serial.dispose();
   });
 
+  it('splits the backward of one head by value columns, matching one thread', async () => {
+    // D = 32, p = 2: F = 561 features, enough for the column split; Dv = 40 is 5 panels of 8, so
+    // the two workers get 24 and 16 columns (each adds the denominator column itself).
+    const q = tensor([1, 1, 90, 32], 21);
+    const k = tensor([1, 1, 90, 32], 22);
+    const v = tensor([1, 1, 90, 40], 23);
+    const dOut = tensor([1, 1, 90, 40], 24);
+    // The planner would pick the direct path at this N; the split applies to the factorized one.
+    const options: FastmaxOptions = { order: 2, causal: true, chunkSize: 16, path: 'factorized' };
+    const parallel = await createFastmax({ backend });
+    const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+    const a = await parallel.backward(q, k, v, dOut, options);
+    const b = await serial.backward(q, k, v, dOut, options);
+    for (const name of ['dq', 'dk', 'dv'] as const) {
+      const x = (a[name] as HostTensor).data;
+      const y = (b[name] as HostTensor).data;
+      let scale = 0;
+      let error = 0;
+      for (let i = 0; i < y.length; i++) {
+        scale = Math.max(scale, Math.abs(y[i]!));
+        error = Math.max(error, Math.abs(x[i]! - y[i]!));
+      }
+      // dz and dy are sums of two column ranges' shares (float32 kernels, summed in float64), so
+      // they differ from one thread by float32 rounding only; dv's columns are computed alike.
+      expect(error / scale).toBeLessThan(1e-5);
+    }
+    await serial.dispose();
+  });
+
   it('runs the backward of several heads on workers, equal to one thread (GQA: dk, dv summed)', async () => {
     const q = tensor([2, 4, 50, 8], 11);
     const k = tensor([2, 2, 50, 8], 12);

@@ -29,11 +29,15 @@ import {
   applyProgram,
   backwardKeyProgram,
   backwardQueryProgram,
+  backwardUpstreamProgram,
+  blockKeyProgram,
+  blockQueryProgram,
   convertProgram,
   dimBucket,
   directKeyTile,
   directProgram,
   divideRowsProgram,
+  featureGradientProgram,
   keyDivisorsProgram,
   momentsProgram,
   NormalizationCode,
@@ -42,6 +46,7 @@ import {
   prefixMaxProgram,
   queryScalesProgram,
   rowNormsProgram,
+  scaleRowsProgram,
 } from './kernels.js';
 import { Runtime, type WorkLimits } from './runtime.js';
 import { BACKEND_NAME, WebGpuTensor } from './tensor.js';
@@ -462,6 +467,202 @@ function recordNormalize(
   );
 }
 
+/** The gradients of the kernel for prepared inputs, accumulated into zeroed buffers. */
+interface KernelGradients {
+  readonly dx: Slice;
+  readonly dsigma: Slice;
+  readonly dy: Slice;
+  readonly dv: Slice;
+}
+
+/**
+ * Factorized backward (the reference backend's algorithm, in f32): the forward accumulator gives
+ * upstream_i = [dO_i | −δ_i/den_i]/den_i, so g_ij = upstream_i·[v_j | 1]. Query side: moments S over
+ * keys, read through the query features' derivatives (dx, dσ). Key side: moments T over queries of
+ * σ_i x_i against upstream_i, read through the key features (dy, and dv from the features
+ * themselves). Causal: S grows over the chunks in order, T over the chunks in reverse (each key
+ * reads the queries of every chunk whose state contains it); the diagonal blocks go direct.
+ * Memory: O(units·G·F·(Dv+2)) for the moments, linear in N and M.
+ */
+function recordFactorizedBackward(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  options: ResolvedOptions,
+  chunkSize: number,
+  inputs: KernelInputs,
+  dOut: Slice,
+  keyRows: Slice,
+  gradients: KernelGradients,
+  borrowed: GPUBuffer[],
+  tables: FeatureTables,
+): void {
+  const { units, G, N, M, D, Dv } = geometry;
+  const heads = units * G;
+  const rows = heads * N;
+  const keys = units * M;
+  const take = (bytes: number): Slice => {
+    const buffer = runtime.acquire(bytes);
+    borrowed.push(buffer);
+    return { buffer, size: bytes };
+  };
+  const acc = take(rows * (Dv + 1) * 4);
+  recordKernel(
+    runtime,
+    encoder,
+    temporaries,
+    geometry,
+    options,
+    'factorized',
+    chunkSize,
+    inputs,
+    acc,
+    borrowed,
+    tables,
+  );
+  const upstream = take(rows * (Dv + 1) * 4);
+  runtime.dispatch(
+    encoder,
+    backwardUpstreamProgram(),
+    { acc, dOut, upstream },
+    { rows, Dv },
+    runtime.linearGrid(rows, 64),
+    temporaries,
+  );
+  const F = featureCount(D, options.order);
+  const features = tables.get(D, options.order);
+  const S = take(units * F * (Dv + 1) * 4);
+  const T = take(heads * F * (Dv + 2) * 4);
+  encoder.clearBuffer(S.buffer, 0, S.size);
+  encoder.clearBuffer(T.buffer, 0, T.size);
+  const scaledX = take(rows * D * 4);
+  runtime.dispatch(
+    encoder,
+    scaleRowsProgram(),
+    { values: inputs.x, scale: inputs.sigma, scaled: scaledX },
+    { rows, dim: D },
+    runtime.linearGrid(rows, 64),
+    temporaries,
+  );
+  const everyQuery = runtime.upload(new Uint32Array(heads).fill(N));
+  borrowed.push(everyQuery);
+  // Query rows as the "keys" of moments T: per query head, values upstream (Dv+1 columns).
+  const queryGeometry: Geometry = { units: heads, G: 1, N, M: N, D, Dv: Dv + 1 };
+  const queryInputs: KernelInputs = {
+    x: scaledX,
+    y: scaledX,
+    sigma: inputs.sigma,
+    v: upstream,
+    validKeys: everyQuery,
+  };
+  const unused = take(4);
+  const keyUnused = take(keys * 4);
+  const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
+  const polynomial = polynomialValues(options);
+  const throughFeatures = (side: 'query' | 'key', r0: number, r1: number): void => {
+    if (r1 <= r0) return;
+    const query = side === 'query';
+    const owners = query ? heads : units;
+    runtime.dispatch(
+      encoder,
+      featureGradientProgram(bucketD, bucketDv),
+      {
+        features,
+        z: query ? inputs.x : inputs.y,
+        sigma: inputs.sigma,
+        upstream: query ? upstream : keyRows,
+        validKeys: inputs.validKeys,
+        moments: query ? S : T,
+        gradZ: query ? gradients.dx : gradients.dy,
+        gradSigma: query ? gradients.dsigma : keyUnused,
+        values: query ? unused : gradients.dv,
+      },
+      {
+        owners,
+        R: query ? N : M,
+        r0,
+        r1,
+        limitRows: query ? 0 : 1,
+        unitSigma: query ? 0 : 1,
+        D,
+        Dv,
+        F,
+        stride: query ? Dv + 1 : Dv + 2,
+        divisor: query ? G : 1,
+        count: query ? 1 : G,
+        withValues: query ? 0 : 1,
+        ...polynomial,
+      },
+      runtime.linearGrid(owners * (r1 - r0), 64),
+      temporaries,
+    );
+  };
+  if (!options.causal) {
+    recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, 0, M);
+    throughFeatures('query', 0, N);
+    recordMoments(runtime, encoder, temporaries, queryGeometry, F, features, queryInputs, T, 0, N);
+    throughFeatures('key', 0, M);
+    return;
+  }
+  const chunks = chunkRanges(N, M, chunkSize);
+  let seen = 0;
+  for (const chunk of chunks) {
+    if (chunk.stateKeyEnd > seen) {
+      recordMoments(runtime, encoder, temporaries, geometry, F, features, inputs, S, seen, chunk.stateKeyEnd);
+      seen = chunk.stateKeyEnd;
+    }
+    if (seen > 0) throughFeatures('query', chunk.queryStart, chunk.queryEnd);
+  }
+  // Keys in [stateKeyEnd of chunk c-1, stateKeyEnd of chunk c) are in the states of chunks c.. only.
+  let added = N;
+  for (let c = chunks.length - 1; c >= 0; c--) {
+    const chunk = chunks[c]!;
+    const keyStart = c > 0 ? chunks[c - 1]!.stateKeyEnd : 0;
+    if (chunk.stateKeyEnd <= keyStart) continue;
+    recordMoments(
+      runtime,
+      encoder,
+      temporaries,
+      queryGeometry,
+      F,
+      features,
+      queryInputs,
+      T,
+      chunk.queryStart,
+      added,
+    );
+    added = chunk.queryStart;
+    throughFeatures('key', keyStart, chunk.stateKeyEnd);
+  }
+  const block = {
+    N,
+    M,
+    causal: 1,
+    D,
+    DV: Dv,
+    G,
+    chunk: chunkSize,
+    ...polynomial,
+  };
+  runtime.dispatch(
+    encoder,
+    blockQueryProgram(bucketD, bucketDv),
+    { ...inputs, upstream, dx: gradients.dx, dsigma: gradients.dsigma },
+    { ...block, rows },
+    runtime.linearGrid(rows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    blockKeyProgram(bucketD, bucketDv),
+    { ...inputs, upstream, dy: gradients.dy, dv: gradients.dv },
+    { ...block, rows: keys },
+    runtime.linearGrid(keys, 64),
+    temporaries,
+  );
+}
+
 /** Feature tables per (D, p), uploaded once per device. */
 class FeatureTables {
   private readonly tables = new Map<string, GPUBuffer>();
@@ -713,11 +914,11 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
   /**
    * Backward: normalization runs on the host in float64 (core's prepareScores and
    * prepareScoresBackward, so the argmax routing is exactly core's); the kernel's gradients run on
-   * the GPU in the direct form, which is exact for either planned path.
+   * the GPU by the planned path: factorized (linear memory, recordFactorizedBackward) or direct.
    */
   const backward = async (request: BackwardRequest): Promise<BackwardResult> => {
-    const { runtime } = await live();
-    const { shape, options: resolved } = request;
+    const { runtime, tables } = await live();
+    const { shape, options: resolved, plan } = request;
     const { batch, heads, kvHeads, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
     const U = batch * kvHeads;
     const G = heads / kvHeads;
@@ -727,7 +928,15 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     const dy = new Float64Array(prepared.y.length);
     const dsigma = new Float64Array(prepared.sigma.length);
     const dv = new Float32Array(U * M * Dv);
-    const passes = planPasses(runtime, U, G, [N * D * 4, N * Dv * 4], [M * D * 4, M * Dv * 4]);
+    const factorized = plan.path === 'factorized';
+    const F = featureCount(D, resolved.order);
+    const perQueryHead = [N * D * 4, N * Dv * 4];
+    const perUnit = [M * D * 4, M * Dv * 4];
+    if (factorized) {
+      perQueryHead.push(N * (Dv + 1) * 4, F * (Dv + 2) * 4);
+      perUnit.push(M * (Dv + 1) * 4, F * (Dv + 1) * 4);
+    }
+    const passes = planPasses(runtime, U, G, perQueryHead, perUnit);
     // Key-side gradients sum over every query head; a unit split into head groups adds them up.
     const addInto = (target: Float32Array | Float64Array, values: Float32Array, offset: number): void => {
       for (let i = 0; i < values.length; i++) target[offset + i]! += values[i]!;
@@ -758,49 +967,76 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
         const gradOut = put(dOut!.data, h0 * N * Dv, rows * Dv);
         const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
         borrowed.push(validKeys);
-        const denominators = take(rows * 4);
         const gradX = take(rows * D * 4);
         const gradSigma = take(rows * 4);
-        const delta = take(rows * 4);
         const gradY = take(keys * D * 4);
         const gradV = take(keys * Dv * 4);
-        const common = {
-          N,
-          M,
-          causal: resolved.causal ? 1 : 0,
-          D,
-          DV: Dv,
-          G: g1 - g0,
-          ...polynomialValues(resolved),
-        };
-        const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
-        runtime.dispatch(
-          encoder,
-          backwardQueryProgram(bucketD, bucketDv),
-          {
-            x,
-            sigma,
-            y,
-            v: values,
-            validKeys,
-            dOut: gradOut,
-            dx: gradX,
-            dsigma: gradSigma,
-            delta,
-            denominators,
-          },
-          { ...common, rows },
-          runtime.linearGrid(rows, 64),
-          temporaries,
-        );
-        runtime.dispatch(
-          encoder,
-          backwardKeyProgram(bucketD, bucketDv),
-          { x, sigma, y, v: values, validKeys, denominators, dOut: gradOut, delta, dy: gradY, dv: gradV },
-          { ...common, rows: keys },
-          runtime.linearGrid(keys, 64),
-          temporaries,
-        );
+        if (factorized) {
+          // [v_j | 1]: the key rows the query side's upstream is dotted with.
+          const keyRows = new Float32Array(keys * (Dv + 1));
+          for (let j = 0; j < keys; j++) {
+            for (let c = 0; c < Dv; c++) keyRows[j * (Dv + 1) + c] = v!.data[(u0 * M + j) * Dv + c]!;
+            keyRows[j * (Dv + 1) + Dv] = 1;
+          }
+          const keyRowsBuffer = runtime.upload(keyRows);
+          borrowed.push(keyRowsBuffer);
+          for (const slice of [gradX, gradSigma, gradY, gradV])
+            encoder.clearBuffer(slice.buffer, 0, slice.size);
+          recordFactorizedBackward(
+            runtime,
+            encoder,
+            temporaries,
+            { units, G: g1 - g0, N, M, D, Dv },
+            resolved,
+            plan.chunkSize,
+            { x, y, sigma, v: values, validKeys },
+            gradOut,
+            { buffer: keyRowsBuffer, size: keyRows.length * 4 },
+            { dx: gradX, dsigma: gradSigma, dy: gradY, dv: gradV },
+            borrowed,
+            tables,
+          );
+        } else {
+          const common = {
+            N,
+            M,
+            causal: resolved.causal ? 1 : 0,
+            D,
+            DV: Dv,
+            G: g1 - g0,
+            ...polynomialValues(resolved),
+          };
+          const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
+          const denominators = take(rows * 4);
+          const delta = take(rows * 4);
+          runtime.dispatch(
+            encoder,
+            backwardQueryProgram(bucketD, bucketDv),
+            {
+              x,
+              sigma,
+              y,
+              v: values,
+              validKeys,
+              dOut: gradOut,
+              dx: gradX,
+              dsigma: gradSigma,
+              delta,
+              denominators,
+            },
+            { ...common, rows },
+            runtime.linearGrid(rows, 64),
+            temporaries,
+          );
+          runtime.dispatch(
+            encoder,
+            backwardKeyProgram(bucketD, bucketDv),
+            { x, sigma, y, v: values, validKeys, denominators, dOut: gradOut, delta, dy: gradY, dv: gradV },
+            { ...common, rows: keys },
+            runtime.linearGrid(keys, 64),
+            temporaries,
+          );
+        }
         await runtime.submit(encoder, temporaries);
         dx.set(await runtime.read(gradX.buffer, gradX.size), h0 * N * D);
         dsigma.set(await runtime.read(gradSigma.buffer, gradSigma.size), h0 * N);

@@ -386,6 +386,16 @@ ${polynomialHelpers(4)}`,
 /** Output tile edge of the moments and apply kernels (grid sizes are counted in these). */
 export const PRODUCT_TILE = OUTER;
 
+/** Needs the `chunk` uniform besides KEY_LIMIT_UNIFORMS. */
+const CHUNK_START_HELPER = `
+fn chunkStart(i: u32) -> u32 {
+  if (u.chunk == 0u) { return 0u; }
+  // stateKeyEnd of core's chunkRanges: the keys before the chunk's diagonal block.
+  let reach = i32((i / u.chunk) * u.chunk) + i32(u.M) - i32(u.N);
+  return u32(clamp(reach, 0, i32(u.M)));
+}
+`;
+
 /** Keys held in workgroup memory by the direct kernel, within maxComputeWorkgroupStorageSize. */
 export function directKeyTile(headDim: number, valueDim: number, workgroupStorage: number): number {
   const perKey = (headDim + valueDim) * 4;
@@ -423,12 +433,7 @@ var<workgroup> valueTile: array<f32, ${keyTile * valueDim}>;
 var<workgroup> sharedValid: u32;
 ${KEY_LIMIT_HELPER}
 ${polynomialHelpers(4)}
-fn chunkStart(i: u32) -> u32 {
-  if (u.chunk == 0u) { return 0u; }
-  // stateKeyEnd of core's chunkRanges: the keys before the chunk's diagonal block.
-  let reach = i32((i / u.chunk) * u.chunk) + i32(u.M) - i32(u.N);
-  return u32(clamp(reach, 0, i32(u.M)));
-}`,
+${CHUNK_START_HELPER}`,
     body: `
   // Tiles are laid out with the bucket's stride and zero-padded past D and Dv, so the inner loops
   // run over compile-time bounds (BD, BDV) and unroll; the padding adds exact zeros.
@@ -665,6 +670,285 @@ ${polynomialHelpers(4)}`,
   }
   for (var d = 0u; d < D; d++) { dy[key * D + d] = gradY[d]; }
   for (var c = 0u; c < DV; c++) { dv[key * DV + c] = gradV[c]; }`,
+  };
+}
+
+/**
+ * Factorized backward, per query row: upstream_i = [dO_i/den_i | −δ_i/den_i] (δ_i = dO_i·o_i) from
+ * the forward's accumulator, so that g_ij = dL/dw_ij = upstream_i·[v_j | 1] is a dot product with a
+ * key row's [v_j | 1]. Degenerate rows (den <= 0) get zeros and so contribute nothing.
+ */
+export function backwardUpstreamProgram(): ProgramInfo {
+  return {
+    key: 'backwardUpstream',
+    uniforms: [
+      { name: 'rows', type: 'u32' },
+      { name: 'Dv', type: 'u32' },
+    ],
+    bindings: [read('acc'), read('dOut'), write('upstream')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let base = row * (u.Dv + 1u);
+  let den = acc[base + u.Dv];
+  if (den > 0.0) {
+    let inverse = 1.0 / den;
+    var delta = 0.0;
+    for (var c = 0u; c < u.Dv; c++) { delta += dOut[row * u.Dv + c] * acc[base + c]; }
+    for (var c = 0u; c < u.Dv; c++) { upstream[base + c] = dOut[row * u.Dv + c] * inverse; }
+    upstream[base + u.Dv] = -delta * inverse * inverse;
+  } else {
+    for (var c = 0u; c <= u.Dv; c++) { upstream[base + c] = 0.0; }
+  }`,
+  };
+}
+
+/** scaled[r] = values[r] · scale[r] (σ_i x_i: the query features of the key-side moments carry σ_i^l). */
+export function scaleRowsProgram(): ProgramInfo {
+  return {
+    key: 'scaleRows',
+    uniforms: [
+      { name: 'rows', type: 'u32' },
+      { name: 'dim', type: 'u32' },
+    ],
+    bindings: [read('values'), read('scale'), write('scaled')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let factor = scale[row];
+  for (var d = 0u; d < u.dim; d++) { scaled[row * u.dim + d] = values[row * u.dim + d] * factor; }`,
+  };
+}
+
+/**
+ * Factorized backward through one side's features. A row r (a query row with its σ_r, or a key row
+ * with σ = 1) has features φ_f = a_l σ^l z_r^m; the other side is summarized by moments
+ * Mom[block, f, c] (the multinomial weight inside), c over Dv+1 columns at `stride`. With
+ * G_f = upstream_r · Mom[f] (dL/dφ_f): gradZ += Σ_f G_f ∂φ_f/∂z, gradSigma += Σ_f G_f ∂φ_f/∂σ and,
+ * when `withValues` is 1, values += Σ_f φ_f Mom[f, 0..Dv). Queries read S over keys (upstream is
+ * the query's, giving dx, dσ); keys read T over queries (upstream is [v_j | 1], giving dy, dv).
+ * Rows [r0, r1) of each owner (R rows per owner); owner o reads blocks (o / divisor)·count + g for
+ * g < count (a query head reads its unit's S; a unit sums its query heads' T). Accumulates.
+ */
+export function featureGradientProgram(headDim: number, valueDim: number): ProgramInfo {
+  return {
+    key: `featureGradient:D${headDim}:Dv${valueDim}`,
+    uniforms: [
+      { name: 'owners', type: 'u32' },
+      { name: 'R', type: 'u32' },
+      { name: 'r0', type: 'u32' },
+      { name: 'r1', type: 'u32' },
+      { name: 'limitRows', type: 'u32' },
+      { name: 'unitSigma', type: 'u32' },
+      { name: 'D', type: 'u32' },
+      { name: 'Dv', type: 'u32' },
+      { name: 'F', type: 'u32' },
+      { name: 'stride', type: 'u32' },
+      { name: 'divisor', type: 'u32' },
+      { name: 'count', type: 'u32' },
+      { name: 'withValues', type: 'u32' },
+      ...POLYNOMIAL_UNIFORMS,
+    ],
+    bindings: [
+      read('features', 'u32'),
+      read('z'),
+      read('sigma'),
+      read('upstream'),
+      read('validKeys', 'u32'),
+      read('moments'),
+      write('gradZ'),
+      write('gradSigma'),
+      write('values'),
+    ],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    declarations: `
+${polynomialHelpers(4)}
+fn featureIndex(packed: u32, t: u32) -> u32 { return (packed >> (8u * t)) & 0xffu; }`,
+    body: `
+  let D = u.D;
+  let DV = u.Dv;
+  let span = u.r1 - u.r0;
+  let slot = ${linearIndex(ROW_THREADS)};
+  if (span == 0u || slot >= u.owners * span) { return; }
+  let owner = slot / span;
+  let r = u.r0 + slot % span;
+  if (u.limitRows == 1u && r >= validKeys[owner]) { return; }
+  let row = owner * u.R + r;
+  var s = 1.0;
+  if (u.unitSigma == 0u) { s = sigma[row]; }
+  var zi: array<f32, ${headDim}>;
+  for (var d = 0u; d < D; d++) { zi[d] = z[row * D + d]; }
+  var up: array<f32, ${valueDim}>;
+  for (var c = 0u; c < DV; c++) { up[c] = upstream[row * (DV + 1u) + c]; }
+  let upLast = upstream[row * (DV + 1u) + DV];
+  var gradRow: array<f32, ${headDim}>;
+  var valueSum: array<f32, ${valueDim}>;
+  var gs = 0.0;
+  for (var g = 0u; g < u.count; g++) {
+    let momentBlock = (owner / u.divisor) * u.count + g;
+    for (var f = 0u; f < u.F; f++) {
+      let packed = features[3u * f];
+      let degree = features[3u * f + 1u];
+      let at = (momentBlock * u.F + f) * u.stride;
+      var slope = upLast * moments[at + DV];
+      for (var c = 0u; c < DV; c++) { slope += up[c] * moments[at + c]; }
+      var below = 1.0;
+      for (var t = 1u; t < degree; t++) { below *= s; }
+      var power = 1.0;
+      if (degree > 0u) { power = below * s; }
+      let scaled = coefficient(degree) * power;
+      var product = 1.0;
+      for (var t = 0u; t < degree; t++) { product *= zi[featureIndex(packed, t)]; }
+      if (u.withValues == 1u) {
+        let phi = scaled * product;
+        for (var c = 0u; c < DV; c++) { valueSum[c] += phi * moments[at + c]; }
+      }
+      if (degree > 0u) {
+        gs += slope * coefficient(degree) * f32(degree) * below * product;
+        for (var t = 0u; t < degree; t++) {
+          var others = 1.0;
+          for (var t2 = 0u; t2 < degree; t2++) {
+            if (t2 != t) { others *= zi[featureIndex(packed, t2)]; }
+          }
+          let d = featureIndex(packed, t);
+          gradRow[d] += slope * scaled * others;
+        }
+      }
+    }
+  }
+  for (var d = 0u; d < D; d++) { gradZ[row * D + d] = gradZ[row * D + d] + gradRow[d]; }
+  gradSigma[row] = gradSigma[row] + gs;
+  if (u.withValues == 1u) {
+    for (var c = 0u; c < DV; c++) { values[row * DV + c] = values[row * DV + c] + valueSum[c]; }
+  }`,
+  };
+}
+
+const BLOCK_UNIFORMS = [...BACKWARD_UNIFORMS, { name: 'chunk', type: 'u32' as const }];
+
+/**
+ * Causal factorized backward, query side of the diagonal blocks: for keys j in
+ * [chunkStart(i), keyLimit_i), ds_ij = (upstream_i·[v_j | 1]) f'(s_ij); dx_i += σ_i Σ ds_ij y_j and
+ * dσ_i += Σ ds_ij x_i·y_j (the keys before chunkStart came through the moments).
+ */
+export function blockQueryProgram(headDim: number, valueDim: number): ProgramInfo {
+  return {
+    key: `blockQuery:D${headDim}:Dv${valueDim}`,
+    uniforms: BLOCK_UNIFORMS,
+    bindings: [
+      read('x'),
+      read('sigma'),
+      read('y'),
+      read('v'),
+      read('validKeys', 'u32'),
+      read('upstream'),
+      write('dx'),
+      write('dsigma'),
+    ],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    declarations: `
+${KEY_LIMIT_HELPER}
+${polynomialHelpers(4)}
+${CHUNK_START_HELPER}`,
+    body: `
+  let D = u.D;
+  let DV = u.DV;
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let head = row / u.N;
+  let i = row % u.N;
+  let unit = head / u.G;
+  let s = sigma[row];
+  let limit = keyLimit(i, validKeys[unit]);
+  var xi: array<f32, ${headDim}>;
+  for (var d = 0u; d < D; d++) { xi[d] = x[row * D + d]; }
+  var up: array<f32, ${valueDim}>;
+  for (var c = 0u; c < DV; c++) { up[c] = upstream[row * (DV + 1u) + c]; }
+  let upLast = upstream[row * (DV + 1u) + DV];
+  var gradX: array<f32, ${headDim}>;
+  var gradSigma = 0.0;
+  for (var j = chunkStart(i); j < limit; j++) {
+    let key = unit * u.M + j;
+    var dot = 0.0;
+    for (var d = 0u; d < D; d++) { dot += xi[d] * y[key * D + d]; }
+    var g = upLast;
+    for (var c = 0u; c < DV; c++) { g += up[c] * v[key * DV + c]; }
+    let ds = g * polySlope(s * dot);
+    gradSigma += ds * dot;
+    for (var d = 0u; d < D; d++) { gradX[d] += ds * s * y[key * D + d]; }
+  }
+  for (var d = 0u; d < D; d++) { dx[row * D + d] = dx[row * D + d] + gradX[d]; }
+  dsigma[row] = dsigma[row] + gradSigma;`,
+  };
+}
+
+/**
+ * Causal factorized backward, key side of the diagonal blocks: key j gets the query rows i with
+ * chunkStart(i) <= j < keyLimit_i, at most one chunk of them per query head: dv_j += Σ w_ij
+ * upstream_i[0..Dv) and dy_j += Σ ds_ij σ_i x_i.
+ */
+export function blockKeyProgram(headDim: number, valueDim: number): ProgramInfo {
+  return {
+    key: `blockKey:D${headDim}:Dv${valueDim}`,
+    uniforms: BLOCK_UNIFORMS,
+    bindings: [
+      read('x'),
+      read('sigma'),
+      read('y'),
+      read('v'),
+      read('validKeys', 'u32'),
+      read('upstream'),
+      write('dy'),
+      write('dv'),
+    ],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    declarations: `
+${KEY_LIMIT_HELPER}
+${polynomialHelpers(4)}
+${CHUNK_START_HELPER}`,
+    body: `
+  let D = u.D;
+  let DV = u.DV;
+  let key = ${linearIndex(ROW_THREADS)};
+  if (key >= u.rows) { return; }
+  let unit = key / u.M;
+  let j = key % u.M;
+  let valid = validKeys[unit];
+  if (j >= valid || u.chunk == 0u) { return; }
+  // keyLimit_i > j from i >= j + N - M; chunkStart(i) <= j up to the end of that query's chunk.
+  let reach = i32(j) + i32(u.N) - i32(u.M);
+  if (reach < 0) { return; }
+  let first = u32(reach);
+  let last = min(u.N, (first / u.chunk + 1u) * u.chunk);
+  var yj: array<f32, ${headDim}>;
+  for (var d = 0u; d < D; d++) { yj[d] = y[key * D + d]; }
+  var vj: array<f32, ${valueDim}>;
+  for (var c = 0u; c < DV; c++) { vj[c] = v[key * DV + c]; }
+  var gradY: array<f32, ${headDim}>;
+  var gradV: array<f32, ${valueDim}>;
+  for (var r = 0u; r < u.G; r++) {
+    let head = unit * u.G + r;
+    for (var i = first; i < last; i++) {
+      if (j >= keyLimit(i, valid) || j < chunkStart(i)) { continue; }
+      let row = head * u.N + i;
+      let s = sigma[row];
+      var dot = 0.0;
+      for (var d = 0u; d < D; d++) { dot += x[row * D + d] * yj[d]; }
+      let w = poly(s * dot);
+      var g = upstream[row * (DV + 1u) + DV];
+      for (var c = 0u; c < DV; c++) {
+        let weight = upstream[row * (DV + 1u) + c];
+        g += weight * vj[c];
+        gradV[c] += w * weight;
+      }
+      let ds = g * polySlope(s * dot);
+      for (var d = 0u; d < D; d++) { gradY[d] += ds * s * x[row * D + d]; }
+    }
+  }
+  for (var d = 0u; d < D; d++) { dy[key * D + d] = dy[key * D + d] + gradY[d]; }
+  for (var c = 0u; c < DV; c++) { dv[key * DV + c] = dv[key * DV + c] + gradV[c]; }`,
   };
 }
 

@@ -2,17 +2,22 @@ import {
   applyProgram,
   backwardKeyProgram,
   backwardQueryProgram,
+  backwardUpstreamProgram,
+  blockKeyProgram,
+  blockQueryProgram,
   convertProgram,
   DIM_BUCKETS,
   directKeyTile,
   directProgram,
   divideRowsProgram,
+  featureGradientProgram,
   keyDivisorsProgram,
   momentsProgram,
   normalizeProgram,
   prefixMaxProgram,
   queryScalesProgram,
   rowNormsProgram,
+  scaleRowsProgram,
 } from './kernels.js';
 import type { ProgramInfo } from './wgsl.js';
 
@@ -31,12 +36,17 @@ export function allPrograms(workgroupStorage: number, float16: boolean): Program
     momentsProgram(),
     normalizeProgram(),
     applyProgram(),
+    backwardUpstreamProgram(),
+    scaleRowsProgram(),
   ];
   for (const D of DIM_BUCKETS) {
     for (const Dv of DIM_BUCKETS) {
       programs.push(directProgram(D, Dv, directKeyTile(D, Dv, workgroupStorage)));
       programs.push(backwardQueryProgram(D, Dv));
       programs.push(backwardKeyProgram(D, Dv));
+      programs.push(featureGradientProgram(D, Dv));
+      programs.push(blockQueryProgram(D, Dv));
+      programs.push(blockKeyProgram(D, Dv));
     }
   }
   if (float16) programs.push(convertProgram('f16'), convertProgram('f32'));

@@ -408,6 +408,19 @@ export async function run(context: BenchContext): Promise<number> {
     target: '<= 3x the forward',
     met: check(backward16 <= 3 * causal16),
   });
+  // A single head's backward runs in the calling thread with one thread (as it did before the
+  // backward split heads by value columns): the same call on one thread, for the speedup.
+  const backward16One = (await measure(() => fm1.backward(in16.q, in16.k, in16.v, dOut, causal2), timing))
+    .median;
+  rows.push({
+    case: `p=2 causal backward, ${threads} threads vs 1`,
+    N: n16,
+    fastmaxMs: backward16,
+    baselineMs: backward16One,
+    baseline: 'fastmax backward, 1 thread',
+    target: '(context)',
+    met: null,
+  });
   progress.tick();
 
   const in64 = inputsOf(n64, context.seed + 3);
