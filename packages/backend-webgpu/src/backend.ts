@@ -14,8 +14,6 @@ import {
   type HostTensor,
   isDeviceTensor,
   type Order,
-  prepareScores,
-  prepareScoresBackward,
   type ResolvedOptions,
   type ResolvedStateOptions,
   type Shape4,
@@ -26,17 +24,22 @@ import {
 import { featureTable } from './features.js';
 import { acquireDevice } from './gpu.js';
 import {
+  addProgram,
   applyProgram,
+  argmaxScanProgram,
+  argmaxScatterProgram,
   backwardKeyProgram,
   backwardQueryProgram,
   backwardUpstreamProgram,
   blockKeyProgram,
   blockQueryProgram,
+  chainRowsProgram,
   convertProgram,
   dimBucket,
   directKeyTile,
   directProgram,
   divideRowsProgram,
+  divisorGradientProgram,
   featureGradientProgram,
   keyDivisorsProgram,
   momentsProgram,
@@ -47,6 +50,9 @@ import {
   queryScalesProgram,
   rowNormsProgram,
   scaleRowsProgram,
+  sigmaGradientProgram,
+  traceArgmaxProgram,
+  valueRowsProgram,
 } from './kernels.js';
 import { Runtime, type WorkLimits } from './runtime.js';
 import { BACKEND_NAME, WebGpuTensor } from './tensor.js';
@@ -101,7 +107,7 @@ interface Slice {
 }
 
 /** What one kernel sequence needs to know about its sizes. */
-interface Geometry {
+export interface Geometry {
   readonly units: number;
   readonly G: number;
   readonly N: number;
@@ -207,7 +213,7 @@ export function recordPrepare(
   runningQ: GPUBuffer,
   runningK: GPUBuffer,
   borrowed: GPUBuffer[],
-): { x: Slice; y: Slice; sigma: Slice } {
+): PreparedSlices {
   const { units, G, N, M, D } = geometry;
   const queryRows = units * G * N;
   const keyRows = units * M;
@@ -294,7 +300,188 @@ export function recordPrepare(
     runtime.linearGrid(keyRows, 64),
     temporaries,
   );
-  return { x, y, sigma };
+  return { x, y, sigma, queryNorms, keyNorms, queryDivisor, keyDivisor };
+}
+
+/** What `recordPrepare` leaves on the device: the prepared x, y, σ and what divided them. */
+export interface PreparedSlices {
+  readonly x: Slice;
+  readonly y: Slice;
+  readonly sigma: Slice;
+  /** |c(q_i)| per query row and |c(k_j)| per key row. */
+  readonly queryNorms: Slice;
+  readonly keyNorms: Slice;
+  /** What x_i and y_j were divided by (1 where nothing, or a zero norm, divides). */
+  readonly queryDivisor: Slice;
+  readonly keyDivisor: Slice;
+}
+
+/** Gradients of the prepared quantities: dx per query row, dσ per query row, dy per key row. */
+export interface PreparedGradients {
+  readonly dx: Slice;
+  readonly dsigma: Slice;
+  readonly dy: Slice;
+}
+
+/**
+ * Records core's prepareScoresBackward (in f32) for inputs prepared by `recordPrepare` in the same
+ * pass (its prefix maxima started from 0): dq, dk from dx, dy, dσ. The argmax of every maximum is
+ * recomputed by core's own scan (lowest index on ties, none while all norms are 0), each row's
+ * gradient of the divisor is scattered onto its argmax row per sequence in a fixed order, and the
+ * rows are un-centered. dk covers the pass's query heads only (a unit split into head groups adds
+ * its passes' dk).
+ */
+export function recordPrepareBackward(
+  runtime: Runtime,
+  encoder: GPUCommandEncoder,
+  temporaries: GPUBuffer[],
+  geometry: Geometry,
+  options: ResolvedOptions,
+  prepared: PreparedSlices,
+  validKeys: GPUBuffer,
+  gradients: PreparedGradients,
+  borrowed: GPUBuffer[],
+): { dq: Slice; dk: Slice } {
+  const { units, G, N, M, D } = geometry;
+  const heads = units * G;
+  const queryRows = heads * N;
+  const keyRows = units * M;
+  const take = (bytes: number): Slice => {
+    const buffer = runtime.acquire(bytes);
+    borrowed.push(buffer);
+    return { buffer, size: bytes };
+  };
+  const kind = options.normalization.kind;
+  const mode = NormalizationCode[kind];
+  const dq = take(queryRows * D * 4);
+  const dk = take(keyRows * D * 4);
+  const queryScan = take(queryRows * 4);
+  const keyScan = take(keyRows * 4);
+  const queryArgmax = take(queryRows * 4);
+  const keyArgmax = take(queryRows * 4);
+  const queryScatter = take(queryRows * 4);
+  // prefix-max-norm routes per query head (summed over the unit's heads in chainRows).
+  const keyScatter = take((kind === 'prefix-max-norm' ? heads * M : keyRows) * 4);
+  const queryContribution = take(queryRows * 4);
+  const keyContribution = take(Math.max(queryRows, keyRows) * 4);
+  encoder.clearBuffer(queryScatter.buffer, 0, Math.ceil(queryScatter.size / 4) * 4);
+  encoder.clearBuffer(keyScatter.buffer, 0, Math.ceil(keyScatter.size / 4) * 4);
+  runtime.dispatch(
+    encoder,
+    argmaxScanProgram(),
+    { values: prepared.queryNorms, argmax: queryScan },
+    { sequences: heads, length: N },
+    runtime.linearGrid(heads, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    argmaxScanProgram(),
+    { values: prepared.keyNorms, argmax: keyScan },
+    { sequences: units, length: M },
+    runtime.linearGrid(units, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    traceArgmaxProgram(),
+    { queryNorms: prepared.queryNorms, queryScan, keyScan, validKeys, queryArgmax, keyArgmax },
+    { N, M, causal: options.causal ? 1 : 0, rows: queryRows, G, mode },
+    runtime.linearGrid(queryRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    divisorGradientProgram(),
+    {
+      grad: gradients.dx,
+      values: prepared.x,
+      divisor: prepared.queryDivisor,
+      contribution: queryContribution,
+    },
+    { rows: queryRows, dim: D },
+    runtime.linearGrid(queryRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    argmaxScatterProgram(),
+    { contribution: queryContribution, argmax: queryArgmax, sums: queryScatter },
+    { sequences: heads, length: N, targets: N, argStride: N, argStep: 1 },
+    runtime.linearGrid(heads, 64),
+    temporaries,
+  );
+  let keyRoutes = 0;
+  if (kind === 'max-norm' && N > 0) {
+    // One divisor per unit (its argmax is stored on every query row): every key row's dy feeds it.
+    runtime.dispatch(
+      encoder,
+      divisorGradientProgram(),
+      { grad: gradients.dy, values: prepared.y, divisor: prepared.keyDivisor, contribution: keyContribution },
+      { rows: keyRows, dim: D },
+      runtime.linearGrid(keyRows, 64),
+      temporaries,
+    );
+    runtime.dispatch(
+      encoder,
+      argmaxScatterProgram(),
+      { contribution: keyContribution, argmax: keyArgmax, sums: keyScatter },
+      { sequences: units, length: M, targets: M, argStride: G * N, argStep: 0 },
+      runtime.linearGrid(units, 64),
+      temporaries,
+    );
+    keyRoutes = 1;
+  } else if (kind === 'prefix-max-norm') {
+    runtime.dispatch(
+      encoder,
+      sigmaGradientProgram(),
+      { dsigma: gradients.dsigma, sigma: prepared.sigma, contribution: keyContribution },
+      { rows: queryRows, temperature: options.temperature },
+      runtime.linearGrid(queryRows, 64),
+      temporaries,
+    );
+    runtime.dispatch(
+      encoder,
+      argmaxScatterProgram(),
+      { contribution: keyContribution, argmax: keyArgmax, sums: keyScatter },
+      { sequences: heads, length: N, targets: M, argStride: N, argStep: 1 },
+      runtime.linearGrid(heads, 64),
+      temporaries,
+    );
+    keyRoutes = G;
+  }
+  const centered = kind === 'scale' ? 0 : 1;
+  runtime.dispatch(
+    encoder,
+    chainRowsProgram(),
+    {
+      grad: gradients.dx,
+      z: prepared.x,
+      divisor: prepared.queryDivisor,
+      norms: prepared.queryNorms,
+      scatter: queryScatter,
+      result: dq,
+    },
+    { rows: queryRows, dim: D, R: N, count: 1, project: 0, centered },
+    runtime.linearGrid(queryRows, 64),
+    temporaries,
+  );
+  runtime.dispatch(
+    encoder,
+    chainRowsProgram(),
+    {
+      grad: gradients.dy,
+      z: prepared.y,
+      divisor: prepared.keyDivisor,
+      norms: prepared.keyNorms,
+      scatter: keyScatter,
+      result: dk,
+    },
+    { rows: keyRows, dim: D, R: M, count: keyRoutes, project: kind === 'l2' ? 1 : 0, centered },
+    runtime.linearGrid(keyRows, 64),
+    temporaries,
+  );
+  return { dq, dk };
 }
 
 interface KernelInputs {
@@ -908,13 +1095,12 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     return { output: sink.tensor(), degenerateRows };
   };
 
-  const hostOf = async (tensor: Tensor): Promise<HostTensor> =>
-    isDeviceTensor(tensor) ? tensor.read() : tensor;
-
   /**
-   * Backward: normalization runs on the host in float64 (core's prepareScores and
-   * prepareScoresBackward, so the argmax routing is exactly core's); the kernel's gradients run on
-   * the GPU by the planned path: factorized (linear memory, recordFactorizedBackward) or direct.
+   * Backward, all on the device: the forward's prepare kernels give x, y, σ (and the norms and
+   * divisors); the kernel's gradients run by the planned path, factorized (linear memory,
+   * recordFactorizedBackward) or direct; recordPrepareBackward chains dx, dy, dσ back to dq, dk as
+   * core's prepareScoresBackward does. Device inputs are never read back; host outputs are read
+   * pass by pass.
    */
   const backward = async (request: BackwardRequest): Promise<BackwardResult> => {
     const { runtime, tables } = await live();
@@ -922,12 +1108,6 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     const { batch, heads, kvHeads, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
     const U = batch * kvHeads;
     const G = heads / kvHeads;
-    const [q, k, v, dOut] = await Promise.all([request.q, request.k, request.v, request.dOut].map(hostOf));
-    const prepared = prepareScores(q!, k!, shape, resolved);
-    const dx = new Float64Array(prepared.x.length);
-    const dy = new Float64Array(prepared.y.length);
-    const dsigma = new Float64Array(prepared.sigma.length);
-    const dv = new Float32Array(U * M * Dv);
     const factorized = plan.path === 'factorized';
     const F = featureCount(D, resolved.order);
     const perQueryHead = [N * D * 4, N * Dv * 4];
@@ -937,126 +1117,190 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
       perUnit.push(M * (Dv + 1) * 4, F * (Dv + 1) * 4);
     }
     const passes = planPasses(runtime, U, G, perQueryHead, perUnit);
-    // Key-side gradients sum over every query head; a unit split into head groups adds them up.
-    const addInto = (target: Float32Array | Float64Array, values: Float32Array, offset: number): void => {
-      for (let i = 0; i < values.length; i++) target[offset + i]! += values[i]!;
-    };
-    for (const { u0, u1, g0, g1, h0, h1 } of passes) {
-      const units = u1 - u0;
-      const rows = (h1 - h0) * N;
-      const keys = units * M;
-      const borrowed: GPUBuffer[] = [];
-      const temporaries: GPUBuffer[] = [];
-      const put = (values: ArrayLike<number>, from: number, count: number): Slice => {
-        const data = Float32Array.from({ length: count }, (_, i) => values[from + i]!);
-        const buffer = runtime.upload(data);
-        borrowed.push(buffer);
-        return { buffer, size: count * 4 };
-      };
-      const take = (bytes: number): Slice => {
-        const buffer = runtime.acquire(bytes);
-        borrowed.push(buffer);
-        return { buffer, size: bytes };
-      };
-      try {
-        const encoder = runtime.device.createCommandEncoder();
-        const x = put(prepared.x, h0 * N * D, rows * D);
-        const y = put(prepared.y, u0 * M * D, keys * D);
-        const sigma = put(prepared.sigma, h0 * N, rows);
-        const values = put(v!.data, u0 * M * Dv, keys * Dv);
-        const gradOut = put(dOut!.data, h0 * N * Dv, rows * Dv);
-        const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
-        borrowed.push(validKeys);
-        const gradX = take(rows * D * 4);
-        const gradSigma = take(rows * 4);
-        const gradY = take(keys * D * 4);
-        const gradV = take(keys * Dv * 4);
-        if (factorized) {
-          // [v_j | 1]: the key rows the query side's upstream is dotted with.
-          const keyRows = new Float32Array(keys * (Dv + 1));
-          for (let j = 0; j < keys; j++) {
-            for (let c = 0; c < Dv; c++) keyRows[j * (Dv + 1) + c] = v!.data[(u0 * M + j) * Dv + c]!;
-            keyRows[j * (Dv + 1) + Dv] = 1;
-          }
-          const keyRowsBuffer = runtime.upload(keyRows);
-          borrowed.push(keyRowsBuffer);
-          for (const slice of [gradX, gradSigma, gradY, gradV])
-            encoder.clearBuffer(slice.buffer, 0, slice.size);
-          recordFactorizedBackward(
+    const keep = request.keepOnDevice;
+    const dqSink = makeSink(runtime, [batch, heads, N, D], N * D, keep, 'float32');
+    const dkSink = makeSink(runtime, [batch, kvHeads, M, D], M * D, keep, 'float32');
+    const dvSink = makeSink(runtime, [batch, kvHeads, M, Dv], M * Dv, keep, 'float32');
+    // A unit whose query heads run in several passes sums its key-side gradients here.
+    const split = passes.some((pass) => pass.g1 - pass.g0 < G);
+    const dkTotal = split ? { buffer: runtime.acquire(M * D * 4), size: M * D * 4 } : undefined;
+    const dvTotal = split ? { buffer: runtime.acquire(M * Dv * 4), size: M * Dv * 4 } : undefined;
+    let complete = false;
+    try {
+      for (const { u0, u1, g0, g1, h0, h1 } of passes) {
+        const units = u1 - u0;
+        const rows = (h1 - h0) * N;
+        const keys = units * M;
+        const geometry: Geometry = { units, G: g1 - g0, N, M, D, Dv };
+        const borrowed: GPUBuffer[] = [];
+        const temporaries: GPUBuffer[] = [];
+        const take = (bytes: number): Slice => {
+          const buffer = runtime.acquire(bytes);
+          borrowed.push(buffer);
+          return { buffer, size: bytes };
+        };
+        try {
+          const encoder = runtime.device.createCommandEncoder();
+          const q = await sliceOf(runtime, encoder, request.q, N * D, h0, h1, borrowed, temporaries);
+          const k = await sliceOf(runtime, encoder, request.k, M * D, u0, u1, borrowed, temporaries);
+          const values = await sliceOf(runtime, encoder, request.v, M * Dv, u0, u1, borrowed, temporaries);
+          const gradOut = await sliceOf(
+            runtime,
+            encoder,
+            request.dOut,
+            N * Dv,
+            h0,
+            h1,
+            borrowed,
+            temporaries,
+          );
+          const validKeys = runtime.upload(validKeyCounts(shape, resolved, u0, u1));
+          borrowed.push(validKeys);
+          const runningQ = take((h1 - h0) * 4);
+          const runningK = take(units * 4);
+          encoder.clearBuffer(runningQ.buffer);
+          encoder.clearBuffer(runningK.buffer);
+          const prepared = recordPrepare(
             runtime,
             encoder,
             temporaries,
-            { units, G: g1 - g0, N, M, D, Dv },
+            geometry,
             resolved,
-            plan.chunkSize,
-            { x, y, sigma, v: values, validKeys },
-            gradOut,
-            { buffer: keyRowsBuffer, size: keyRows.length * 4 },
-            { dx: gradX, dsigma: gradSigma, dy: gradY, dv: gradV },
+            q,
+            k,
+            validKeys,
+            runningQ.buffer,
+            runningK.buffer,
             borrowed,
-            tables,
           );
-        } else {
-          const common = {
-            N,
-            M,
-            causal: resolved.causal ? 1 : 0,
-            D,
-            DV: Dv,
-            G: g1 - g0,
-            ...polynomialValues(resolved),
-          };
-          const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
-          const denominators = take(rows * 4);
-          const delta = take(rows * 4);
-          runtime.dispatch(
+          const { x, y, sigma } = prepared;
+          const gradX = take(rows * D * 4);
+          const gradSigma = take(rows * 4);
+          const gradY = take(keys * D * 4);
+          const gradV = take(keys * Dv * 4);
+          for (const slice of [gradX, gradSigma, gradY, gradV])
+            encoder.clearBuffer(slice.buffer, 0, Math.ceil(slice.size / 4) * 4);
+          if (factorized) {
+            // [v_j | 1]: the key rows the query side's upstream is dotted with.
+            const keyRows = take(keys * (Dv + 1) * 4);
+            runtime.dispatch(
+              encoder,
+              valueRowsProgram(),
+              { values, extended: keyRows },
+              { rows: keys, Dv },
+              runtime.linearGrid(keys, 64),
+              temporaries,
+            );
+            recordFactorizedBackward(
+              runtime,
+              encoder,
+              temporaries,
+              geometry,
+              resolved,
+              plan.chunkSize,
+              { x, y, sigma, v: values, validKeys },
+              gradOut,
+              keyRows,
+              { dx: gradX, dsigma: gradSigma, dy: gradY, dv: gradV },
+              borrowed,
+              tables,
+            );
+          } else {
+            const common = {
+              N,
+              M,
+              causal: resolved.causal ? 1 : 0,
+              D,
+              DV: Dv,
+              G: g1 - g0,
+              ...polynomialValues(resolved),
+            };
+            const [bucketD, bucketDv] = [dimBucket(D), dimBucket(Dv)];
+            const denominators = take(rows * 4);
+            const delta = take(rows * 4);
+            runtime.dispatch(
+              encoder,
+              backwardQueryProgram(bucketD, bucketDv),
+              {
+                x,
+                sigma,
+                y,
+                v: values,
+                validKeys,
+                dOut: gradOut,
+                dx: gradX,
+                dsigma: gradSigma,
+                delta,
+                denominators,
+              },
+              { ...common, rows },
+              runtime.linearGrid(rows, 64),
+              temporaries,
+            );
+            runtime.dispatch(
+              encoder,
+              backwardKeyProgram(bucketD, bucketDv),
+              { x, sigma, y, v: values, validKeys, denominators, dOut: gradOut, delta, dy: gradY, dv: gradV },
+              { ...common, rows: keys },
+              runtime.linearGrid(keys, 64),
+              temporaries,
+            );
+          }
+          const { dq, dk } = recordPrepareBackward(
+            runtime,
             encoder,
-            backwardQueryProgram(bucketD, bucketDv),
-            {
-              x,
-              sigma,
-              y,
-              v: values,
-              validKeys,
-              dOut: gradOut,
-              dx: gradX,
-              dsigma: gradSigma,
-              delta,
-              denominators,
-            },
-            { ...common, rows },
-            runtime.linearGrid(rows, 64),
             temporaries,
+            geometry,
+            resolved,
+            prepared,
+            validKeys,
+            { dx: gradX, dsigma: gradSigma, dy: gradY },
+            borrowed,
           );
-          runtime.dispatch(
-            encoder,
-            backwardKeyProgram(bucketD, bucketDv),
-            { x, sigma, y, v: values, validKeys, denominators, dOut: gradOut, delta, dy: gradY, dv: gradV },
-            { ...common, rows: keys },
-            runtime.linearGrid(keys, 64),
-            temporaries,
-          );
+          dqSink.record(encoder, dq, h0, temporaries);
+          let keySide: { dk: Slice; dv: Slice } | undefined = { dk, dv: gradV };
+          if (dkTotal !== undefined && dvTotal !== undefined) {
+            if (g0 === 0) {
+              encoder.clearBuffer(dkTotal.buffer, 0, Math.ceil(dkTotal.size / 4) * 4);
+              encoder.clearBuffer(dvTotal.buffer, 0, Math.ceil(dvTotal.size / 4) * 4);
+            }
+            for (const [source, target] of [
+              [dk, dkTotal],
+              [gradV, dvTotal],
+            ] as const) {
+              runtime.dispatch(
+                encoder,
+                addProgram(),
+                { source, total: target },
+                { count: target.size / 4 },
+                runtime.linearGrid(target.size / 4, 64),
+                temporaries,
+              );
+            }
+            keySide = g1 === G ? { dk: dkTotal, dv: dvTotal } : undefined;
+          }
+          if (keySide !== undefined) {
+            dkSink.record(encoder, keySide.dk, u0, temporaries);
+            dvSink.record(encoder, keySide.dv, u0, temporaries);
+          }
+          await runtime.submit(encoder, temporaries);
+          await dqSink.collect(dq, h0);
+          if (keySide !== undefined) {
+            await dkSink.collect(keySide.dk, u0);
+            await dvSink.collect(keySide.dv, u0);
+          }
+        } finally {
+          for (const buffer of temporaries) buffer.destroy();
+          for (const buffer of borrowed) runtime.release(buffer);
         }
-        await runtime.submit(encoder, temporaries);
-        dx.set(await runtime.read(gradX.buffer, gradX.size), h0 * N * D);
-        dsigma.set(await runtime.read(gradSigma.buffer, gradSigma.size), h0 * N);
-        addInto(dy, await runtime.read(gradY.buffer, gradY.size), u0 * M * D);
-        addInto(dv, await runtime.read(gradV.buffer, gradV.size), u0 * M * Dv);
-      } finally {
-        for (const buffer of temporaries) buffer.destroy();
-        for (const buffer of borrowed) runtime.release(buffer);
       }
+      complete = true;
+    } finally {
+      if (dkTotal !== undefined) runtime.release(dkTotal.buffer);
+      if (dvTotal !== undefined) runtime.release(dvTotal.buffer);
+      if (!complete) for (const sink of [dqSink, dkSink, dvSink]) sink.abandon();
     }
-    const { dq, dk } = prepareScoresBackward(prepared, shape, resolved, dx, dy, dsigma);
-    const result = async (shape4: Shape4, data: Float32Array): Promise<Tensor> => {
-      const host = { shape: shape4, data };
-      return request.keepOnDevice ? toDevice(host) : host;
-    };
-    return {
-      dq: await result([batch, heads, N, D], Float32Array.from(dq)),
-      dk: await result([batch, kvHeads, M, D], Float32Array.from(dk)),
-      dv: await result([batch, kvHeads, M, Dv], dv),
-    };
+    return { dq: dqSink.tensor(), dk: dkSink.tensor(), dv: dvSink.tensor() };
   };
 
   const toDevice = async (

@@ -982,3 +982,231 @@ export function convertProgram(to: 'f16' | 'f32'): ProgramInfo {
   destination[u.targetOffset + index] = ${to}(source[u.sourceOffset + index]);`,
   };
 }
+
+/** The argmax of no row (core's -1): every norm seen so far is 0. */
+const NO_INDEX = '0xffffffffu';
+
+/**
+ * Backward of the normalization chain, step 1: argmax[seq, i] = the lowest index of the largest
+ * value in values[seq, 0..i], or none while every value is 0: core's strict `>` scan, run serially
+ * per sequence so the tie rule (lowest index) and the zero rule are literally core's.
+ */
+export function argmaxScanProgram(): ProgramInfo {
+  return {
+    key: 'argmaxScan',
+    uniforms: [
+      { name: 'sequences', type: 'u32' },
+      { name: 'length', type: 'u32' },
+    ],
+    bindings: [read('values'), write('argmax', 'u32')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let sequence = ${linearIndex(ROW_THREADS)};
+  if (sequence >= u.sequences) { return; }
+  let base = sequence * u.length;
+  var best = 0.0;
+  var index = ${NO_INDEX};
+  for (var i = 0u; i < u.length; i++) {
+    let value = values[base + i];
+    if (value > best) {
+      best = value;
+      index = i;
+    }
+    argmax[base + i] = index;
+  }`,
+  };
+}
+
+/**
+ * Per query row, core's PreparationTrace: the query whose norm divides x_i and the key (within the
+ * unit) whose norm divides y (max-norm) or scales σ_i (prefix-max-norm), read from the scans.
+ */
+export function traceArgmaxProgram(): ProgramInfo {
+  return {
+    key: 'traceArgmax',
+    uniforms: [
+      ...KEY_LIMIT_UNIFORMS,
+      { name: 'rows', type: 'u32' },
+      { name: 'G', type: 'u32' },
+      { name: 'mode', type: 'u32' },
+    ],
+    bindings: [
+      read('queryNorms'),
+      read('queryScan', 'u32'),
+      read('keyScan', 'u32'),
+      read('validKeys', 'u32'),
+      write('queryArgmax', 'u32'),
+      write('keyArgmax', 'u32'),
+    ],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    declarations: KEY_LIMIT_HELPER,
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let head = row / u.N;
+  let i = row % u.N;
+  let unit = head / u.G;
+  var queryIndex = ${NO_INDEX};
+  var keyIndex = ${NO_INDEX};
+  if (u.mode == 0u) {
+    queryIndex = queryScan[head * u.N + u.N - 1u];
+    let valid = validKeys[unit];
+    if (valid > 0u) { keyIndex = keyScan[unit * u.M + valid - 1u]; }
+  } else if (u.mode == 1u) {
+    queryIndex = queryScan[row];
+    let limit = keyLimit(i, validKeys[unit]);
+    if (limit > 0u) { keyIndex = keyScan[unit * u.M + limit - 1u]; }
+  } else if (u.mode == 2u && queryNorms[row] > 0.0) {
+    queryIndex = i;
+  }
+  queryArgmax[row] = queryIndex;
+  keyArgmax[row] = keyIndex;`,
+  };
+}
+
+/** contribution[r] = −(grad_r · values_r)/divisor[r]: dL/d(divisor) of a row divided by it. */
+export function divisorGradientProgram(): ProgramInfo {
+  return {
+    key: 'divisorGradient',
+    uniforms: [
+      { name: 'rows', type: 'u32' },
+      { name: 'dim', type: 'u32' },
+    ],
+    bindings: [read('grad'), read('values'), read('divisor'), write('contribution')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  var dot = 0.0;
+  for (var d = 0u; d < u.dim; d++) { dot += grad[row * u.dim + d] * values[row * u.dim + d]; }
+  contribution[row] = -dot / divisor[row];`,
+  };
+}
+
+/** prefix-max-norm: σ_i = 1/(Mk_i·T), so dL/dMk_i = −dσ_i·σ_i²·T. */
+export function sigmaGradientProgram(): ProgramInfo {
+  return {
+    key: 'sigmaGradient',
+    uniforms: [
+      { name: 'rows', type: 'u32' },
+      { name: 'temperature', type: 'f32' },
+    ],
+    bindings: [read('dsigma'), read('sigma'), write('contribution')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let s = sigma[row];
+  contribution[row] = -dsigma[row] * s * s * u.temperature;`,
+  };
+}
+
+/**
+ * sums[seq, argmax(seq, r)] += contribution[seq, r] over r in order, one invocation per sequence:
+ * the gradient of a maximum flows to its argmax row, summed in a fixed order (no float atomics, so
+ * the result is deterministic). argmax(seq, r) = argmax[seq·argStride + r·argStep] (argStep 0: one
+ * argmax for the whole sequence). `sums` must be zeroed.
+ */
+export function argmaxScatterProgram(): ProgramInfo {
+  return {
+    key: 'argmaxScatter',
+    uniforms: [
+      { name: 'sequences', type: 'u32' },
+      { name: 'length', type: 'u32' },
+      { name: 'targets', type: 'u32' },
+      { name: 'argStride', type: 'u32' },
+      { name: 'argStep', type: 'u32' },
+    ],
+    bindings: [read('contribution'), read('argmax', 'u32'), write('sums')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let sequence = ${linearIndex(ROW_THREADS)};
+  if (sequence >= u.sequences) { return; }
+  for (var r = 0u; r < u.length; r++) {
+    let index = argmax[sequence * u.argStride + r * u.argStep];
+    if (index != ${NO_INDEX}) {
+      let slot = sequence * u.targets + index;
+      sums[slot] = sums[slot] + contribution[sequence * u.length + r];
+    }
+  }`,
+  };
+}
+
+/**
+ * The rest of core's prepareScoresBackward for one side, per row r (row j of owner o, R per owner):
+ * dc = grad/divisor (l2 keys, `project` 1: (grad − (grad·z) z)/divisor), plus the norm gradient
+ * routed to this row, Σ_{g<count} scatter[(o·count + g)·R + j], times ∂|c|/∂c = c/|c| = z·divisor/|c|;
+ * then, when `centered`, the gradient through centering (subtract the row mean).
+ */
+export function chainRowsProgram(): ProgramInfo {
+  return {
+    key: 'chainRows',
+    uniforms: [
+      { name: 'rows', type: 'u32' },
+      { name: 'dim', type: 'u32' },
+      { name: 'R', type: 'u32' },
+      { name: 'count', type: 'u32' },
+      { name: 'project', type: 'u32' },
+      { name: 'centered', type: 'u32' },
+    ],
+    bindings: [read('grad'), read('z'), read('divisor'), read('norms'), read('scatter'), write('result')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  let owner = row / u.R;
+  let j = row % u.R;
+  let base = row * u.dim;
+  let inverse = 1.0 / divisor[row];
+  var projection = 0.0;
+  if (u.project == 1u) {
+    for (var d = 0u; d < u.dim; d++) { projection += grad[base + d] * z[base + d]; }
+  }
+  var routed = 0.0;
+  for (var g = 0u; g < u.count; g++) { routed += scatter[(owner * u.count + g) * u.R + j]; }
+  var along = 0.0;
+  if (norms[row] > 0.0) { along = routed * divisor[row] / norms[row]; }
+  var mean = 0.0;
+  for (var d = 0u; d < u.dim; d++) {
+    let value = (grad[base + d] - projection * z[base + d]) * inverse + along * z[base + d];
+    result[base + d] = value;
+    mean += value;
+  }
+  if (u.centered == 1u) {
+    mean /= f32(u.dim);
+    for (var d = 0u; d < u.dim; d++) { result[base + d] = result[base + d] - mean; }
+  }`,
+  };
+}
+
+/** rows[j] = [v_j | 1]: the key rows the factorized backward's query side dots its upstream with. */
+export function valueRowsProgram(): ProgramInfo {
+  return {
+    key: 'valueRows',
+    uniforms: [
+      { name: 'rows', type: 'u32' },
+      { name: 'Dv', type: 'u32' },
+    ],
+    bindings: [read('values'), write('extended')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let row = ${linearIndex(ROW_THREADS)};
+  if (row >= u.rows) { return; }
+  for (var c = 0u; c < u.Dv; c++) { extended[row * (u.Dv + 1u) + c] = values[row * u.Dv + c]; }
+  extended[row * (u.Dv + 1u) + u.Dv] = 1.0;`,
+  };
+}
+
+/** total[i] += source[i]: key-side gradients of a unit whose query heads ran in several passes. */
+export function addProgram(): ProgramInfo {
+  return {
+    key: 'add',
+    uniforms: [{ name: 'count', type: 'u32' }],
+    bindings: [read('source'), write('total')],
+    workgroupSize: [ROW_THREADS, 1, 1],
+    body: `
+  let i = ${linearIndex(ROW_THREADS)};
+  if (i >= u.count) { return; }
+  total[i] = total[i] + source[i];`,
+  };
+}

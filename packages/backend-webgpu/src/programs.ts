@@ -1,15 +1,20 @@
 import {
+  addProgram,
   applyProgram,
+  argmaxScanProgram,
+  argmaxScatterProgram,
   backwardKeyProgram,
   backwardQueryProgram,
   backwardUpstreamProgram,
   blockKeyProgram,
   blockQueryProgram,
+  chainRowsProgram,
   convertProgram,
   DIM_BUCKETS,
   directKeyTile,
   directProgram,
   divideRowsProgram,
+  divisorGradientProgram,
   featureGradientProgram,
   keyDivisorsProgram,
   momentsProgram,
@@ -18,6 +23,9 @@ import {
   queryScalesProgram,
   rowNormsProgram,
   scaleRowsProgram,
+  sigmaGradientProgram,
+  traceArgmaxProgram,
+  valueRowsProgram,
 } from './kernels.js';
 import type { ProgramInfo } from './wgsl.js';
 
@@ -38,6 +46,14 @@ export function allPrograms(workgroupStorage: number, float16: boolean): Program
     applyProgram(),
     backwardUpstreamProgram(),
     scaleRowsProgram(),
+    argmaxScanProgram(),
+    traceArgmaxProgram(),
+    divisorGradientProgram(),
+    sigmaGradientProgram(),
+    argmaxScatterProgram(),
+    chainRowsProgram(),
+    valueRowsProgram(),
+    addProgram(),
   ];
   for (const D of DIM_BUCKETS) {
     for (const Dv of DIM_BUCKETS) {

@@ -76,12 +76,27 @@ function mismatch(argument: string, expected: number, actual: number, what: stri
 export function checkFinite(tensor: Tensor, name: string): void {
   if (isDeviceTensor(tensor)) return;
   const data = tensor.data;
-  for (let i = 0; i < data.length; i++) {
-    const value = data[i]!;
-    // value - value is 0 for every finite number and NaN for NaN and ±Infinity.
+  // x·0 is 0 for every finite x and NaN for NaN and ±Infinity, so four branch-free sums tell whether
+  // any value is bad at about twice the speed of a per-element test; only then is it located.
+  let sum0 = 0;
+  let sum1 = 0;
+  let sum2 = 0;
+  let sum3 = 0;
+  const length = data.length;
+  let i = 0;
+  for (; i + 3 < length; i += 4) {
+    sum0 += data[i]! * 0;
+    sum1 += data[i + 1]! * 0;
+    sum2 += data[i + 2]! * 0;
+    sum3 += data[i + 3]! * 0;
+  }
+  for (; i < length; i++) sum0 += data[i]! * 0;
+  if (sum0 + sum1 + sum2 + sum3 === 0) return;
+  for (let index = 0; index < length; index++) {
+    const value = data[index]!;
     if (value - value !== 0) {
       throw new FastmaxError('NON_FINITE_INPUT', `${name} holds a non-finite value`, {
-        argument: `${name}.data[${i}]`,
+        argument: `${name}.data[${index}]`,
         expected: 'a finite number',
         actual: describeValue(value),
       });

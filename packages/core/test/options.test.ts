@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { FastmaxError, featureCount, resolveOptions } from '../src/index.js';
+import { checkFinite, FastmaxError, featureCount, resolveOptions } from '../src/index.js';
 
 describe('resolveOptions', () => {
   it('defaults to order 2 with Taylor coefficients and max-norm', () => {
@@ -25,5 +25,20 @@ describe('resolveOptions', () => {
 describe('featureCount', () => {
   it('packs symmetric monomials: p = 2, D = 64 gives 2145', () => {
     expect(featureCount(64, 2)).toBe(2145);
+  });
+});
+
+describe('checkFinite', () => {
+  it('names the first non-finite value wherever it sits, and passes finite data', () => {
+    for (const bad of [Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY]) {
+      for (const at of [0, 5, 6, 7, 8]) {
+        const data = new Float32Array(9).fill(1.5);
+        data[at] = bad;
+        expect(() => checkFinite({ shape: [1, 1, 3, 3], data }, 'q')).toThrow(`q.data[${at}]`);
+      }
+    }
+    expect(() =>
+      checkFinite({ shape: [1, 1, 3, 3], data: new Float32Array(9).fill(-3e38) }, 'q'),
+    ).not.toThrow();
   });
 });
