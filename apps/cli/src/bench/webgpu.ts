@@ -151,7 +151,7 @@ interface ResultRow {
   readonly met: boolean | null;
 }
 
-/** The GPU targets of the WebGPU backend (docs/benchmarks-webgpu.md). */
+/** The GPU targets of the WebGPU backend (docs/benchmarks.md, WebGPU section). */
 function targetOf(
   N: number,
   order: Order,
