@@ -228,3 +228,49 @@ export function createProgressBar(total: number, options: ProgressOptions = {}):
     },
   };
 }
+
+/** One row of a backend benchmark table: every backend's `fastmax bench` prints the same columns. */
+export interface BenchRow {
+  readonly case: string;
+  readonly N: number;
+  readonly fastmaxMs: number;
+  readonly baselineMs?: number;
+  readonly baseline?: string;
+  readonly gflops?: number;
+  readonly target: string;
+  /** null when the row checks nothing (context rows, --quick, targets for other hardware). */
+  readonly met: boolean | null;
+}
+
+/** Two significant decimals below 10 GFLOP/s (software adapters), one above. */
+export function formatGflops(value: number): string {
+  return value < 10 ? value.toFixed(2) : value.toFixed(1);
+}
+
+/** The benchmark table: ratio is fastmax time / baseline time (below 1: fastmax is faster). */
+export function formatBenchTable(rows: readonly BenchRow[]): string {
+  return formatTable(
+    [
+      { header: 'case', align: 'left' },
+      { header: 'N' },
+      { header: 'fastmax' },
+      { header: 'GFLOP/s' },
+      { header: 'baseline', align: 'left' },
+      { header: 'baseline time' },
+      { header: 'ratio' },
+      { header: 'target', align: 'left' },
+      { header: 'met', align: 'left' },
+    ],
+    rows.map((row) => [
+      row.case,
+      String(row.N),
+      formatDuration(row.fastmaxMs),
+      row.gflops === undefined ? '-' : formatGflops(row.gflops),
+      row.baseline ?? '-',
+      row.baselineMs === undefined ? '-' : formatDuration(row.baselineMs),
+      row.baselineMs === undefined ? '-' : (row.fastmaxMs / row.baselineMs).toFixed(3),
+      row.target,
+      row.met === null ? '-' : row.met ? 'yes' : 'NO',
+    ]),
+  );
+}

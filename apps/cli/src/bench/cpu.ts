@@ -13,7 +13,7 @@ import { referenceBackend } from '@fastmax/core/reference';
 import { EXIT_OK } from '../args.js';
 import type { BenchContext } from '../commands/bench.js';
 import { println } from '../io.js';
-import { createProgressBar, formatDuration, formatTable, measure, writeJsonResult } from '../report.js';
+import { type BenchRow, createProgressBar, formatBenchTable, measure, writeJsonResult } from '../report.js';
 import { randomTensor } from '../workload.js';
 
 export const description = `Fastmax on the CPU backend (WebAssembly SIMD kernels on worker threads) against onnxruntime-node's
@@ -306,18 +306,6 @@ async function tfjsMatMulGflops(context: BenchContext): Promise<number> {
   return (2 * size ** 3) / (time.median * 1e6);
 }
 
-interface ResultRow {
-  readonly case: string;
-  readonly N: number;
-  readonly fastmaxMs: number;
-  readonly baselineMs?: number;
-  readonly baseline?: string;
-  readonly gflops?: number;
-  readonly target: string;
-  /** null when the row checks nothing (or --quick). */
-  readonly met: boolean | null;
-}
-
 export async function run(context: BenchContext): Promise<number> {
   const { io } = context;
   const quick = context.flags.quick === true;
@@ -332,7 +320,7 @@ export async function run(context: BenchContext): Promise<number> {
   // Each worker compiles the engine's JavaScript and tiers the WebAssembly up on its own, which
   // takes a few calls: fastmax gets at least 5 untimed calls, the baselines --warmup.
   const timing = { runs: context.runs, warmup: Math.max(context.warmup, 5) };
-  const rows: ResultRow[] = [];
+  const rows: BenchRow[] = [];
   const details: Record<string, unknown> = {};
   const progress = createProgressBar(12, { stream: io.stderr });
   const n16 = 16384 / scale;
@@ -552,33 +540,7 @@ export async function run(context: BenchContext): Promise<number> {
     `CPU backend: ${threads} thread${threads === 1 ? '' : 's'}; onnxruntime-node intra-op threads: ${threads}; ` +
       `tfjs-wasm matMul 1024³: ${tfjsGflops.toFixed(1)} GFLOP/s; D = Dv = ${HEAD_DIM}, B = H = 1 unless stated`,
   );
-  println(
-    io.stdout,
-    formatTable(
-      [
-        { header: 'case', align: 'left' },
-        { header: 'N' },
-        { header: 'fastmax' },
-        { header: 'GFLOP/s' },
-        { header: 'baseline', align: 'left' },
-        { header: 'baseline time' },
-        { header: 'ratio' },
-        { header: 'target', align: 'left' },
-        { header: 'met', align: 'left' },
-      ],
-      rows.map((row) => [
-        row.case,
-        String(row.N),
-        formatDuration(row.fastmaxMs),
-        row.gflops === undefined ? '-' : row.gflops.toFixed(1),
-        row.baseline ?? '-',
-        row.baselineMs === undefined ? '-' : formatDuration(row.baselineMs),
-        row.baselineMs === undefined ? '-' : (row.fastmaxMs / row.baselineMs).toFixed(3),
-        row.target,
-        row.met === null ? '-' : row.met ? 'yes' : 'NO',
-      ]),
-    ),
-  );
+  println(io.stdout, formatBenchTable(rows));
   if (context.json) {
     const path = await writeJsonResult('cpu', { threads, quick, rows, details, decode: decodeRows });
     println(io.stdout, `wrote ${path}`);

@@ -5,10 +5,11 @@ import { EXIT_CHECK_FAILED, EXIT_OK, parseInteger, stringFlag } from '../args.js
 import type { BenchContext } from '../commands/bench.js';
 import { println } from '../io.js';
 import {
+  type BenchRow,
   createProgressBar,
-  formatDuration,
+  formatBenchTable,
   formatError,
-  formatTable,
+  formatGflops,
   measure,
   writeJsonResult,
 } from '../report.js';
@@ -138,19 +139,6 @@ function softmaxRunner(
   };
 }
 
-/** The CPU benchmark's row shape (apps/cli/src/bench/cpu.ts), so both tables read the same. */
-interface ResultRow {
-  readonly case: string;
-  readonly N: number;
-  readonly fastmaxMs: number;
-  readonly baselineMs?: number;
-  readonly baseline?: string;
-  readonly gflops?: number;
-  readonly target: string;
-  /** null when the row checks nothing (every row on a software adapter: the targets are for GPUs). */
-  readonly met: boolean | null;
-}
-
 /** The GPU targets of the WebGPU backend (docs/benchmarks.md, WebGPU section). */
 function targetOf(
   N: number,
@@ -163,10 +151,6 @@ function targetOf(
   }
   if (N >= 4096) return { text: 'faster than softmax' };
   return { text: '-' };
-}
-
-function formatGflops(value: number): string {
-  return value < 10 ? value.toFixed(2) : value.toFixed(1);
 }
 
 export async function run(context: BenchContext): Promise<number> {
@@ -188,7 +172,7 @@ export async function run(context: BenchContext): Promise<number> {
   const causalModes = context.causal ?? [false, true];
   const orders: Order[] = context.order === undefined ? [1, 2] : [context.order];
   const fm = await createFastmax({ backend });
-  const rows: ResultRow[] = [];
+  const rows: BenchRow[] = [];
   let failed = false;
   const progress = createProgressBar(sizes.length * causalModes.length * orders.length, {
     stream: io.stderr,
@@ -246,33 +230,7 @@ export async function run(context: BenchContext): Promise<number> {
     for (const tensor of [q, k, v]) tensor.dispose();
   }
   progress.done();
-  println(
-    io.stdout,
-    formatTable(
-      [
-        { header: 'case', align: 'left' },
-        { header: 'N' },
-        { header: 'fastmax' },
-        { header: 'GFLOP/s' },
-        { header: 'baseline', align: 'left' },
-        { header: 'baseline time' },
-        { header: 'ratio' },
-        { header: 'target', align: 'left' },
-        { header: 'met', align: 'left' },
-      ],
-      rows.map((row) => [
-        row.case,
-        String(row.N),
-        formatDuration(row.fastmaxMs),
-        row.gflops === undefined ? '-' : formatGflops(row.gflops),
-        row.baseline ?? '-',
-        row.baselineMs === undefined ? '-' : formatDuration(row.baselineMs),
-        row.baselineMs === undefined ? '-' : (row.fastmaxMs / row.baselineMs).toFixed(3),
-        row.target,
-        row.met === null ? '-' : row.met ? 'yes' : 'NO',
-      ]),
-    ),
-  );
+  println(io.stdout, formatBenchTable(rows));
   println(io.stdout, 'ratio: Fastmax time / softmax time (below 1: Fastmax is faster).');
   if (software)
     println(io.stdout, 'Software adapter: absolute times say nothing about a GPU; compare ratios only.');
