@@ -34,3 +34,9 @@ it("@fastmax/core's README example runs", async () => {
     runSnippet('../../../packages/core/README.md', 'core-readme-example'),
   ).resolves.toBeUndefined();
 }, 60_000);
+
+it("@fastmax/backend-cpu's README example runs", async () => {
+  await expect(
+    runSnippet('../../../packages/backend-cpu/README.md', 'cpu-readme-example'),
+  ).resolves.toBeUndefined();
+}, 60_000);

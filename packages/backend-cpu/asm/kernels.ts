@@ -459,3 +459,152 @@ export function transpose(src: usize, ldSrc: i32, rows: i32, cols: i32, dst: usi
     }
   }
 }
+
+// Preparation and write-back: the per-element work around the products, so that the host only
+// copies raw rows in (one memcpy per chunk) and finished rows out.
+
+/**
+ * Rows [0, n) of a row-major n × d block (rows d floats apart): subtracts each row's mean in place
+ * when `centered`, and writes the row's (centered) Euclidean norm to norms[t].
+ */
+export function centerRows(src: usize, n: i32, d: i32, centered: i32, norms: usize): void {
+  const d4 = d & ~3;
+  const rowBytes = <usize>d << 2;
+  for (let t = 0; t < n; t++) {
+    const row = src + <usize>t * rowBytes;
+    if (centered) {
+      let acc = f32x4.splat(0);
+      for (let k = 0; k < d4; k += 4) acc = f32x4.add(acc, v128.load(row + (<usize>k << 2)));
+      let sum =
+        f32x4.extract_lane(acc, 0) + f32x4.extract_lane(acc, 1) + f32x4.extract_lane(acc, 2) + f32x4.extract_lane(acc, 3);
+      for (let k = d4; k < d; k++) sum += load<f32>(row + (<usize>k << 2));
+      const mean: f32 = sum / <f32>d;
+      const m = f32x4.splat(mean);
+      for (let k = 0; k < d4; k += 4) {
+        const p = row + (<usize>k << 2);
+        v128.store(p, f32x4.sub(v128.load(p), m));
+      }
+      for (let k = d4; k < d; k++) {
+        const p = row + (<usize>k << 2);
+        store<f32>(p, load<f32>(p) - mean);
+      }
+    }
+    let sq = f32x4.splat(0);
+    for (let k = 0; k < d4; k += 4) {
+      const x = v128.load(row + (<usize>k << 2));
+      sq = madd(x, x, sq);
+    }
+    let total =
+      f32x4.extract_lane(sq, 0) + f32x4.extract_lane(sq, 1) + f32x4.extract_lane(sq, 2) + f32x4.extract_lane(sq, 3);
+    for (let k = d4; k < d; k++) {
+      const x = load<f32>(row + (<usize>k << 2));
+      total += x * x;
+    }
+    store<f32>(norms + (<usize>t << 2), Mathf.sqrt(total));
+  }
+}
+
+/**
+ * dst[k][t] = src[t][k] · factors[t] for t < n, k < d (src rows d floats apart, dst rows ldDst floats
+ * apart), then zeros in columns [n, nPad) so that whole tiles stay finite.
+ */
+export function transposeScaled(src: usize, n: i32, d: i32, factors: usize, dst: usize, ldDst: i32, nPad: i32): void {
+  const rowBytes = <usize>d << 2;
+  const dstRow = <usize>ldDst << 2;
+  const n4 = n & ~3;
+  const d4 = d & ~3;
+  // 4 × 4 blocks: four scaled rows in, four transposed columns out, by shuffles.
+  for (let t = 0; t < n4; t += 4) {
+    const row = src + <usize>t * rowBytes;
+    const f0 = f32x4.splat(load<f32>(factors + (<usize>t << 2)));
+    const f1 = f32x4.splat(load<f32>(factors + (<usize>t << 2), 4));
+    const f2 = f32x4.splat(load<f32>(factors + (<usize>t << 2), 8));
+    const f3 = f32x4.splat(load<f32>(factors + (<usize>t << 2), 12));
+    for (let k = 0; k < d4; k += 4) {
+      const at = row + (<usize>k << 2);
+      const r0 = f32x4.mul(v128.load(at), f0);
+      const r1 = f32x4.mul(v128.load(at + rowBytes), f1);
+      const r2 = f32x4.mul(v128.load(at + 2 * rowBytes), f2);
+      const r3 = f32x4.mul(v128.load(at + 3 * rowBytes), f3);
+      const a = v128.shuffle<f32>(r0, r1, 0, 4, 1, 5);
+      const b = v128.shuffle<f32>(r0, r1, 2, 6, 3, 7);
+      const c = v128.shuffle<f32>(r2, r3, 0, 4, 1, 5);
+      const e = v128.shuffle<f32>(r2, r3, 2, 6, 3, 7);
+      const out = dst + <usize>k * dstRow + (<usize>t << 2);
+      v128.store(out, v128.shuffle<f32>(a, c, 0, 1, 4, 5));
+      v128.store(out + dstRow, v128.shuffle<f32>(a, c, 2, 3, 6, 7));
+      v128.store(out + 2 * dstRow, v128.shuffle<f32>(b, e, 0, 1, 4, 5));
+      v128.store(out + 3 * dstRow, v128.shuffle<f32>(b, e, 2, 3, 6, 7));
+    }
+    for (let k = d4; k < d; k++)
+      for (let i = 0; i < 4; i++) {
+        const f = load<f32>(factors + (<usize>(t + i) << 2));
+        store<f32>(dst + <usize>k * dstRow + (<usize>(t + i) << 2), load<f32>(row + <usize>i * rowBytes + (<usize>k << 2)) * f);
+      }
+  }
+  for (let t = n4; t < n; t++) {
+    const row = src + <usize>t * rowBytes;
+    const f = load<f32>(factors + (<usize>t << 2));
+    let at = dst + (<usize>t << 2);
+    for (let k = 0; k < d; k++) {
+      store<f32>(at, load<f32>(row + (<usize>k << 2)) * f);
+      at += dstRow;
+    }
+  }
+  if (nPad > n)
+    for (let k = 0; k < d; k++) memory.fill(dst + <usize>k * dstRow + (<usize>n << 2), 0, <usize>(nPad - n) << 2);
+}
+
+/**
+ * Value rows into 8-column panels: panel p row t = src[t][c0 + 8p .. c0 + 8p + 8), zero past c1.
+ * src rows are dv floats apart; panels are panelFloats floats apart; nc (a multiple of 8) columns.
+ */
+export function packPanels(src: usize, n: i32, dv: i32, c0: i32, c1: i32, nc: i32, dst: usize, panelFloats: i32): void {
+  const rowBytes = <usize>dv << 2;
+  const panelBytes = <usize>panelFloats << 2;
+  for (let c = 0; c < nc; c += 8) {
+    const panel = dst + <usize>(c >> 3) * panelBytes;
+    const first = c0 + c;
+    if (first + 8 <= c1) {
+      for (let t = 0; t < n; t++) {
+        const from = src + <usize>t * rowBytes + (<usize>first << 2);
+        const to = panel + (<usize>t << 5);
+        v128.store(to, v128.load(from));
+        v128.store(to, v128.load(from, 16), 16);
+      }
+    } else {
+      for (let t = 0; t < n; t++) {
+        const from = src + <usize>t * rowBytes;
+        const to = panel + (<usize>t << 5);
+        for (let lane = 0; lane < 8; lane++) {
+          const col = first + lane;
+          store<f32>(to + (<usize>lane << 2), col < c1 ? load<f32>(from + (<usize>col << 2)) : 0);
+        }
+      }
+    }
+  }
+}
+
+/**
+ * dst row r (width floats, rows width apart) = o row r [0, width) / den[r], or zeros when den[r] is
+ * not > 0 (degenerate, NaN included); returns the number of degenerate rows.
+ */
+export function normalizeRows(o: usize, ldO: i32, den: usize, rows: i32, width: i32, dst: usize): i32 {
+  let degenerate = 0;
+  const w4 = width & ~3;
+  for (let r = 0; r < rows; r++) {
+    const d = load<f32>(den + (<usize>r << 2));
+    const from = o + ((<usize>r * <usize>ldO) << 2);
+    const to = dst + ((<usize>r * <usize>width) << 2);
+    if (!(d > 0)) {
+      degenerate++;
+      memory.fill(to, 0, <usize>width << 2);
+      continue;
+    }
+    const inverse: f32 = <f32>1 / d;
+    const s = f32x4.splat(inverse);
+    for (let c = 0; c < w4; c += 4) v128.store(to + (<usize>c << 2), f32x4.mul(v128.load(from + (<usize>c << 2)), s));
+    for (let c = w4; c < width; c++) store<f32>(to + (<usize>c << 2), load<f32>(from + (<usize>c << 2)) * inverse);
+  }
+  return degenerate;
+}

@@ -10,9 +10,12 @@
  * - keys enter S (Kahan-compensated, in chunks of at most `keyChunk`) just before the first query
  *   chunk that needs them, so memory is O(F·Dv) for the state plus per-chunk scratch: the N×F
  *   feature matrices are never formed, only `featureBlock`-row slices of one chunk.
- * Normalization (centering, norms, maxima, σ) is done here in float64 from the float32 inputs,
- * following core's `prepareScores` formula by formula (tested against it), and the kernels get
- * z = σ·x for queries and y for keys, so that σ^l falls out of the degree-l monomials of z.
+ * Normalization follows core's `prepareScores` formula by formula (tested against it), in float32:
+ * per chunk the raw rows are copied into WebAssembly memory (one copy per tensor), the kernels center
+ * them and compute their norms, this driver turns the norms into one factor per row (maxima, σ: a
+ * few scalar operations per row), and the kernels scale and transpose the rows into the feature-major
+ * layout: z = σ·x for queries and y for keys, so that σ^l falls out of the degree-l monomials of z.
+ * Finished output rows are divided by their denominators in the kernels and copied out at once.
  */
 
 import type { KernelExports } from './kernel-types.js';
@@ -82,6 +85,8 @@ interface Layout {
   readonly chunk: number;
   readonly order: number;
   readonly heads: number;
+  /** Floats per raw value row (the host's Dv, whatever columns this engine produces). */
+  readonly valueDim: number;
 }
 
 /** Byte offsets of every buffer, for one layout. */
@@ -101,6 +106,19 @@ interface Buffers {
   /** Per head: S, its compensation, z, its compensation. */
   readonly states: number;
   readonly stateBytes: number;
+  /** Raw rows copied in from the host (queries, keys, values), before preparation. */
+  readonly qRaw: number;
+  readonly kRaw: number;
+  readonly vRaw: number;
+  /** Per-row norms and scale factors of the rows being prepared. */
+  readonly qNorms: number;
+  readonly qFactors: number;
+  readonly kNorms: number;
+  readonly kFactors: number;
+  /** prefix-max-norm: centered norms of the keys scanned ahead of the running key maximum. */
+  readonly scanNorms: number;
+  /** Finished output rows of one chunk, columns [c0, c1) only, before the copy out. */
+  readonly stage: number;
   readonly end: number;
 }
 
@@ -165,8 +183,9 @@ export class Engine {
   }
 
   /** Lays the buffers out for this layout, growing memory when needed; keeps the state if unchanged. */
-  prepare(setup: KernelSetup, columns: number, chunk: number, heads = 1): void {
+  prepare(setup: KernelSetup, columns: number, chunk: number, heads = 1, valueDim = columns): void {
     const layout: Layout = {
+      valueDim,
       features: setup.paddedFeatures,
       headDim: setup.headDim,
       columns: roundUp(Math.max(columns, 1), 8),
@@ -181,7 +200,8 @@ export class Engine {
       this.layout.columns === layout.columns &&
       this.layout.chunk === layout.chunk &&
       this.layout.order === layout.order &&
-      this.layout.heads === layout.heads;
+      this.layout.heads === layout.heads &&
+      this.layout.valueDim === layout.valueDim;
     if (!same) {
       this.layout = layout;
       this.buffers = this.allocate(layout);
@@ -218,6 +238,15 @@ export class Engine {
     const w = take(C * KEY_CHUNK * 4);
     const stateBytes = roundUp((2 * F * W + 2 * F) * 4, 64);
     const states = take(stateBytes * layout.heads);
+    const qRaw = take(C * D * 4);
+    const kRaw = take(keyLd * D * 4);
+    const vRaw = take(keyLd * layout.valueDim * 4);
+    const qNorms = take(C * 4);
+    const qFactors = take(C * 4);
+    const kNorms = take(keyLd * 4);
+    const kFactors = take(keyLd * 4);
+    const scanNorms = take(keyLd * 4);
+    const stage = take(C * W * 4);
     const end = offset;
     const memory = this.exports.memory;
     const needed = Math.ceil(end / 65536) - memory.buffer.byteLength / 65536;
@@ -238,6 +267,15 @@ export class Engine {
       w,
       states,
       stateBytes,
+      qRaw,
+      kRaw,
+      vRaw,
+      qNorms,
+      qFactors,
+      kNorms,
+      kFactors,
+      scanNorms,
+      stage,
       end,
     };
   }
@@ -254,7 +292,7 @@ export class Engine {
     const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = job;
     const b = Math.floor(unit.head / H);
     const kvHead = b * Hkv + Math.floor((unit.head % H) / (H / Hkv));
-    this.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize);
+    this.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize, 1, Dv);
     this.clearState(0);
     const view: HeadView = {
       q: job.q,
@@ -324,14 +362,30 @@ export class Engine {
     view: HeadView,
   ): { queryDivisor: number; keyDivisor: number } | null {
     if (job.normalization.kind !== 'max-norm') return null;
-    const D = view.headDim;
-    let queryMax = 0;
-    for (let i = 0; i < view.rows; i++)
-      queryMax = Math.max(queryMax, centeredNorm(view.q, view.qBase + i * D, D));
-    let keyMax = 0;
-    for (let j = 0; j < view.valid; j++)
-      keyMax = Math.max(keyMax, centeredNorm(view.k, view.kBase + j * D, D));
+    const queryMax = this.maxCenteredNorm(view.q, view.qBase, view.rows, view.headDim);
+    const keyMax = this.maxCenteredNorm(view.k, view.kBase, view.valid, view.headDim);
     return { queryDivisor: queryMax > 0 ? queryMax : 1, keyDivisor: keyMax > 0 ? keyMax : 1 };
+  }
+
+  /**
+   * Centered norms of `rows` rows of `data` from `base`, computed by the kernels in blocks through
+   * the raw key buffer, written to the buffer at byte offset `norms` (the last block's) and reduced to
+   * their maximum.
+   */
+  private maxCenteredNorm(data: Float32Array, base: number, rows: number, dim: number): number {
+    const b = this.buffers!;
+    const block = Math.max(KEY_CHUNK, this.layout!.chunk);
+    let max = 0;
+    for (let r0 = 0; r0 < rows; r0 += block) {
+      const n = Math.min(block, rows - r0);
+      this.refreshViews();
+      this.f32.set(data.subarray(base + r0 * dim, base + (r0 + n) * dim), b.kRaw >> 2);
+      this.exports.centerRows(b.kRaw, n, dim, 1, b.scanNorms);
+      const f32 = this.f32;
+      const at = b.scanNorms >> 2;
+      for (let t = 0; t < n; t++) if (f32[at + t]! > max) max = f32[at + t]!;
+    }
+    return max;
   }
 
   private runHead(
@@ -368,7 +422,6 @@ export class Engine {
     const scale = normalization.kind === 'scale' ? normalization.scale : 1;
     const limitOf = (i: number): number =>
       view.causal ? Math.max(0, Math.min(view.valid, i + view.causalShift + 1)) : view.valid;
-    const qRow = new Float64Array(D);
     let degenerate = 0;
     // prefix-max-norm's σ_i uses the largest key norm among the keys row i sees: keys are scanned
     // once, in order, as the limit grows (it never shrinks from one row to the next). Keys before
@@ -385,47 +438,26 @@ export class Engine {
       if (start === loadedStart && end === loadedEnd) return;
       loadedStart = start;
       loadedEnd = end;
+      const count = end - start;
+      const local = start - view.keyOffset;
       this.refreshViews();
       const f32 = this.f32;
-      const yBase = b.yT >> 2;
-      const vBase = b.vPanels >> 2;
-      const panelFloats = vPanel >> 2;
-      const keys = view.k;
-      const values = view.v;
-      const count = end - start;
+      f32.set(view.k.subarray(view.kBase + local * D, view.kBase + (local + count) * D), b.kRaw >> 2);
+      ex.centerRows(b.kRaw, count, D, centered ? 1 : 0, b.kNorms);
+      const norms = b.kNorms >> 2;
+      const factors = b.kFactors >> 2;
+      const constant = kind === 'max-norm' ? 1 / scales!.keyDivisor : 1;
       for (let t = 0; t < count; t++) {
-        const kb = view.kBase + (start + t - view.keyOffset) * D;
-        let mean = 0;
-        if (centered) {
-          for (let d = 0; d < D; d++) mean += keys[kb + d]!;
-          mean /= D;
-        }
-        let divisor = 1;
-        if (kind === 'max-norm') divisor = scales!.keyDivisor;
-        else if (kind === 'l2') {
-          const norm = centeredNorm(keys, kb, D);
-          divisor = norm > 0 ? norm : 1;
-        }
-        const inverse = 1 / divisor;
-        let target = yBase + t;
-        for (let d = 0; d < D; d++) {
-          f32[target] = (keys[kb + d]! - mean) * inverse;
-          target += keyLd;
-        }
-        const vb = view.vBase + (start + t - view.keyOffset) * view.valueDim;
-        for (let c = 0; c < W; c += 8) {
-          const row = vBase + (c >> 3) * panelFloats + t * 8;
-          for (let lane = 0; lane < 8; lane++) {
-            const col = view.c0 + c + lane;
-            f32[row + lane] = col < view.c1 ? values[vb + col]! : 0;
-          }
-        }
+        if (kind === 'l2') {
+          const norm = f32[norms + t]!;
+          f32[factors + t] = 1 / (norm > 0 ? norm : 1);
+        } else f32[factors + t] = constant;
       }
-      // The scores kernel reads whole 8-key tiles: keep the tail of the last tile finite. (Skipped
-      // when there is no tail: 64 empty fills per causal chunk are measurable at p = 1.)
-      if (count % 8 !== 0)
-        for (let d = 0; d < D; d++)
-          f32.fill(0, yBase + d * keyLd + count, yBase + d * keyLd + roundUp(count, 8));
+      // The scores kernel reads whole 8-key tiles: the tail of the last tile is zeroed.
+      ex.transposeScaled(b.kRaw, count, D, b.kFactors, b.yT, keyLd, roundUp(count, 8));
+      const Dv = view.valueDim;
+      f32.set(view.v.subarray(view.vBase + local * Dv, view.vBase + (local + count) * Dv), b.vRaw >> 2);
+      ex.packPanels(b.vRaw, count, Dv, view.c0, view.c1, W, b.vPanels, vPanel >> 2);
     };
 
     // Adds keys [state.keys, end) to the moment state.
@@ -459,10 +491,24 @@ export class Engine {
     };
 
     // prefix-max-norm: the largest centered key norm among keys [0, limit).
+    // Norms are computed by the kernels a block ahead: keys [scanStart, scanEnd) are in scanNorms.
+    let scanStart = 0;
+    let scanEnd = 0;
     const keyMaxUpTo = (limit: number): number => {
       for (; keysScanned < limit; keysScanned++) {
-        const local = keysScanned - view.keyOffset;
-        state.keyMax = Math.max(state.keyMax, centeredNorm(view.k, view.kBase + local * D, D));
+        if (keysScanned >= scanEnd) {
+          const n = Math.min(keyLd, view.valid - keysScanned);
+          const local = keysScanned - view.keyOffset;
+          this.refreshViews();
+          this.f32.set(view.k.subarray(view.kBase + local * D, view.kBase + (local + n) * D), b.kRaw >> 2);
+          ex.centerRows(b.kRaw, n, D, 1, b.scanNorms);
+          // loadKeys' cache keys on the range only: the raw buffer no longer holds its keys, but yT
+          // and the panels (what the cache stands for) are untouched.
+          scanStart = keysScanned;
+          scanEnd = keysScanned + n;
+        }
+        const norm = this.f32[(b.scanNorms >> 2) + keysScanned - scanStart]!;
+        if (norm > state.keyMax) state.keyMax = norm;
       }
       return state.keyMax;
     };
@@ -476,11 +522,14 @@ export class Engine {
         const nq4 = Math.ceil(nq / 4);
         this.refreshViews();
         const f32 = this.f32;
-        const xBase = b.xT >> 2;
         // Queries: z_i = σ_i · x_i, transposed to D × C.
+        f32.set(view.q.subarray(view.qBase + i0 * D, view.qBase + (i0 + nq) * D), b.qRaw >> 2);
+        ex.centerRows(b.qRaw, nq, D, centered ? 1 : 0, b.qNorms);
+        const norms = b.qNorms >> 2;
+        const factors = b.qFactors >> 2;
         for (let r = 0; r < nq; r++) {
           const i = i0 + r;
-          const norm = centeredRow(view.q, view.qBase + i * D, D, centered, qRow);
+          const norm = f32[norms + r]!;
           let factor: number;
           switch (kind) {
             case 'max-norm':
@@ -498,10 +547,9 @@ export class Engine {
             default:
               factor = scale / T;
           }
-          scatterColumn(f32, xBase + r, C, qRow, D, factor);
+          f32[factors + r] = factor;
         }
-        if (nq % 4 !== 0)
-          for (let d = 0; d < D; d++) f32.fill(0, xBase + d * C + nq, xBase + d * C + nq4 * 4);
+        ex.transposeScaled(b.qRaw, nq, D, b.qFactors, b.xT, C, nq4 * 4);
         f32.fill(0, b.o >> 2, (b.o >> 2) + C * W);
         f32.fill(0, b.den >> 2, (b.den >> 2) + C);
 
@@ -530,104 +578,21 @@ export class Engine {
           ex.weighted(b.w, KEY_CHUNK, nq4, nk, b.vPanels, vPanel, W, b.o, W, b.den);
         }
 
+        const width = view.c1 - view.c0;
+        degenerate += ex.normalizeRows(b.o, W, b.den, nq, width, b.stage);
         this.refreshViews();
-        degenerate += normalizeRows(
-          this.f32,
-          b.o >> 2,
-          b.den >> 2,
-          W,
-          nq,
-          view.out,
-          view.oBase + i0 * view.valueDim,
-          view.valueDim,
-          view.c0,
-          view.c1,
-        );
+        const stage = b.stage >> 2;
+        const outStart = view.oBase + i0 * view.valueDim;
+        if (width === view.valueDim) view.out.set(this.f32.subarray(stage, stage + nq * width), outStart);
+        else
+          for (let r = 0; r < nq; r++)
+            view.out.set(
+              this.f32.subarray(stage + r * width, stage + (r + 1) * width),
+              outStart + r * view.valueDim + view.c0,
+            );
       }
     }
     if (path === 'factorized') advance(finalKeys);
     return view.c0 === 0 ? degenerate : 0;
   }
-}
-
-/** out = the row minus its mean (when centered), in float64; returns its norm. */
-function centeredRow(
-  data: Float32Array,
-  base: number,
-  dim: number,
-  centered: boolean,
-  out: Float64Array,
-): number {
-  let mean = 0;
-  if (centered) {
-    for (let d = 0; d < dim; d++) mean += data[base + d]!;
-    mean /= dim;
-  }
-  let sum = 0;
-  for (let d = 0; d < dim; d++) {
-    const c = data[base + d]! - mean;
-    out[d] = c;
-    sum += c * c;
-  }
-  return Math.sqrt(sum);
-}
-
-/** target[start + d·stride] = row[d]·factor: one column of a feature-major (transposed) block. */
-function scatterColumn(
-  target: Float32Array,
-  start: number,
-  stride: number,
-  row: Float64Array,
-  dim: number,
-  factor: number,
-): void {
-  let at = start;
-  for (let d = 0; d < dim; d++) {
-    target[at] = row[d]! * factor;
-    at += stride;
-  }
-}
-
-/**
- * out row = numerator / denominator for columns [c0, c1) of rows [0, rows) of the chunk, zeros for
- * a row whose denominator is <= 0 (or NaN); returns how many rows were degenerate.
- */
-function normalizeRows(
-  source: Float32Array,
-  numerators: number,
-  denominators: number,
-  width: number,
-  rows: number,
-  out: Float32Array,
-  outBase: number,
-  valueDim: number,
-  c0: number,
-  c1: number,
-): number {
-  let degenerate = 0;
-  for (let r = 0; r < rows; r++) {
-    const den = source[denominators + r]!;
-    const target = outBase + r * valueDim;
-    if (!(den > 0)) {
-      degenerate++;
-      out.fill(0, target + c0, target + c1);
-      continue;
-    }
-    const inverse = 1 / den;
-    const row = numerators + r * width - c0;
-    for (let col = c0; col < c1; col++) out[target + col] = source[row + col]! * inverse;
-  }
-  return degenerate;
-}
-
-function centeredNorm(data: Float32Array, base: number, dim: number): number {
-  let mean = 0;
-  for (let d = 0; d < dim; d++) mean += data[base + d]!;
-  mean /= dim;
-  let sum = 0;
-  for (let d = 0; d < dim; d++) {
-    const c = data[base + d]! - mean;
-    sum += c * c;
-  }
-  return Math.sqrt(sum);
 }

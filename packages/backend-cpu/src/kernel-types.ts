@@ -72,6 +72,27 @@ export interface KernelExports {
     ldO: number,
     den: number,
   ): void;
+  centerRows(src: number, n: number, d: number, centered: number, norms: number): void;
+  transposeScaled(
+    src: number,
+    n: number,
+    d: number,
+    factors: number,
+    dst: number,
+    ldDst: number,
+    nPad: number,
+  ): void;
+  packPanels(
+    src: number,
+    n: number,
+    dv: number,
+    c0: number,
+    c1: number,
+    nc: number,
+    dst: number,
+    panelFloats: number,
+  ): void;
+  normalizeRows(o: number, ldO: number, den: number, rows: number, width: number, dst: number): number;
 }
 
 /** The backward pass's extra kernels. */
