@@ -5,15 +5,13 @@ import {
   isDeviceTensor,
   prepareScores,
   prepareScoresBackward,
-  resolveOptions,
-  validateAttentionInputs,
 } from '@fastmax/core';
 import { referenceBackward } from '@fastmax/core/reference';
 import { describe, expect, it, vi } from 'vitest';
-import { recordPrepare, recordPrepareBackward } from '../src/backend.js';
+import { recordPrepareBackward } from '../src/backend.js';
 import { WebGpuTensor, webgpuBackend } from '../src/index.js';
 import { Runtime } from '../src/runtime.js';
-import { adapterMissing, maxRelativeError, randomTensor, skipNote } from './support.js';
+import { adapterMissing, maxRelativeError, randomTensor, recordTestPrepare, skipNote } from './support.js';
 
 const missing = await adapterMissing();
 
@@ -63,40 +61,8 @@ async function chainOnDevice(
   dy: Float32Array,
   dsigma: Float32Array,
 ) {
-  const resolved = resolveOptions(options);
-  const shape = validateAttentionInputs(q, k, k, resolved);
-  const units = shape.batch * shape.kvHeads;
-  const G = shape.heads / shape.kvHeads;
-  const geometry = {
-    units,
-    G,
-    N: shape.queryLength,
-    M: shape.keyLength,
-    D: shape.headDim,
-    Dv: shape.headDim,
-  };
-  const borrowed: GPUBuffer[] = [];
-  const temporaries: GPUBuffer[] = [];
-  const encoder = runtime.device.createCommandEncoder();
-  const slice = (data: Float32Array) => ({ buffer: runtime.upload(data), size: data.byteLength });
-  const valid = new Uint32Array(units).map((_, u) =>
-    resolved.keyLengths === null ? shape.keyLength : resolved.keyLengths[Math.floor(u / shape.kvHeads)]!,
-  );
-  const validKeys = runtime.upload(valid);
-  const zeros = () => runtime.upload(new Float32Array(units * G));
-  const prepared = recordPrepare(
-    runtime,
-    encoder,
-    temporaries,
-    geometry,
-    resolved,
-    slice(q.data),
-    slice(k.data),
-    validKeys,
-    zeros(),
-    zeros(),
-    borrowed,
-  );
+  const { shape, resolved, geometry, encoder, borrowed, temporaries, validKeys, prepared, slice } =
+    recordTestPrepare(runtime, q, k, options);
   const chained = recordPrepareBackward(
     runtime,
     encoder,

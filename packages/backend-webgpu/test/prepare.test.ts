@@ -1,53 +1,13 @@
-import {
-  type FastmaxOptions,
-  type HostTensor,
-  keyLimit,
-  prepareScores,
-  resolveOptions,
-  validateAttentionInputs,
-} from '@fastmax/core';
+import { type FastmaxOptions, type HostTensor, keyLimit, prepareScores } from '@fastmax/core';
 import { describe, expect, it } from 'vitest';
-import { recordPrepare } from '../src/backend.js';
 import { webgpuBackend } from '../src/index.js';
 import { Runtime } from '../src/runtime.js';
-import { adapterMissing, maxRelativeError, randomTensor, skipNote } from './support.js';
+import { adapterMissing, maxRelativeError, randomTensor, recordTestPrepare, skipNote } from './support.js';
 
 const missing = await adapterMissing();
 
 async function prepareOnDevice(runtime: Runtime, q: HostTensor, k: HostTensor, options: FastmaxOptions) {
-  const resolved = resolveOptions(options);
-  const shape = validateAttentionInputs(q, k, k, resolved);
-  const units = shape.batch * shape.kvHeads;
-  const G = shape.heads / shape.kvHeads;
-  const geometry = {
-    units,
-    G,
-    N: shape.queryLength,
-    M: shape.keyLength,
-    D: shape.headDim,
-    Dv: shape.headDim,
-  };
-  const borrowed: GPUBuffer[] = [];
-  const temporaries: GPUBuffer[] = [];
-  const encoder = runtime.device.createCommandEncoder();
-  const slice = (t: HostTensor) => ({ buffer: runtime.upload(t.data), size: t.data.byteLength });
-  const valid = new Uint32Array(units).map((_, u) =>
-    resolved.keyLengths === null ? shape.keyLength : resolved.keyLengths[Math.floor(u / shape.kvHeads)]!,
-  );
-  const zeros = () => runtime.upload(new Float32Array(units * G));
-  const prepared = recordPrepare(
-    runtime,
-    encoder,
-    temporaries,
-    geometry,
-    resolved,
-    slice(q),
-    slice(k),
-    runtime.upload(valid),
-    zeros(),
-    zeros(),
-    borrowed,
-  );
+  const { shape, resolved, encoder, temporaries, prepared } = recordTestPrepare(runtime, q, k, options);
   await runtime.submit(encoder, temporaries);
   const read = (s: { buffer: GPUBuffer; size: number }) => runtime.read(s.buffer, s.size);
   return {

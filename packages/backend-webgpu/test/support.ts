@@ -1,5 +1,13 @@
-import type { HostTensor, Shape4 } from '@fastmax/core';
+import {
+  type FastmaxOptions,
+  type HostTensor,
+  resolveOptions,
+  type Shape4,
+  validateAttentionInputs,
+} from '@fastmax/core';
+import { recordPrepare } from '../src/backend.js';
 import { webgpuBackend } from '../src/index.js';
+import type { Runtime } from '../src/runtime.js';
 
 /** Deterministic uniform values in [-1, 1). */
 export function randomTensor(shape: Shape4, seed: number): HostTensor {
@@ -32,4 +40,47 @@ export function maxRelativeError(actual: ArrayLike<number>, expected: ArrayLike<
 /** Appended to a describe title so the report says why GPU tests were skipped. */
 export function skipNote(missing: string | undefined): string {
   return missing === undefined ? '' : ` (skipped: ${missing})`;
+}
+
+/**
+ * Records the GPU prepare kernels for q and k (values of k's shape stand in for v) into a new
+ * encoder, as the backend does for one unit range covering everything; the caller adds its own
+ * passes and submits. Tests of the prepare kernels and of their backward share it.
+ */
+export function recordTestPrepare(runtime: Runtime, q: HostTensor, k: HostTensor, options: FastmaxOptions) {
+  const resolved = resolveOptions(options);
+  const shape = validateAttentionInputs(q, k, k, resolved);
+  const units = shape.batch * shape.kvHeads;
+  const G = shape.heads / shape.kvHeads;
+  const geometry = {
+    units,
+    G,
+    N: shape.queryLength,
+    M: shape.keyLength,
+    D: shape.headDim,
+    Dv: shape.headDim,
+  };
+  const borrowed: GPUBuffer[] = [];
+  const temporaries: GPUBuffer[] = [];
+  const encoder = runtime.device.createCommandEncoder();
+  const slice = (data: Float32Array) => ({ buffer: runtime.upload(data), size: data.byteLength });
+  const valid = new Uint32Array(units).map((_, u) =>
+    resolved.keyLengths === null ? shape.keyLength : resolved.keyLengths[Math.floor(u / shape.kvHeads)]!,
+  );
+  const validKeys = runtime.upload(valid);
+  const zeros = () => runtime.upload(new Float32Array(units * G));
+  const prepared = recordPrepare(
+    runtime,
+    encoder,
+    temporaries,
+    geometry,
+    resolved,
+    slice(q.data),
+    slice(k.data),
+    validKeys,
+    zeros(),
+    zeros(),
+    borrowed,
+  );
+  return { resolved, shape, geometry, encoder, borrowed, temporaries, validKeys, prepared, slice };
 }
