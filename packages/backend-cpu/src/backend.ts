@@ -33,6 +33,7 @@ import {
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
 import { WorkerPool, workerFactory } from './pool.js';
 import { kernelSetup } from './setup.js';
+import { SharedStaging } from './staging.js';
 
 /** The CPU backend: a `FastmaxBackend` that can also say how many threads it computes with. */
 export interface CpuBackend extends FastmaxBackend {
@@ -107,14 +108,6 @@ function host(tensor: Tensor, name: string): HostTensor {
   return tensor;
 }
 
-/** A Float32Array the workers can read without a copy: the input itself when already shared. */
-function shared(data: Float32Array): Float32Array {
-  if (data.buffer instanceof SharedArrayBuffer) return data;
-  const copy = new Float32Array(new SharedArrayBuffer(data.byteLength));
-  copy.set(data);
-  return copy;
-}
-
 function normalizationSpec(options: ForwardRequest['options']): NormalizationSpec {
   const n = options.normalization;
   return n.kind === 'scale' ? { kind: 'scale', scale: n.scale } : { kind: n.kind };
@@ -141,35 +134,76 @@ function refuseLargeState(bytes: number, what: string): void {
 }
 
 /**
- * A unit that owns some value columns still builds every feature row and prepares every query and
- * key of its head, and on the direct path computes every score. That duplicated work is small next
- * to the moments only when there are many features: below this F, splitting a head costs more
- * than it saves.
+ * In the backward, a unit that owns some value columns still builds every feature row and prepares
+ * every query and key of its head, and on the direct path computes every score. That duplicated
+ * work is small next to the moments only when there are many features: below this F, splitting a
+ * head costs more than it saves.
  */
 const MIN_FEATURES_TO_SPLIT_COLUMNS = 256;
 
+/** Shared scratch kept between forward calls (inputs, output, partial sums), at most this much. */
+const KEEP_STAGING_BYTES = 256 * 2 ** 20;
+
 /**
- * Splits the (batch, head) pairs, and their value columns when there are fewer pairs than threads
- * (and `splitColumns`), into work units, grouped in a few batches per thread so idle workers keep
- * finding work.
+ * Splits the (batch, head) pairs into work units, grouped in a few batches per thread so idle
+ * workers keep finding work. With fewer pairs than threads, each head is split into `shares` units
+ * by features (see AttentionJob.shares).
  */
-function planUnits(heads: number, valueDim: number, threads: number, splitColumns: boolean): WorkUnit[][] {
-  const panels = Math.max(1, Math.ceil(valueDim / 8));
-  const splits = heads >= threads || !splitColumns ? 1 : Math.min(Math.ceil(threads / heads), panels);
-  const perSplit = Math.ceil(panels / splits);
+function planUnits(heads: number, valueDim: number, threads: number, shares: number): WorkUnit[][] {
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) {
-    for (let s = 0; s < splits; s++) {
-      const c0 = s * perSplit * 8;
-      const c1 = Math.min(valueDim, (s + 1) * perSplit * 8);
-      if (c0 < c1 || (s === 0 && valueDim === 0)) units.push({ head, c0, c1 });
-    }
+    for (let share = 0; share < shares; share++) units.push({ head, c0: 0, c1: valueDim, share });
   }
   const batchCount = Math.min(units.length, threads * 4);
   const size = Math.ceil(units.length / Math.max(1, batchCount));
   const batches: WorkUnit[][] = [];
   for (let i = 0; i < units.length; i += size) batches.push(units.slice(i, i + size));
   return batches;
+}
+
+/**
+ * Units per head for a factorized call with fewer heads than threads: enough to give every thread
+ * work, at most one per 4 features (the kernels' feature granularity).
+ */
+function featureShares(heads: number, threads: number, paddedFeatures: number): number {
+  if (heads >= threads) return 1;
+  return Math.max(1, Math.min(Math.ceil(threads / heads), paddedFeatures / 4));
+}
+
+/**
+ * Sums the shares of a feature-split forward (AttentionJob.shares) into finished rows of `result`:
+ * numerators over denominators, or zeros (counted) where the summed denominator is not > 0.
+ * Returns the degenerate rows.
+ */
+function combineShares(job: AttentionJob, result: Float32Array): number {
+  const { shares, queryLength: N, valueDim: Dv, out } = job;
+  const partialOut = job.partialOut!;
+  const partialDen = job.partialDen!;
+  const rows = job.batch * job.heads * N;
+  let degenerate = 0;
+  for (let row = 0; row < rows; row++) {
+    const head = Math.floor(row / N);
+    const i = row - head * N;
+    let den = 0;
+    for (let s = 0; s < shares; s++) den += partialDen[(head * shares + s) * N + i]!;
+    const start = row * Dv;
+    if (!(den > 0)) {
+      degenerate++;
+      continue;
+    }
+    const inverse = 1 / den;
+    if (shares === 2) {
+      // The common case (two threads): partialOut is laid out exactly like out.
+      for (let c = start; c < start + Dv; c++) result[c] = (out[c]! + partialOut[c]!) * inverse;
+      continue;
+    }
+    for (let c = 0; c < Dv; c++) {
+      let sum = out[start + c]!;
+      for (let s = 1; s < shares; s++) sum += partialOut[((head * (shares - 1) + s - 1) * N + i) * Dv + c]!;
+      result[start + c] = sum * inverse;
+    }
+  }
+  return degenerate;
 }
 
 /**
@@ -190,6 +224,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   let localEngine: Engine | null = null;
   let backwardEngine: BackwardEngine | null = null;
   let poolPromise: Promise<WorkerPool | null> | null = null;
+  const staging = new SharedStaging(KEEP_STAGING_BYTES);
   let disposed = false;
 
   const compiled = (): Promise<WebAssembly.Module> => {
@@ -264,32 +299,14 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       }
       const heads = B * H;
       const work = (factorized ? plan.cost.factorized : plan.cost.direct) * heads;
-      const splitColumns = factorized && plan.featureCount >= MIN_FEATURES_TO_SPLIT_COLUMNS;
-      let workers = heads > 0 && N > 0 && work >= parallelThreshold ? await pool() : null;
-      let batches = planUnits(heads, Dv, workers?.size ?? 1, splitColumns);
-      if (workers !== null && batches.length === 1) {
-        // One unit: the calling thread runs it without copying inputs to shared memory.
-        workers = null;
-        batches = planUnits(heads, Dv, 1, false);
-      }
-      const widest = batches.flat().reduce((m, u) => Math.max(m, u.c1 - u.c0), 0);
       if (factorized)
-        refuseLargeState(
-          stateBytes(setup.paddedFeatures, widest),
-          `F = ${plan.featureCount}, Dv = ${widest}`,
-        );
+        refuseLargeState(stateBytes(setup.paddedFeatures, Dv), `F = ${plan.featureCount}, Dv = ${Dv}`);
+      const workers = heads > 0 && N > 0 && work >= parallelThreshold ? await pool() : null;
+      const threadCount = workers?.size ?? 1;
+      const shares =
+        workers !== null && factorized ? featureShares(heads, threadCount, setup.paddedFeatures) : 1;
       const outLength = B * H * N * Dv;
-      const job: AttentionJob = {
-        ...allocate(() =>
-          workers
-            ? {
-                q: shared(q.data),
-                k: shared(k.data),
-                v: shared(v.data),
-                out: new Float32Array(new SharedArrayBuffer(outLength * 4)),
-              }
-            : { q: q.data, k: k.data, v: v.data, out: new Float32Array(outLength) },
-        ),
+      const common = {
         batch: B,
         heads: H,
         kvHeads: shape.kvHeads,
@@ -306,18 +323,44 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         chunkSize,
         setup,
       };
-      let degenerateRows = 0;
-      if (workers) {
-        degenerateRows = await workers.run(job, batches);
-      } else {
+      // A single unit runs in the calling thread, without copies to shared memory.
+      if (workers === null || heads * shares === 1) {
+        const job: AttentionJob = {
+          ...common,
+          ...allocate(() => ({ q: q.data, k: k.data, v: v.data, out: new Float32Array(outLength) })),
+          shares: 1,
+          partialOut: null,
+          partialDen: null,
+        };
         const local = await engine();
+        let degenerateRows = 0;
         try {
-          for (const batch of batches) for (const unit of batch) degenerateRows += local.runUnit(job, unit);
+          for (let head = 0; head < heads; head++)
+            degenerateRows += local.runUnit(job, { head, c0: 0, c1: Dv });
         } catch (error) {
           throw wrapEngineError(error);
         }
+        return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
       }
-      return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
+      return staging.exclusive(async () => {
+        const job: AttentionJob = {
+          ...common,
+          ...allocate(() => ({
+            q: staging.input('q', q.data),
+            k: staging.input('k', k.data),
+            v: staging.input('v', v.data),
+            out: staging.take('out', outLength),
+            partialOut: shares > 1 ? staging.take('partialOut', outLength * (shares - 1)) : null,
+            partialDen: shares > 1 ? staging.take('partialDen', heads * shares * N) : null,
+          })),
+          shares,
+        };
+        let degenerateRows = await workers.run(job, planUnits(heads, Dv, threadCount, shares));
+        const output = allocate(() => new Float32Array(outLength));
+        if (shares > 1) degenerateRows += combineShares(job, output);
+        else output.set(job.out);
+        return { output: { shape: [B, H, N, Dv], data: output }, degenerateRows };
+      });
     },
 
     async backward(request: BackwardRequest): Promise<BackwardResult> {
@@ -365,6 +408,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       poolPromise = null;
       localEngine = null;
       backwardEngine = null;
+      staging.release();
       (await current)?.dispose();
     },
 
@@ -479,6 +523,11 @@ class CpuState implements BackendState {
               valueDim: Dv,
               c0: 0,
               c1: Dv,
+              featureStart: 0,
+              featureEnd: this.setup.paddedFeatures,
+              share: 0,
+              shares: 1,
+              partial: null,
             },
             schedule,
             normalization,

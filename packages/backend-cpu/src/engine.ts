@@ -60,13 +60,42 @@ export interface AttentionJob {
   readonly schedules: readonly Int32Array[];
   readonly chunkSize: number;
   readonly setup: KernelSetup;
+  /**
+   * Units each head is split into by features (1: whole heads). With more than one, share 0 writes
+   * its unnormalized numerators to `out` and every other share s to `partialOut` slice
+   * (head·(shares − 1) + s − 1), each share its denominators to `partialDen` slice
+   * (head·shares + s); the caller sums them and divides (backend.ts, combineShares).
+   */
+  readonly shares: number;
+  readonly partialOut: Float32Array | null;
+  readonly partialDen: Float32Array | null;
 }
 
-/** One piece of work: a (batch, head) pair and the value columns [c0, c1) it produces. */
+/**
+ * One piece of work: a (batch, head) pair and the value columns [c0, c1) it produces (the backward
+ * splits columns); in the forward, share `share` of `shares` of the head's features.
+ */
 export interface WorkUnit {
   readonly head: number;
   readonly c0: number;
   readonly c1: number;
+  readonly share?: number;
+}
+
+/**
+ * Padded features [start, end) of share `share` of `shares`: equal counts, in groups of 4 because
+ * the moment and readout kernels take features 4 at a time.
+ */
+export function featureShare(
+  paddedFeatures: number,
+  share: number,
+  shares: number,
+): { start: number; end: number } {
+  const groups = paddedFeatures / 4;
+  return {
+    start: Math.floor((groups * share) / shares) * 4,
+    end: Math.floor((groups * (share + 1)) / shares) * 4,
+  };
 }
 
 /** Largest query chunk the scratch is laid out for; longer schedule chunks are cut into these. */
@@ -154,6 +183,24 @@ export interface HeadView {
   readonly valueDim: number;
   readonly c0: number;
   readonly c1: number;
+  /**
+   * Feature split (see AttentionJob.shares): this run owns features [featureStart, featureEnd) and
+   * the diagonal blocks of the query blocks whose index ≡ share (mod shares), and writes
+   * unnormalized numerators and denominators to `partial` instead of finished rows.
+   */
+  readonly featureStart: number;
+  readonly featureEnd: number;
+  readonly share: number;
+  readonly shares: number;
+  readonly partial: PartialTarget | null;
+}
+
+/** Where a feature share writes its unnormalized rows: numerators (Dv per row) and denominators. */
+export interface PartialTarget {
+  readonly out: Float32Array;
+  readonly outBase: number;
+  readonly den: Float32Array;
+  readonly denBase: number;
 }
 
 export class Engine {
@@ -294,6 +341,18 @@ export class Engine {
     const kvHead = b * Hkv + Math.floor((unit.head % H) / (H / Hkv));
     this.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize, 1, Dv);
     this.clearState(0);
+    const share = unit.share ?? 0;
+    const shares = job.shares;
+    const { start: featureStart, end: featureEnd } = featureShare(job.setup.paddedFeatures, share, shares);
+    let partial: PartialTarget | null = null;
+    if (shares > 1) {
+      partial = {
+        out: share === 0 ? job.out : job.partialOut!,
+        outBase: share === 0 ? unit.head * N * Dv : (unit.head * (shares - 1) + share - 1) * N * Dv,
+        den: job.partialDen!,
+        denBase: (unit.head * shares + share) * N,
+      };
+    }
     const view: HeadView = {
       q: job.q,
       qBase: unit.head * N * D,
@@ -312,6 +371,11 @@ export class Engine {
       valueDim: Dv,
       c0: unit.c0,
       c1: unit.c1,
+      featureStart,
+      featureEnd,
+      share,
+      shares,
+      partial,
     };
     const state: HeadState = { keys: 0, queryMax: 0, keyMax: 0 };
     const scales = this.queryScales(job, view);
@@ -420,6 +484,11 @@ export class Engine {
     const centered = kind !== 'scale';
     const T = temperature;
     const scale = normalization.kind === 'scale' ? normalization.scale : 1;
+    const fStart = view.featureStart;
+    const fEnd = view.featureEnd;
+    // Index of the current query block: with a feature split, only the share it maps to evaluates
+    // the block's keys past the state (each block's pairs are counted once over the shares).
+    let block = -1;
     const limitOf = (i: number): number =>
       view.causal ? Math.max(0, Math.min(view.valid, i + view.causalShift + 1)) : view.valid;
     let degenerate = 0;
@@ -467,8 +536,8 @@ export class Engine {
         const stop = Math.min(end, start + KEY_CHUNK);
         const count = stop - start;
         loadKeys(start, stop);
-        for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-          const nf = Math.min(FEATURE_BLOCK, F - f0);
+        for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+          const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
           ex.features(b.yT, keyLd, Math.ceil(count / 4), b.table, f0, f0 + nf, b.uk, keyLd);
           ex.moments(
             b.uk,
@@ -556,15 +625,16 @@ export class Engine {
         if (path === 'factorized') {
           advance(stateKeyEnd);
           if (state.keys > 0) {
-            for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-              const nf = Math.min(FEATURE_BLOCK, F - f0);
+            for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+              const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
               ex.features(b.xT, C, nq4, b.table, f0, f0 + nf, b.uq, C);
               ex.readout(b.uq, C, nf, sPtr + f0 * 32, sPanel, zPtr + f0 * 4, nq4, W, b.o, W, b.den);
             }
           }
         }
         // Keys past the state, pair by pair, in blocks of KEY_CHUNK keys.
-        const directEnd = limitOf(i0 + nq - 1);
+        block++;
+        const directEnd = block % view.shares === view.share ? limitOf(i0 + nq - 1) : stateKeyEnd;
         for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
           const nk = Math.min(KEY_CHUNK, directEnd - k0);
           loadKeys(k0, k0 + nk);
@@ -579,6 +649,18 @@ export class Engine {
         }
 
         const width = view.c1 - view.c0;
+        const partial = view.partial;
+        if (partial !== null) {
+          this.refreshViews();
+          const o = b.o >> 2;
+          const outStart = partial.outBase + i0 * view.valueDim;
+          if (W === width) partial.out.set(this.f32.subarray(o, o + nq * width), outStart);
+          else
+            for (let r = 0; r < nq; r++)
+              partial.out.set(this.f32.subarray(o + r * W, o + r * W + width), outStart + r * width);
+          partial.den.set(this.f32.subarray(b.den >> 2, (b.den >> 2) + nq), partial.denBase + i0);
+          continue;
+        }
         degenerate += ex.normalizeRows(b.o, W, b.den, nq, width, b.stage);
         this.refreshViews();
         const stage = b.stage >> 2;

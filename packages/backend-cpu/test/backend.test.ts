@@ -78,7 +78,7 @@ describe('threads', () => {
   const backend = cpuBackend({ threads: 2, parallelThreshold: 0 });
   afterAll(() => backend.dispose());
 
-  it('splits heads and value columns over workers and matches one thread', async () => {
+  it('spreads heads over workers and matches one thread exactly', async () => {
     const q = tensor([2, 3, 70, 16], 1);
     const k = tensor([2, 1, 70, 16], 2);
     const v = tensor([2, 1, 70, 40], 3);
@@ -93,6 +93,49 @@ describe('threads', () => {
     expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
     await serial.dispose();
   });
+
+  // Fewer heads than threads: each head's features are split over the workers (3 threads: one head
+  // in 3 shares, two heads in 2 shares each, so that partial sums of several heads are laid out), the diagonal blocks alternate between shares, and the
+  // calling thread sums numerators and denominators. Summing float32 shares reorders the sums over
+  // features, so results match one thread to float32 rounding, not bit for bit.
+  for (const [batch, causal] of [
+    [2, true],
+    [2, false],
+    [1, true],
+  ] as const) {
+    const shares = batch === 1 ? 3 : 2;
+    it(`splits ${batch} head(s) into ${shares} feature shares (${causal ? 'causal' : 'non-causal'})`, async () => {
+      const split = cpuBackend({ threads: 3, parallelThreshold: 0 });
+      const q = tensor([batch, 1, 75, 16], 31);
+      const k = tensor([batch, 1, 75, 16], 32);
+      const v = tensor([batch, 1, 75, 12], 33);
+      // With two batches, the second sees no key: its rows are degenerate and must be counted once,
+      // not once per share.
+      const options: FastmaxOptions = {
+        order: 2,
+        causal,
+        keyLengths: batch === 2 ? [60, 0] : [60],
+        chunkSize: 16,
+        path: 'factorized',
+      };
+      const parallel = await createFastmax({ backend: split });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      expect(await split.threadCount()).toBe(3);
+      const a = await parallel.attention(q, k, v, options);
+      const b = await serial.attention(q, k, v, options);
+      expect(a.degenerateRows).toBe(b.degenerateRows);
+      expect(a.degenerateRows).toBe(batch === 2 ? 75 : 0);
+      const reference = referenceAttention(q, k, v, options);
+      expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+      const x = (a.output as HostTensor).data;
+      const y = (b.output as HostTensor).data;
+      let error = 0;
+      for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
+      expect(error).toBeLessThan(1e-5);
+      await serial.dispose();
+      await parallel.dispose();
+    });
+  }
 
   it('splits the backward of one head by value columns, matching one thread', async () => {
     // D = 32, p = 2: F = 561 features, enough for the column split; Dv = 40 is 5 panels of 8, so
