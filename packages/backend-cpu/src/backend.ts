@@ -28,6 +28,7 @@ import {
   Engine,
   type HeadState,
   type NormalizationSpec,
+  type RowRange,
   type WorkUnit,
 } from './engine.js';
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
@@ -170,40 +171,15 @@ function featureShares(heads: number, threads: number, paddedFeatures: number): 
   return Math.max(1, Math.min(Math.ceil(threads / heads), paddedFeatures / 4));
 }
 
-/**
- * Sums the shares of a feature-split forward (AttentionJob.shares) into finished rows of `result`:
- * numerators over denominators, or zeros (counted) where the summed denominator is not > 0.
- * Returns the degenerate rows.
- */
-function combineShares(job: AttentionJob, result: Float32Array): number {
-  const { shares, queryLength: N, valueDim: Dv, out } = job;
-  const partialOut = job.partialOut!;
-  const partialDen = job.partialDen!;
-  const rows = job.batch * job.heads * N;
-  let degenerate = 0;
-  for (let row = 0; row < rows; row++) {
-    const head = Math.floor(row / N);
-    const i = row - head * N;
-    let den = 0;
-    for (let s = 0; s < shares; s++) den += partialDen[(head * shares + s) * N + i]!;
-    const start = row * Dv;
-    if (!(den > 0)) {
-      degenerate++;
-      continue;
-    }
-    const inverse = 1 / den;
-    if (shares === 2) {
-      // The common case (two threads): partialOut is laid out exactly like out.
-      for (let c = start; c < start + Dv; c++) result[c] = (out[c]! + partialOut[c]!) * inverse;
-      continue;
-    }
-    for (let c = 0; c < Dv; c++) {
-      let sum = out[start + c]!;
-      for (let s = 1; s < shares; s++) sum += partialOut[((head * (shares - 1) + s - 1) * N + i) * Dv + c]!;
-      result[start + c] = sum * inverse;
-    }
+/** `rows` output rows in `parts` contiguous ranges of nearly equal size. */
+function rowRanges(rows: number, parts: number): RowRange[] {
+  const ranges: RowRange[] = [];
+  for (let p = 0; p < parts; p++) {
+    const start = Math.floor((rows * p) / parts);
+    const end = Math.floor((rows * (p + 1)) / parts);
+    if (end > start) ranges.push({ start, end });
   }
-  return degenerate;
+  return ranges;
 }
 
 /**
@@ -343,6 +319,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
       }
       return staging.exclusive(async () => {
+        // Everything the workers touch lives in the reused staging; the caller's output is a plain
+        // array filled by one copy at the end. Fresh shared memory would be cheaper to hand over
+        // but costs its page faults on every call, where freed plain arrays are recycled.
         const job: AttentionJob = {
           ...common,
           ...allocate(() => ({
@@ -356,9 +335,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           shares,
         };
         let degenerateRows = await workers.run(job, planUnits(heads, Dv, threadCount, shares));
+        if (shares > 1) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
         const output = allocate(() => new Float32Array(outLength));
-        if (shares > 1) degenerateRows += combineShares(job, output);
-        else output.set(job.out);
+        output.set(job.out);
         return { output: { shape: [B, H, N, Dv], data: output }, degenerateRows };
       });
     },

@@ -64,7 +64,7 @@ export interface AttentionJob {
    * Units each head is split into by features (1: whole heads). With more than one, share 0 writes
    * its unnormalized numerators to `out` and every other share s to `partialOut` slice
    * (head·(shares − 1) + s − 1), each share its denominators to `partialDen` slice
-   * (head·shares + s); the caller sums them and divides (backend.ts, combineShares).
+   * (head·shares + s); a second pass sums them and divides (`combineShares`).
    */
   readonly shares: number;
   readonly partialOut: Float32Array | null;
@@ -157,6 +157,48 @@ export interface HeadState {
   /** Running maxima of centered norms (prefix-max-norm): all queries so far, all keys so far. */
   queryMax: number;
   keyMax: number;
+}
+
+/** Rows [start, end) of the B·H·N output rows, for the pass that combines feature shares. */
+export interface RowRange {
+  readonly start: number;
+  readonly end: number;
+}
+
+/**
+ * Finishes rows [start, end) of a feature-split forward (AttentionJob.shares) in place: share 0's
+ * numerators in `out` plus the other shares', over the summed denominators, or zeros (counted) where
+ * that sum is not > 0. Returns the degenerate rows.
+ */
+export function combineShares(job: AttentionJob, rows: RowRange): number {
+  const { shares, queryLength: N, valueDim: Dv, out } = job;
+  const partialOut = job.partialOut!;
+  const partialDen = job.partialDen!;
+  let degenerate = 0;
+  for (let row = rows.start; row < rows.end; row++) {
+    const head = Math.floor(row / N);
+    const i = row - head * N;
+    let den = 0;
+    for (let s = 0; s < shares; s++) den += partialDen[(head * shares + s) * N + i]!;
+    const start = row * Dv;
+    if (!(den > 0)) {
+      degenerate++;
+      out.fill(0, start, start + Dv);
+      continue;
+    }
+    const inverse = 1 / den;
+    if (shares === 2) {
+      // The common case (two threads): partialOut is laid out exactly like out.
+      for (let c = start; c < start + Dv; c++) out[c] = (out[c]! + partialOut[c]!) * inverse;
+      continue;
+    }
+    for (let c = 0; c < Dv; c++) {
+      let sum = out[start + c]!;
+      for (let s = 1; s < shares; s++) sum += partialOut[((head * (shares - 1) + s - 1) * N + i) * Dv + c]!;
+      out[start + c] = sum * inverse;
+    }
+  }
+  return degenerate;
 }
 
 /** Rows of one head in flat B×H×N×D storage. */

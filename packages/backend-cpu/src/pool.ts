@@ -1,5 +1,5 @@
 import { FastmaxError } from '@fastmax/core';
-import type { AttentionJob, WorkUnit } from './engine.js';
+import type { AttentionJob, RowRange, WorkUnit } from './engine.js';
 import { WORKER_SOURCE } from './generated/kernels.js';
 import type { BackwardJob, WorkerReply, WorkerRequest } from './worker.js';
 
@@ -142,23 +142,31 @@ export class WorkerPool {
     return this.enqueue((id, units) => ({ type: 'run', id, job, units }), batches);
   }
 
+  /** Finishes a feature-split forward (`combineShares`), one range of rows per worker. */
+  combine(job: AttentionJob, ranges: readonly RowRange[]): Promise<number> {
+    return this.enqueue(
+      (id, units) => ({ type: 'combine', id, job, units }),
+      ranges.map((range) => [range]),
+    );
+  }
+
   /** Runs the backward of the heads in `batches` (units of whole heads) on the workers. */
   backward(job: BackwardJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
     return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches);
   }
 
-  private enqueue(
-    request: (id: number, units: readonly WorkUnit[]) => WorkerRequest,
-    batches: readonly (readonly WorkUnit[])[],
+  private enqueue<Unit>(
+    request: (id: number, units: readonly Unit[]) => WorkerRequest,
+    batches: readonly (readonly Unit[])[],
   ): Promise<number> {
     const result = this.tail.then(() => this.execute(request, batches));
     this.tail = result.catch(() => {});
     return result;
   }
 
-  private execute(
-    request: (id: number, units: readonly WorkUnit[]) => WorkerRequest,
-    batches: readonly (readonly WorkUnit[])[],
+  private execute<Unit>(
+    request: (id: number, units: readonly Unit[]) => WorkerRequest,
+    batches: readonly (readonly Unit[])[],
   ): Promise<number> {
     if (this.disposed) return Promise.reject(new FastmaxError('DISPOSED', 'the CPU backend was disposed'));
     return new Promise((resolve, reject) => {

@@ -5,7 +5,14 @@
  * platform's message port; it imports nothing else at run time.
  */
 import { BackwardEngine, type BackwardHead } from './backward-engine.js';
-import { type AttentionJob, Engine, type KernelSetup, type WorkUnit } from './engine.js';
+import {
+  type AttentionJob,
+  combineShares,
+  Engine,
+  type KernelSetup,
+  type RowRange,
+  type WorkUnit,
+} from './engine.js';
 
 /**
  * A backward call's data. With workers, dz and dy are written per (query head, column range) and
@@ -97,6 +104,12 @@ export type WorkerRequest =
       readonly units: readonly WorkUnit[];
     }
   | {
+      readonly type: 'combine';
+      readonly id: number;
+      readonly job: AttentionJob;
+      readonly units: readonly RowRange[];
+    }
+  | {
       readonly type: 'backward';
       readonly id: number;
       readonly job: BackwardJob;
@@ -123,6 +136,8 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
       if (request.type === 'run') {
         forward ??= new Engine(module);
         for (const unit of request.units) degenerate += forward.runUnit(request.job, unit);
+      } else if (request.type === 'combine') {
+        for (const rows of request.units) degenerate += combineShares(request.job, rows);
       } else {
         const job = request.job;
         backward ??= new BackwardEngine(module);
