@@ -171,6 +171,54 @@ function featureShares(heads: number, threads: number, paddedFeatures: number): 
   return Math.max(1, Math.min(Math.ceil(threads / heads), paddedFeatures / 4));
 }
 
+/**
+ * Below this many features, a causal head is split by queries rather than by features: a feature
+ * share repeats the preparation of every query and key (centering, norms, transposes: memory-bound
+ * work comparable to the moments themselves when F is small), a query share only that of the keys
+ * before its first query, which it folds into its state.
+ */
+const MIN_FEATURES_FOR_FEATURE_SPLIT = 256;
+
+/**
+ * Cost of preparing one input element (centering, norm, transpose or panel packing), in
+ * multiply-adds of the product kernels: those run near the machine's SIMD peak while preparation is
+ * bound by memory traffic. Measured from a profile of the p = 1 causal forward at D = 64, where
+ * preparation is about a third of the time.
+ */
+const PREPARATION_COST = 40;
+
+/**
+ * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
+ * `prefixCost` per key before its first query (building the state it starts from) plus `queryCost`
+ * per query it answers; the boundaries make those totals equal.
+ */
+function sequenceBounds(
+  rows: number,
+  shares: number,
+  chunk: number,
+  queryCost: number,
+  prefixCost: number,
+): Int32Array {
+  const endFor = (budget: number): number[] => {
+    const bounds = [0];
+    for (let s = 0; s < shares; s++) {
+      const start = bounds[s]!;
+      bounds.push(start + Math.max(0, budget - prefixCost * start) / queryCost);
+    }
+    return bounds;
+  };
+  let low = 0;
+  let high = queryCost * rows;
+  for (let step = 0; step < 60; step++) {
+    const middle = (low + high) / 2;
+    if (endFor(middle)[shares]! < rows) low = middle;
+    else high = middle;
+  }
+  const bounds = endFor(high).map((b) => Math.min(rows, Math.round(b / chunk) * chunk));
+  bounds[shares] = rows;
+  return Int32Array.from(bounds);
+}
+
 /** `rows` output rows in `parts` contiguous ranges of nearly equal size. */
 function rowRanges(rows: number, parts: number): RowRange[] {
   const ranges: RowRange[] = [];
@@ -281,6 +329,19 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const threadCount = workers?.size ?? 1;
       const shares =
         workers !== null && factorized ? featureShares(heads, threadCount, setup.paddedFeatures) : 1;
+      const D = shape.headDim;
+      const queryBounds =
+        shares > 1 && resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT
+          ? sequenceBounds(
+              N,
+              shares,
+              chunkSize,
+              2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv),
+              plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv),
+            )
+          : null;
+      // Feature shares leave partial sums to be combined; query shares write finished rows.
+      const combined = shares > 1 && queryBounds === null;
       const outLength = B * H * N * Dv;
       const common = {
         batch: B,
@@ -307,6 +368,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           shares: 1,
           partialOut: null,
           partialDen: null,
+          queryBounds: null,
         };
         const local = await engine();
         let degenerateRows = 0;
@@ -329,13 +391,14 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             k: staging.input('k', k.data),
             v: staging.input('v', v.data),
             out: staging.take('out', outLength),
-            partialOut: shares > 1 ? staging.take('partialOut', outLength * (shares - 1)) : null,
-            partialDen: shares > 1 ? staging.take('partialDen', heads * shares * N) : null,
+            partialOut: combined ? staging.take('partialOut', outLength * (shares - 1)) : null,
+            partialDen: combined ? staging.take('partialDen', heads * shares * N) : null,
           })),
           shares,
+          queryBounds,
         };
         let degenerateRows = await workers.run(job, planUnits(heads, Dv, threadCount, shares));
-        if (shares > 1) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
+        if (combined) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
         const output = allocate(() => new Float32Array(outLength));
         output.set(job.out);
         return { output: { shape: [B, H, N, Dv], data: output }, degenerateRows };

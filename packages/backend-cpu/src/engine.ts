@@ -69,6 +69,13 @@ export interface AttentionJob {
   readonly shares: number;
   readonly partialOut: Float32Array | null;
   readonly partialDen: Float32Array | null;
+  /**
+   * Causal calls with few features split each head by queries instead (`shares` units): share s
+   * answers the schedule's chunks starting in [queryBounds[s], queryBounds[s + 1]) with every
+   * feature, after building the state of the keys before them itself (the prefix a sequential run
+   * would have built), and writes finished rows. Null: the feature split.
+   */
+  readonly queryBounds: Int32Array | null;
 }
 
 /**
@@ -384,8 +391,15 @@ export class Engine {
     this.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize, 1, Dv);
     this.clearState(0);
     const share = unit.share ?? 0;
-    const shares = job.shares;
-    const { start: featureStart, end: featureEnd } = featureShare(job.setup.paddedFeatures, share, shares);
+    const bySequence = job.queryBounds !== null;
+    // Feature shares of this unit: all of them when the head is split by queries.
+    const shares = bySequence ? 1 : job.shares;
+    const featureIndex = bySequence ? 0 : share;
+    const { start: featureStart, end: featureEnd } = featureShare(
+      job.setup.paddedFeatures,
+      featureIndex,
+      shares,
+    );
     let partial: PartialTarget | null = null;
     if (shares > 1) {
       partial = {
@@ -415,23 +429,27 @@ export class Engine {
       c1: unit.c1,
       featureStart,
       featureEnd,
-      share,
+      share: featureIndex,
       shares,
       partial,
     };
     const state: HeadState = { keys: 0, queryMax: 0, keyMax: 0 };
     const scales = this.queryScales(job, view);
-    return this.runHead(
-      view,
-      job.schedules[b]!,
-      job.path,
-      job.normalization,
-      job.temperature,
-      scales,
-      state,
-      0,
-      0,
-    );
+    let schedule = job.schedules[b]!;
+    if (bySequence) {
+      const from = job.queryBounds![share]!;
+      const to = job.queryBounds![share + 1]!;
+      let first = 0;
+      while (first < schedule.length && schedule[first]! < from) first += 4;
+      let last = first;
+      while (last < schedule.length && schedule[last]! < to) last += 4;
+      schedule = schedule.subarray(first, last);
+      // prefix-max-norm's running query maximum over the rows before this share's first chunk;
+      // the key maximum and the state catch up by themselves (keyMaxUpTo and advance start at 0).
+      if (job.normalization.kind === 'prefix-max-norm' && schedule.length > 0)
+        state.queryMax = this.maxCenteredNorm(view.q, view.qBase, schedule[0]!, D);
+    }
+    return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
   }
 
   /**

@@ -94,28 +94,37 @@ describe('threads', () => {
     await serial.dispose();
   });
 
-  // Fewer heads than threads: each head's features are split over the workers (3 threads: one head
-  // in 3 shares, two heads in 2 shares each, so that partial sums of several heads are laid out), the diagonal blocks alternate between shares, and the
-  // calling thread sums numerators and denominators. Summing float32 shares reorders the sums over
-  // features, so results match one thread to float32 rounding, not bit for bit.
-  for (const [batch, causal] of [
-    [2, true],
-    [2, false],
-    [1, true],
+  // Fewer heads than threads: each head is split over the workers (3 threads: one head in 3 shares,
+  // two heads in 2 shares each, so that the shares of several heads are laid out side by side).
+  // Causal calls with fewer than 256 features (p = 1, or p = 2 at D = 16: F = 153) split by queries:
+  // each share builds the state of the keys before its queries itself. The others (p = 2 at D = 32:
+  // F = 561, or non-causal) split by features: the diagonal blocks alternate between shares and a
+  // second pass sums numerators and denominators. Both reorder float32 sums, so results match one thread to float32 rounding, not
+  // bit for bit.
+  for (const [batch, causal, order, headDim] of [
+    [2, true, 2, 32],
+    [2, false, 2, 16],
+    [1, true, 2, 32],
+    [2, true, 1, 16],
+    [1, true, 2, 16],
   ] as const) {
     const shares = batch === 1 ? 3 : 2;
-    it(`splits ${batch} head(s) into ${shares} feature shares (${causal ? 'causal' : 'non-causal'})`, async () => {
+    const features = order === 1 ? headDim + 1 : ((headDim + 1) * (headDim + 2)) / 2;
+    const by = causal && features < 256 ? 'queries' : 'features';
+    it(`splits ${batch} head(s) into ${shares} shares by ${by} (p = ${order}, D = ${headDim}, ${causal ? 'causal' : 'non-causal'})`, async () => {
       const split = cpuBackend({ threads: 3, parallelThreshold: 0 });
-      const q = tensor([batch, 1, 75, 16], 31);
-      const k = tensor([batch, 1, 75, 16], 32);
-      const v = tensor([batch, 1, 75, 12], 33);
+      const N = 75;
+      const q = tensor([batch, 1, N, headDim], 31);
+      // Cross-attention (M = N + 5) so that the causal shift is exercised too.
+      const k = tensor([batch, 1, N + 5, headDim], 32);
+      const v = tensor([batch, 1, N + 5, 12], 33);
       // With two batches, the second sees no key: its rows are degenerate and must be counted once,
       // not once per share.
       const options: FastmaxOptions = {
-        order: 2,
+        order,
         causal,
         keyLengths: batch === 2 ? [60, 0] : [60],
-        chunkSize: 16,
+        chunkSize: 8,
         path: 'factorized',
       };
       const parallel = await createFastmax({ backend: split });
@@ -124,7 +133,7 @@ describe('threads', () => {
       const a = await parallel.attention(q, k, v, options);
       const b = await serial.attention(q, k, v, options);
       expect(a.degenerateRows).toBe(b.degenerateRows);
-      expect(a.degenerateRows).toBe(batch === 2 ? 75 : 0);
+      expect(a.degenerateRows).toBe(batch === 2 ? N : 0);
       const reference = referenceAttention(q, k, v, options);
       expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
       const x = (a.output as HostTensor).data;
