@@ -146,6 +146,12 @@ const MIN_FEATURES_TO_SPLIT_COLUMNS = 256;
 const KEEP_STAGING_BYTES = 256 * 2 ** 20;
 
 /**
+ * Outputs above this size are written to fresh shared memory and handed to the caller as they are:
+ * staged, they would be let go after the call anyway, and the copy out would double their memory.
+ */
+const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
+
+/**
  * Splits the (batch, head) pairs into work units, grouped in a few batches per thread so idle
  * workers keep finding work. With fewer pairs than threads, each head is split into `shares` units
  * by features (see AttentionJob.shares).
@@ -382,15 +388,18 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       }
       return staging.exclusive(async () => {
         // Everything the workers touch lives in the reused staging; the caller's output is a plain
-        // array filled by one copy at the end. Fresh shared memory would be cheaper to hand over
-        // but costs its page faults on every call, where freed plain arrays are recycled.
+        // array filled by one copy at the end. Fresh shared memory would save that copy but costs
+        // its page faults on every call, where freed plain arrays are recycled.
+        const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
         const job: AttentionJob = {
           ...common,
           ...allocate(() => ({
             q: staging.input('q', q.data),
             k: staging.input('k', k.data),
             v: staging.input('v', v.data),
-            out: staging.take('out', outLength),
+            out: stagedOutput
+              ? staging.take('out', outLength)
+              : new Float32Array(new SharedArrayBuffer(outLength * 4)),
             partialOut: combined ? staging.take('partialOut', outLength * (shares - 1)) : null,
             partialDen: combined ? staging.take('partialDen', heads * shares * N) : null,
           })),
@@ -399,6 +408,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         };
         let degenerateRows = await workers.run(job, planUnits(heads, Dv, threadCount, shares));
         if (combined) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
+        if (!stagedOutput) return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
         const output = allocate(() => new Float32Array(outLength));
         output.set(job.out);
         return { output: { shape: [B, H, N, Dv], data: output }, degenerateRows };

@@ -146,6 +146,30 @@ describe('threads', () => {
     });
   }
 
+  it('hands an output above 64 MiB over in the shared memory the workers wrote, equal to one thread', async () => {
+    // 240000 × 72 floats = 69 MB: staged, it would be copied out and doubled; small D keeps it fast.
+    const N = 240000;
+    const q = tensor([1, 1, N, 4], 41);
+    const k = tensor([1, 1, N, 4], 42);
+    const v = tensor([1, 1, N, 72], 43);
+    const options: FastmaxOptions = { order: 1, causal: true };
+    const parallel = await createFastmax({ backend });
+    const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+    const a = (await parallel.attention(q, k, v, options)).output as HostTensor;
+    const b = (await serial.attention(q, k, v, options)).output as HostTensor;
+    expect(a.data.buffer).toBeInstanceOf(SharedArrayBuffer);
+    expect(b.data.buffer).not.toBeInstanceOf(SharedArrayBuffer);
+    let error = 0;
+    let scale = 0;
+    for (let i = 0; i < b.data.length; i++) {
+      error = Math.max(error, Math.abs(a.data[i]! - b.data[i]!));
+      scale = Math.max(scale, Math.abs(b.data[i]!));
+    }
+    // The query split builds the second share's state in other blocks than one thread does.
+    expect(error / scale).toBeLessThan(1e-5);
+    await serial.dispose();
+  });
+
   it('splits the backward of one head by value columns, matching one thread', async () => {
     // D = 32, p = 2: F = 561 features, enough for the column split; Dv = 40 is 5 panels of 8, so
     // the two workers get 24 and 16 columns (each adds the denominator column itself).
