@@ -342,44 +342,91 @@ export function weighted(
 // ---- Backward pass -------------------------------------------------------------------------
 
 /**
- * H[f][i] = Σ_{c < nc} S[f][c] · G[c][i] for f < nf (a multiple of 4), i < 8·nq8: every feature's
- * moment row contracted with one vector per query (S in panels as in `moments`, G row-major).
+ * H[f][i] = Σ_{c < nc} S[f][c] · G[c][i] for f < nf (a multiple of 4), i < 8·n8: every feature's
+ * moment row contracted with one vector per token (S in panels as in `moments`). G comes in token
+ * blocks: block b (tokens 8b..8b+7) holds row c of G at g + b·blockBytes + 32c, so the tile streams
+ * G contiguously, and the accumulators run over every panel of S without restarting per panel
+ * (about 1.4x the speed of a per-panel tile over a row-major G).
  */
-export function project(s: usize, sPanel: i32, nf: i32, nc: i32, g: usize, ldG: i32, nq8: i32, h: usize, ldH: i32): void {
-  const gRow = <usize>ldG << 2;
+export function projectBlocks(s: usize, sPanel: i32, nf: i32, nc: i32, g: usize, blockBytes: i32, n8: i32, h: usize, ldH: i32): void {
   const hRow = <usize>ldH << 2;
+  const panels = nc >> 3;
   for (let f = 0; f < nf; f += 4) {
-    for (let i = 0; i < nq8 << 3; i += 8) {
-      let a0 = f32x4.splat(0);
-      let a1 = f32x4.splat(0);
-      let a2 = f32x4.splat(0);
-      let a3 = f32x4.splat(0);
-      let a4 = f32x4.splat(0);
-      let a5 = f32x4.splat(0);
-      let a6 = f32x4.splat(0);
-      let a7 = f32x4.splat(0);
-      for (let p = 0; p < nc >> 3; p++) {
-        const base = s + <usize>p * <usize>sPanel + (<usize>f << 5);
-        tile4x8(base, base + 32, base + 64, base + 96, 4, g + <usize>(p << 3) * gRow + (<usize>i << 2), gRow, 8);
-        a0 = f32x4.add(a0, t0);
-        a1 = f32x4.add(a1, t1);
-        a2 = f32x4.add(a2, t2);
-        a3 = f32x4.add(a3, t3);
-        a4 = f32x4.add(a4, t4);
-        a5 = f32x4.add(a5, t5);
-        a6 = f32x4.add(a6, t6);
-        a7 = f32x4.add(a7, t7);
+    for (let j = 0; j < n8; j++) {
+      let c00 = f32x4.splat(0);
+      let c01 = f32x4.splat(0);
+      let c10 = f32x4.splat(0);
+      let c11 = f32x4.splat(0);
+      let c20 = f32x4.splat(0);
+      let c21 = f32x4.splat(0);
+      let c30 = f32x4.splat(0);
+      let c31 = f32x4.splat(0);
+      let bp = g + <usize>j * <usize>blockBytes;
+      for (let p = 0; p < panels; p++) {
+        let a = s + <usize>p * <usize>sPanel + (<usize>f << 5);
+        for (let k = 0; k < 8; k++) {
+          const b0 = v128.load(bp);
+          const b1 = v128.load(bp, 16);
+          let x = v128.load32_splat(a);
+          c00 = madd(x, b0, c00);
+          c01 = madd(x, b1, c01);
+          x = v128.load32_splat(a, 32);
+          c10 = madd(x, b0, c10);
+          c11 = madd(x, b1, c11);
+          x = v128.load32_splat(a, 64);
+          c20 = madd(x, b0, c20);
+          c21 = madd(x, b1, c21);
+          x = v128.load32_splat(a, 96);
+          c30 = madd(x, b0, c30);
+          c31 = madd(x, b1, c31);
+          a += 4;
+          bp += 32;
+        }
       }
-      const o = h + <usize>f * hRow + (<usize>i << 2);
-      v128.store(o, a0);
-      v128.store(o, a1, 16);
-      v128.store(o + hRow, a2);
-      v128.store(o + hRow, a3, 16);
-      v128.store(o + 2 * hRow, a4);
-      v128.store(o + 2 * hRow, a5, 16);
-      v128.store(o + 3 * hRow, a6);
-      v128.store(o + 3 * hRow, a7, 16);
+      const o = h + <usize>f * hRow + (<usize>j << 5);
+      v128.store(o, c00);
+      v128.store(o, c01, 16);
+      v128.store(o + hRow, c10);
+      v128.store(o + hRow, c11, 16);
+      v128.store(o + 2 * hRow, c20);
+      v128.store(o + 2 * hRow, c21, 16);
+      v128.store(o + 3 * hRow, c30);
+      v128.store(o + 3 * hRow, c31, 16);
     }
+  }
+}
+
+/**
+ * out[a] += hv · ∂φ/∂x_a for the monomial φ = x_o0·x_o1·… of one feature, over four tokens at byte
+ * offset c (o0..o3: byte offsets of the factors' rows, shared by src and out).
+ */
+@inline
+function addMonomialGradient(degree: i32, o0: usize, o1: usize, o2: usize, o3: usize, src: usize, out: usize, c: usize, hv: v128): void {
+  if (degree == 1) {
+    v128.store(out + o0 + c, f32x4.add(v128.load(out + o0 + c), hv));
+  } else if (degree == 2) {
+    const x0 = v128.load(src + o0 + c);
+    const x1 = v128.load(src + o1 + c);
+    v128.store(out + o0 + c, madd(hv, x1, v128.load(out + o0 + c)));
+    v128.store(out + o1 + c, madd(hv, x0, v128.load(out + o1 + c)));
+  } else if (degree == 3) {
+    const x0 = v128.load(src + o0 + c);
+    const x1 = v128.load(src + o1 + c);
+    const x2 = v128.load(src + o2 + c);
+    v128.store(out + o0 + c, madd(hv, f32x4.mul(x1, x2), v128.load(out + o0 + c)));
+    v128.store(out + o1 + c, madd(hv, f32x4.mul(x0, x2), v128.load(out + o1 + c)));
+    v128.store(out + o2 + c, madd(hv, f32x4.mul(x0, x1), v128.load(out + o2 + c)));
+  } else {
+    const x0 = v128.load(src + o0 + c);
+    const x1 = v128.load(src + o1 + c);
+    const x2 = v128.load(src + o2 + c);
+    const x3 = v128.load(src + o3 + c);
+    const x01 = f32x4.mul(x0, x1);
+    const x23 = f32x4.mul(x2, x3);
+    v128.store(out + o0 + c, madd(hv, f32x4.mul(x1, x23), v128.load(out + o0 + c)));
+    v128.store(out + o1 + c, madd(hv, f32x4.mul(x0, x23), v128.load(out + o1 + c)));
+    v128.store(out + o2 + c, madd(hv, f32x4.mul(x01, x3), v128.load(out + o2 + c)));
+    v128.store(out + o3 + c, madd(hv, f32x4.mul(x01, x2), v128.load(out + o3 + c)));
   }
 }
 
@@ -411,33 +458,50 @@ export function featureGradient(
     const o3 = <usize>(packed >> 24) * rowBytes;
     for (let j = 0; j < n4; j++) {
       const c = <usize>j << 4;
-      const hv = v128.load(hp + c);
-      if (degree == 1) {
-        v128.store(out + o0 + c, f32x4.add(v128.load(out + o0 + c), hv));
-      } else if (degree == 2) {
-        const x0 = v128.load(src + o0 + c);
-        const x1 = v128.load(src + o1 + c);
-        v128.store(out + o0 + c, madd(hv, x1, v128.load(out + o0 + c)));
-        v128.store(out + o1 + c, madd(hv, x0, v128.load(out + o1 + c)));
-      } else if (degree == 3) {
-        const x0 = v128.load(src + o0 + c);
-        const x1 = v128.load(src + o1 + c);
-        const x2 = v128.load(src + o2 + c);
-        v128.store(out + o0 + c, madd(hv, f32x4.mul(x1, x2), v128.load(out + o0 + c)));
-        v128.store(out + o1 + c, madd(hv, f32x4.mul(x0, x2), v128.load(out + o1 + c)));
-        v128.store(out + o2 + c, madd(hv, f32x4.mul(x0, x1), v128.load(out + o2 + c)));
-      } else {
-        const x0 = v128.load(src + o0 + c);
-        const x1 = v128.load(src + o1 + c);
-        const x2 = v128.load(src + o2 + c);
-        const x3 = v128.load(src + o3 + c);
-        const x01 = f32x4.mul(x0, x1);
-        const x23 = f32x4.mul(x2, x3);
-        v128.store(out + o0 + c, madd(hv, f32x4.mul(x1, x23), v128.load(out + o0 + c)));
-        v128.store(out + o1 + c, madd(hv, f32x4.mul(x0, x23), v128.load(out + o1 + c)));
-        v128.store(out + o2 + c, madd(hv, f32x4.mul(x01, x3), v128.load(out + o2 + c)));
-        v128.store(out + o3 + c, madd(hv, f32x4.mul(x01, x2), v128.load(out + o3 + c)));
-      }
+      addMonomialGradient(degree, o0, o1, o2, o3, src, out, c, v128.load(hp + c));
+    }
+  }
+}
+
+/**
+ * `featureGradient` with the same H[f] for every token, H[f] = weights[f] (f absolute): the
+ * gradient of Σ_f weights[f] · φ_f(x_j), e.g. of a denominator through the state's ones column.
+ */
+export function featureGradientConstant(
+  weights: usize,
+  table: usize,
+  f0: i32,
+  f1: i32,
+  src: usize,
+  ldSrc: i32,
+  n4: i32,
+  out: usize,
+): void {
+  const rowBytes = <usize>ldSrc << 2;
+  for (let f = f0; f < f1; f++) {
+    const degree = load<i32>(table + (<usize>f << 3));
+    if (degree == 0) continue;
+    const packed = load<u32>(table + (<usize>f << 3), 4);
+    const hv = f32x4.splat(load<f32>(weights + (<usize>f << 2)));
+    const o0 = <usize>(packed & 255) * rowBytes;
+    const o1 = <usize>((packed >> 8) & 255) * rowBytes;
+    const o2 = <usize>((packed >> 16) & 255) * rowBytes;
+    const o3 = <usize>(packed >> 24) * rowBytes;
+    for (let j = 0; j < n4; j++) addMonomialGradient(degree, o0, o1, o2, o3, src, out, <usize>j << 4, hv);
+  }
+}
+
+/** out[j] += Σ_{f < nf} U[f][j] · H[f][j] for j < 4·n4 (both feature-major). */
+export function dotFeatures(u: usize, ldU: i32, h: usize, ldH: i32, nf: i32, n4: i32, out: usize): void {
+  const uRow = <usize>ldU << 2;
+  const hRow = <usize>ldH << 2;
+  // Feature rows outer: both operands stream contiguously, out (one row) stays in L1.
+  for (let f = 0; f < nf; f++) {
+    const up = u + <usize>f * uRow;
+    const hp = h + <usize>f * hRow;
+    for (let j = 0; j < n4; j++) {
+      const c = <usize>j << 4;
+      v128.store(out + c, madd(v128.load(up + c), v128.load(hp + c), v128.load(out + c)));
     }
   }
 }

@@ -134,14 +134,6 @@ function refuseLargeState(bytes: number, what: string): void {
   }
 }
 
-/**
- * In the backward, a unit that owns some value columns still builds every feature row and prepares
- * every query and key of its head, and on the direct path computes every score. That duplicated
- * work is small next to the moments only when there are many features: below this F, splitting a
- * head costs more than it saves.
- */
-const MIN_FEATURES_TO_SPLIT_COLUMNS = 256;
-
 /** Shared scratch kept between forward calls (inputs, output, partial sums), at most this much. */
 const KEEP_STAGING_BYTES = 256 * 2 ** 20;
 
@@ -178,10 +170,10 @@ function featureShares(heads: number, threads: number, paddedFeatures: number): 
 }
 
 /**
- * Below this many features, a causal head is split by queries rather than by features: a feature
- * share repeats the preparation of every query and key (centering, norms, transposes: memory-bound
- * work comparable to the moments themselves when F is small), a query share only that of the keys
- * before its first query, which it folds into its state.
+ * A feature share repeats the preparation of every query and key of its head (centering, norms,
+ * transposes: memory-bound work comparable to the moments themselves when F is small). Below this
+ * many features, a causal forward splits a head by queries instead (a query share repeats only the
+ * keys before its first query, folded into its state), and a factorized backward keeps heads whole.
  */
 const MIN_FEATURES_FOR_FEATURE_SPLIT = 256;
 
@@ -428,21 +420,24 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const { plan, shape } = request;
       const heads = shape.batch * shape.heads;
       const work = (plan.path === 'factorized' ? plan.cost.factorized : plan.cost.direct) * heads;
-      const splitColumns =
-        plan.path === 'factorized' &&
-        plan.featureCount >= MIN_FEATURES_TO_SPLIT_COLUMNS &&
-        shape.valueDim > 8;
-      const workers = (heads >= 2 || splitColumns) && work >= parallelThreshold ? await pool() : null;
+      // A head split into shares (features and query blocks) repeats only the per-token loading and
+      // feature rows: worth it with many features, and on the direct path (its blocks are split).
+      const splitHeads = plan.path === 'direct' || plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT;
+      const workers = (heads >= 2 || splitHeads) && work >= parallelThreshold ? await pool() : null;
+      const engine = backwardEngine;
       try {
-        return await cpuBackward(
-          request,
-          host(request.q, 'q'),
-          host(request.k, 'k'),
-          host(request.v, 'v'),
-          host(request.dOut, 'dOut'),
-          backwardEngine,
-          workers,
-          splitColumns,
+        return await staging.exclusive(() =>
+          cpuBackward(
+            request,
+            host(request.q, 'q'),
+            host(request.k, 'k'),
+            host(request.v, 'v'),
+            host(request.dOut, 'dOut'),
+            engine,
+            workers,
+            splitHeads,
+            staging,
+          ),
         );
       } catch (error) {
         throw wrapEngineError(error);

@@ -6,26 +6,28 @@
  *     g_i = [α_i dO_i | -α_i β_i],  α_i = 1/den_i (0 for a degenerate row),  β_i = dO_i·o_i,
  *     G_ij = g_i·[v_j | 1]   (= ∂L/∂w_ij).
  *
- * Then dz_i = Σ_j f'(s_ij) G_ij y_j, dy_j = Σ_i f'(s_ij) G_ij z_i and dv_j = Σ_i w_ij α_i dO_i.
+ * Then dz_i = Σ_j f'(s_ij) G_ij y_j, dy_j = Σ_i f'(s_ij) G_ij z_i and dv_j = Σ_j w_ij α_i dO_i.
  * Keys reached through the state factorize: with S_f = a_l w_m Σ_j φ_f(y_j) [v_j | 1] (the forward
- * state with its denominator column), dz_i = ∇_z Σ_f φ_f(z_i) (S_f·g_i), and with the reverse
+ * state; its last column is the denominator moment z_f) and P_fi = S_f[:Dv]·dO_i,
+ *
+ *     den_i = Σ_f φ_f(z_i) z_f,  β_i den_i = Σ_f φ_f(z_i) P_fi,
+ *     dz_i = α_i (A_i - β_i B_i),  A_i = ∇_z Σ_f φ_f(z_i) P_fi,  B_i = ∇_z Σ_f φ_f(z_i) z_f
+ *
+ * (plus the direct blocks' terms). None of den, β den, A, B needs α or β, and each is a sum over
+ * features: so `gradients` runs over one share of the features (and of the direct blocks) and the
+ * caller adds the shares and forms α, β, dz and g. `keyGradients` then needs g: with the reverse
  * moments R_f = a_l w_m Σ_i φ_f(z_i) g_i over the queries that see key j through the state,
- * dv_j = Σ_f φ_f(y_j) R_f[:Dv] and dy_j = ∇_y Σ_f φ_f(y_j) (R_f·[v_j | 1]). Pairs in the direct
- * blocks are evaluated pair by pair. Pass 1 walks core's schedule forward (recomputing o and den,
- * then dz), pass 2 walks it backward (R, then dv and dy of the keys each chunk completes).
+ * dv_j = Σ_f φ_f(y_j) R_f[:Dv] and dy_j = ∇_y Σ_f φ_f(y_j) (R_f·[v_j | 1]), again a sum over the
+ * features of the share; the direct blocks are evaluated pair by pair, each query block by one share.
+ * Pass 1 walks core's schedule forward, pass 2 walks it backward (each chunk completes the keys
+ * that enter the state just before it).
  */
 
-import type { KernelSetup } from './engine.js';
+import { FEATURE_BLOCK, KEY_CHUNK, type KernelSetup, MAX_CHUNK, roundUp } from './engine.js';
 import type { BackwardKernelExports } from './kernel-types.js';
 
-const MAX_CHUNK = 512;
-const KEY_CHUNK = 256;
-const FEATURE_BLOCK = 128;
-
-const roundUp = (value: number, multiple: number): number => Math.ceil(value / multiple) * multiple;
-
 export interface BackwardHead {
-  /** z = σx rows of this query head, N×D, from `xBase`. */
+  /** z = σx rows of this query head, N×D, from `zBase`. */
   readonly z: Float32Array;
   readonly zBase: number;
   /** Prepared keys y of its kv head, M×D. */
@@ -35,10 +37,20 @@ export interface BackwardHead {
   readonly vBase: number;
   readonly dOut: Float32Array;
   readonly dOutBase: number;
-  /** Written: dz, N×D. */
+  /** Pass 1 writes this share's A and B (N×D each) and den and β·den (N each), from `rowBase`. */
+  readonly gradA: Float32Array;
+  readonly gradB: Float32Array;
+  readonly gradBase: number;
+  readonly den: Float64Array;
+  readonly betaDen: Float64Array;
+  readonly rowBase: number;
+  /** Pass 2 reads g (N×(Dv + 1) rows: α dO | -αβ) and dz (the state's share, N×D) ... */
+  readonly g: Float32Array;
+  readonly gBase: number;
+  /** ... adds the direct blocks' dz to the rows of the query blocks this share owns ... */
   readonly dz: Float64Array;
   readonly dzBase: number;
-  /** Accumulated (kv heads are shared by query heads): dy M×D and dv M×Dv. */
+  /** ... and accumulates this share's dy (M×D) and dv (M×Dv). */
   readonly dy: Float64Array;
   readonly dyBase: number;
   readonly dv: Float64Array;
@@ -48,17 +60,13 @@ export interface BackwardHead {
   readonly causal: boolean;
   readonly causalShift: number;
   readonly headDim: number;
-  /** Columns of v, dOut and dv rows (their row stride). */
   readonly valueDim: number;
-  /**
-   * The value columns [c0, c1) this run owns (the engine must be prepared for c1 - c0 columns).
-   * Everything that sums over value columns (den excepted) is linear in g, so a run over a column
-   * range writes its share of dz and dy with β_i restricted to its columns; the shares summed over
-   * the ranges are the full dz and dy. Each run computes den itself (the ones column), and writes
-   * only its columns of dv.
-   */
-  readonly c0: number;
-  readonly c1: number;
+  /** The padded features [featureStart, featureEnd) this share owns (multiples of 4). */
+  readonly featureStart: number;
+  readonly featureEnd: number;
+  /** Query block q (blocks of the engine's chunk, in schedule order) is owned by share q % shares. */
+  readonly share: number;
+  readonly shares: number;
   readonly path: 'factorized' | 'direct';
   readonly schedule: Int32Array;
 }
@@ -95,7 +103,7 @@ export class BackwardEngine {
     const Wp = roundUp(valueDim + 1, 8);
     const Dp = roundUp(D, 8);
     const keyLd = Math.max(KEY_CHUNK, C);
-    const key = `${F}/${D}/${C}/${Wp}`;
+    const key = `${F}/${D}/${C}/${valueDim}`;
     if (key !== this.key) {
       this.key = key;
       let offset = roundUp(this.ex.heapBase(), 64);
@@ -105,20 +113,30 @@ export class BackwardEngine {
         coefficients: 8,
         derivative: 8,
         limits: C,
+        ones: keyLd,
+        rawQ: C * D,
+        rawY: keyLd * D,
+        rawV: keyLd * valueDim,
+        rowsA: C * D,
+        rowsB: C * D,
         xT: D * C,
         xPanels: Dp * C,
         gT: Wp * C,
+        gBlocks: Wp * C,
         gPanels: Wp * C,
         yT: D * keyLd,
         yPanels: Dp * keyLd,
         vT: Wp * keyLd,
+        vBlocks: Wp * keyLd,
         vPanels: Wp * keyLd,
         uq: FEATURE_BLOCK * C,
         uk: FEATURE_BLOCK * keyLd,
         h: FEATURE_BLOCK * keyLd,
         oq: C * Wp,
         den: keyLd,
+        betaDen: C,
         dxT: D * C,
+        bT: D * C,
         dxRows: C * Dp,
         dyT: D * keyLd,
         dyRows: keyLd * Dp,
@@ -145,6 +163,8 @@ export class BackwardEngine {
       this.views();
       this.buffers = buffers;
       this.setup = null;
+      // Factors of 1 for transposeScaled: the backward's rows arrive prepared.
+      this.f32.fill(1, buffers.ones! >> 2, (buffers.ones! >> 2) + keyLd);
     }
     if (this.setup !== setup) {
       this.setup = setup;
@@ -159,99 +179,174 @@ export class BackwardEngine {
     }
   }
 
-  run(head: BackwardHead): void {
+  private zero(name: string, floats: number): void {
+    this.views();
+    const at = this.buffers[name]! >> 2;
+    this.f32.fill(0, at, at + floats);
+  }
+
+  private limitOf(head: BackwardHead, i: number): number {
+    return head.causal ? Math.max(0, Math.min(head.valid, i + head.causalShift + 1)) : head.valid;
+  }
+
+  /** Query rows [i0, i0 + nq) of z into xT (feature-major, zero-padded) and xPanels. */
+  private loadQueries(head: BackwardHead, i0: number, nq: number): void {
+    this.views();
+    const b = this.buffers;
+    const D = head.headDim;
+    const src = head.zBase + i0 * D;
+    this.f32.set(head.z.subarray(src, src + nq * D), b.rawQ! >> 2);
+    this.ex.transposeScaled(b.rawQ!, nq, D, b.ones!, b.xT!, b.C!, roundUp(nq, 8));
+    this.ex.packPanels(b.rawQ!, nq, D, 0, D, b.Dp!, b.xPanels!, b.C! * 8);
+  }
+
+  /**
+   * Rows [i0, i0 + nq) of a row-major matrix with `width` columns (from `base`, rows `stride` floats
+   * apart) into gT (transposed, Wp rows) and gPanels; columns past `width` are 0.
+   */
+  private loadGradients(
+    source: Float32Array,
+    base: number,
+    stride: number,
+    width: number,
+    i0: number,
+    nq: number,
+  ): void {
+    this.views();
+    const f = this.f32;
+    const b = this.buffers;
+    const C = b.C!;
+    const Wp = b.Wp!;
+    const gT = b.gT! >> 2;
+    const gP = b.gPanels! >> 2;
+    for (let r = 0; r < nq; r++) {
+      const src = base + (i0 + r) * stride;
+      for (let c = 0; c < Wp; c++) {
+        const value = c < width ? source[src + c]! : 0;
+        f[gT + c * C + r] = value;
+        f[gP + (c >> 3) * C * 8 + r * 8 + (c & 7)] = value;
+      }
+    }
+    for (let c = 0; c < Wp; c++) f.fill(0, gT + c * C + nq, gT + c * C + roundUp(nq, 8));
+  }
+
+  /**
+   * Rows [t0, t0 + n) of a row-major matrix with `width` columns (from `base`, rows `stride` floats
+   * apart) into token blocks at buffer `target` (the layout of `projectBlocks`: 8 tokens a block,
+   * Wp rows of 8 floats each), followed by a ones column when `ones`, zeros past both and for the
+   * padding tokens up to a multiple of 8.
+   */
+  private loadTokenBlocks(
+    source: Float32Array,
+    base: number,
+    stride: number,
+    width: number,
+    t0: number,
+    n: number,
+    ones: boolean,
+    target: string,
+  ): void {
+    this.views();
+    const f = this.f32;
+    const Wp = this.buffers.Wp!;
+    const blocks = this.buffers[target]! >> 2;
+    for (let t = 0; t < n; t++) {
+      const src = base + (t0 + t) * stride;
+      const at = blocks + (t >> 3) * Wp * 8 + (t & 7);
+      for (let c = 0; c < width; c++) f[at + c * 8] = source[src + c]!;
+      for (let c = width; c < Wp; c++) f[at + c * 8] = ones && c === width ? 1 : 0;
+    }
+    for (let t = n; t < roundUp(n, 8); t++) {
+      const at = blocks + (t >> 3) * Wp * 8 + (t & 7);
+      for (let c = 0; c < Wp; c++) f[at + c * 8] = 0;
+    }
+  }
+
+  /** Keys [k0, k0 + nk) of y into yT and yPanels, and [v | 1] into vT and vPanels (zero-padded). */
+  private loadKeys(head: BackwardHead, k0: number, nk: number): void {
+    this.views();
+    const f = this.f32;
+    const ex = this.ex;
+    const b = this.buffers;
+    const keyLd = b.keyLd!;
+    const Wp = b.Wp!;
+    const D = head.headDim;
+    const Dv = head.valueDim;
+    const end = roundUp(nk, 8);
+    const ys = head.yBase + k0 * D;
+    f.set(head.y.subarray(ys, ys + nk * D), b.rawY! >> 2);
+    ex.transposeScaled(b.rawY!, nk, D, b.ones!, b.yT!, keyLd, end);
+    ex.packPanels(b.rawY!, nk, D, 0, D, b.Dp!, b.yPanels!, keyLd * 8);
+    const vs = head.vBase + k0 * Dv;
+    f.set(head.v.subarray(vs, vs + nk * Dv), b.rawV! >> 2);
+    ex.transposeScaled(b.rawV!, nk, Dv, b.ones!, b.vT!, keyLd, end);
+    ex.packPanels(b.rawV!, nk, Dv, 0, Dv, Wp, b.vPanels!, keyLd * 8);
+    // The ones column at Dv, then zero columns up to Wp.
+    const vT = b.vT! >> 2;
+    f.fill(1, vT + Dv * keyLd, vT + Dv * keyLd + nk);
+    f.fill(0, vT + Dv * keyLd + nk, vT + Dv * keyLd + end);
+    for (let c = Dv + 1; c < Wp; c++) f.fill(0, vT + c * keyLd, vT + c * keyLd + end);
+    const ones = (b.vPanels! >> 2) + (Dv >> 3) * keyLd * 8 + (Dv & 7);
+    for (let t = 0; t < nk; t++) f[ones + t * 8] = 1;
+  }
+
+  private setLimits(head: BackwardHead, i0: number, nq: number, k0: number, nk: number): void {
+    this.views();
+    const limits = this.buffers.limits! >> 2;
+    for (let r = 0; r < nq; r++)
+      this.i32[limits + r] = Math.max(0, Math.min(nk, this.limitOf(head, i0 + r) - k0));
+  }
+
+  /** Calls `block(i0, nq, stateKeyEnd, owned)` for every query block of the schedule, in order. */
+  private forEachBlock(
+    head: BackwardHead,
+    block: (i0: number, nq: number, stateKeyEnd: number, owned: boolean) => void,
+  ): void {
+    const C = this.buffers.C!;
+    let index = 0;
+    for (let c = 0; c < head.schedule.length; c += 4) {
+      const chunkEnd = head.schedule[c + 1]!;
+      const stateKeyEnd = head.path === 'factorized' ? Math.min(head.schedule[c + 2]!, head.valid) : 0;
+      for (let i0 = head.schedule[c]!; i0 < chunkEnd; i0 += C) {
+        block(i0, Math.min(C, chunkEnd - i0), stateKeyEnd, index % head.shares === head.share);
+        index++;
+      }
+    }
+  }
+
+  /**
+   * Pass 1 over this share: den, β·den, A and B of every query row, from the state's features of
+   * the share and the direct blocks of the query blocks the share owns (module comment).
+   */
+  gradients(head: BackwardHead): void {
     const ex = this.ex;
     const b = this.buffers;
     const setup = this.setup!;
     const C = b.C!;
     const Wp = b.Wp!;
-    const Dp = b.Dp!;
     const keyLd = b.keyLd!;
     const F = setup.paddedFeatures;
     const D = head.headDim;
-    // Local columns (the ones column sits right after them) and the row stride of v, dOut, dv.
-    const Dv = head.c1 - head.c0;
-    const stride = head.valueDim;
-    const vBase = head.vBase + head.c0;
-    const dOutBase = head.dOutBase + head.c0;
-    const dvBase = head.dvBase + head.c0;
-    const order = setup.order;
+    const Dv = head.valueDim;
     const sPanel = F * 32;
-    const limitOf = (i: number): number =>
-      head.causal ? Math.max(0, Math.min(head.valid, i + head.causalShift + 1)) : head.valid;
-    const factorized = head.path === 'factorized';
-    const G = new Float32Array(head.rows * Wp);
-
-    const zero = (name: string, floats: number): void => {
-      this.views();
-      this.f32.fill(0, b[name]! >> 2, (b[name]! >> 2) + floats);
-    };
-    zero('s', F * Wp);
-    zero('sComp', F * Wp);
-    zero('r', F * Wp);
-    zero('rComp', F * Wp);
-
-    const loadQueries = (i0: number, nq: number, withG: boolean): void => {
-      this.views();
-      const f = this.f32;
-      const xT = b.xT! >> 2;
-      const xP = b.xPanels! >> 2;
-      for (let r = 0; r < nq; r++) {
-        const src = head.zBase + (i0 + r) * D;
-        for (let d = 0; d < D; d++) {
-          const value = head.z[src + d]!;
-          f[xT + d * C + r] = value;
-          f[xP + (d >> 3) * C * 8 + r * 8 + (d & 7)] = value;
-        }
-        for (let d = D; d < Dp; d++) f[xP + (d >> 3) * C * 8 + r * 8 + (d & 7)] = 0;
-        if (withG) {
-          for (let c = 0; c < Wp; c++) {
-            const value = G[(i0 + r) * Wp + c]!;
-            f[(b.gT! >> 2) + c * C + r] = value;
-            f[(b.gPanels! >> 2) + (c >> 3) * C * 8 + r * 8 + (c & 7)] = value;
-          }
-        }
-      }
-      for (let d = 0; d < D; d++) f.fill(0, xT + d * C + nq, xT + d * C + roundUp(nq, 8));
-      if (withG)
-        for (let c = 0; c < Wp; c++)
-          f.fill(0, (b.gT! >> 2) + c * C + nq, (b.gT! >> 2) + c * C + roundUp(nq, 8));
-    };
-
-    const loadKeys = (k0: number, nk: number): void => {
-      this.views();
-      const f = this.f32;
-      const yT = b.yT! >> 2;
-      const yP = b.yPanels! >> 2;
-      const vT = b.vT! >> 2;
-      const vP = b.vPanels! >> 2;
-      for (let t = 0; t < nk; t++) {
-        const ys = head.yBase + (k0 + t) * D;
-        for (let d = 0; d < Dp; d++) {
-          const value = d < D ? head.y[ys + d]! : 0;
-          if (d < D) f[yT + d * keyLd + t] = value;
-          f[yP + (d >> 3) * keyLd * 8 + t * 8 + (d & 7)] = value;
-        }
-        const vs = vBase + (k0 + t) * stride;
-        for (let c = 0; c < Wp; c++) {
-          const value = c < Dv ? head.v[vs + c]! : c === Dv ? 1 : 0;
-          f[vT + c * keyLd + t] = value;
-          f[vP + (c >> 3) * keyLd * 8 + t * 8 + (c & 7)] = value;
-        }
-      }
-      const end = roundUp(nk, 8);
-      for (let d = 0; d < D; d++) f.fill(0, yT + d * keyLd + nk, yT + d * keyLd + end);
-      for (let c = 0; c < Wp; c++) f.fill(0, vT + c * keyLd + nk, vT + c * keyLd + end);
-    };
+    const fStart = head.featureStart;
+    const fEnd = head.featureEnd;
+    // Value columns rounded up to whole panels of 8.
+    const valuePanels = roundUp(Dv, 8);
+    this.zero('s', F * Wp);
+    this.zero('sComp', F * Wp);
+    this.zero('z', F);
+    this.zero('zComp', F);
 
     let stateKeys = 0;
     const advance = (end: number): void => {
       while (stateKeys < end) {
         const nk = Math.min(KEY_CHUNK, end - stateKeys);
-        loadKeys(stateKeys, nk);
-        for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-          const nf = Math.min(FEATURE_BLOCK, F - f0);
+        this.loadKeys(head, stateKeys, nk);
+        for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+          const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
           ex.features(b.yT!, keyLd, Math.ceil(nk / 4), b.table!, f0, f0 + nf, b.uk!, keyLd);
+          // S's value columns only: its denominator column is z, which moments keeps anyway.
           ex.moments(
             b.uk!,
             keyLd,
@@ -259,7 +354,7 @@ export class BackwardEngine {
             b.vPanels!,
             keyLd * 32,
             nk,
-            Wp,
+            valuePanels,
             b.s! + f0 * 32,
             b.sComp! + f0 * 32,
             sPanel,
@@ -272,180 +367,233 @@ export class BackwardEngine {
       }
     };
 
-    const setLimits = (i0: number, nq: number, k0: number, nk: number): void => {
-      this.views();
-      for (let r = 0; r < nq; r++)
-        this.i32[(b.limits! >> 2) + r] = Math.max(0, Math.min(nk, limitOf(i0 + r) - k0));
-    };
-
-    const copy = (from: string, to: string, floats: number): void => {
-      this.views();
-      this.f32.copyWithin(b[to]! >> 2, b[from]! >> 2, (b[from]! >> 2) + floats);
-    };
-
-    // Pass 1: outputs, g, and dz.
-    for (let c = 0; c < head.schedule.length; c += 4) {
-      const chunkStart = head.schedule[c]!;
-      const chunkEnd = head.schedule[c + 1]!;
-      const stateKeyEnd = factorized ? Math.min(head.schedule[c + 2]!, head.valid) : 0;
-      for (let i0 = chunkStart; i0 < chunkEnd; i0 += C) {
-        const nq = Math.min(C, chunkEnd - i0);
-        const nq4 = Math.ceil(nq / 4);
-        const nq8 = Math.ceil(nq / 8);
-        loadQueries(i0, nq, false);
-        zero('oq', C * Wp);
-        if (factorized) advance(stateKeyEnd);
-        if (stateKeys > 0) {
-          for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-            const nf = Math.min(FEATURE_BLOCK, F - f0);
-            ex.features(b.xT!, C, nq4, b.table!, f0, f0 + nf, b.uq!, C);
-            ex.readout(b.uq!, C, nf, b.s! + f0 * 32, sPanel, b.z! + f0 * 4, nq4, Wp, b.oq!, Wp, b.den!);
-          }
-        }
-        const directEnd = limitOf(i0 + nq - 1);
-        for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
-          const nk = Math.min(KEY_CHUNK, directEnd - k0);
-          loadKeys(k0, nk);
-          setLimits(i0, nq, k0, nk);
-          ex.scores(b.xT!, C, nq4, b.yT!, keyLd, Math.ceil(nk / 8), D, b.wf!, KEY_CHUNK);
-          ex.polynomial(b.wf!, KEY_CHUNK, nq, Math.ceil(nk / 8), b.limits!, b.coefficients!, order);
-          ex.weighted(b.wf!, KEY_CHUNK, nq4, nk, b.vPanels!, keyLd * 32, Wp, b.oq!, Wp, b.den!);
-        }
-        // g_i from the recomputed output.
-        this.views();
-        const f = this.f32;
-        const oq = b.oq! >> 2;
-        for (let r = 0; r < nq; r++) {
-          const den = f[oq + r * Wp + Dv]!;
-          const target = (i0 + r) * Wp;
-          if (!(den > 0)) continue;
-          const alpha = 1 / den;
-          const dOut = dOutBase + (i0 + r) * stride;
-          let beta = 0;
-          for (let col = 0; col < Dv; col++) beta += head.dOut[dOut + col]! * f[oq + r * Wp + col]! * alpha;
-          for (let col = 0; col < Dv; col++) G[target + col] = alpha * head.dOut[dOut + col]!;
-          G[target + Dv] = -alpha * beta;
-        }
-        loadQueries(i0, nq, true);
-        zero('dxT', D * C);
-        zero('dxRows', C * Dp);
-        if (stateKeys > 0) {
-          for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-            const nf = Math.min(FEATURE_BLOCK, F - f0);
-            ex.project(b.s! + f0 * 32, sPanel, nf, Wp, b.gT!, C, nq8, b.h!, C);
-            ex.featureGradient(b.h!, C, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.dxT!);
-          }
-        }
-        for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
-          const nk = Math.min(KEY_CHUNK, directEnd - k0);
-          const nk4 = Math.ceil(nk / 4);
-          const nk8 = Math.ceil(nk / 8);
-          loadKeys(k0, nk);
-          setLimits(i0, nq, k0, nk);
-          ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK);
-          copy('sc', 'wf', C * KEY_CHUNK);
-          copy('sc', 'wd', C * KEY_CHUNK);
-          ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order);
-          ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1);
-          ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK);
-          ex.hadamard(b.wd!, b.gg!, (C * KEY_CHUNK) / 4);
-          ex.weighted(b.wd!, KEY_CHUNK, nq4, nk, b.yPanels!, keyLd * 32, Dp, b.dxRows!, Dp, b.den!);
-          ex.transpose(b.wd!, KEY_CHUNK, nq, nk, b.trans!, C);
-          zero('dyRows', keyLd * Dp);
-          ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!);
-          ex.transpose(b.wf!, KEY_CHUNK, nq, nk, b.trans!, C);
-          zero('dvRows', keyLd * Wp);
-          ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, Wp, b.dvRows!, Wp, b.den!);
-          this.addKeyRows(head, k0, nk, b.dyRows!, Dp, b.dvRows!, Wp, dvBase, Dv);
-        }
-        this.views();
-        const g = this.f32;
-        for (let r = 0; r < nq; r++) {
-          const target = head.dzBase + (i0 + r) * D;
-          for (let d = 0; d < D; d++) {
-            head.dz[target + d] = g[(b.dxT! >> 2) + d * C + r]! + g[(b.dxRows! >> 2) + r * Dp + d]!;
-          }
-        }
-      }
-    }
-
-    if (!factorized) return;
-    // Pass 2: reverse moments over queries; each chunk completes the keys that enter the state
-    // just before it.
-    const chunks = head.schedule.length / 4;
-    for (let c = chunks - 1; c >= 0; c--) {
-      const stateEnd = Math.min(head.schedule[4 * c + 2]!, head.valid);
-      if (stateEnd === 0) break;
-      const previousEnd = c > 0 ? Math.min(head.schedule[4 * (c - 1) + 2]!, head.valid) : 0;
-      const chunkStart = head.schedule[4 * c]!;
-      const chunkEnd = head.schedule[4 * c + 1]!;
-      for (let i0 = chunkStart; i0 < chunkEnd; i0 += C) {
-        const nq = Math.min(C, chunkEnd - i0);
-        loadQueries(i0, nq, true);
-        for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-          const nf = Math.min(FEATURE_BLOCK, F - f0);
-          ex.features(b.xT!, C, Math.ceil(nq / 4), b.table!, f0, f0 + nf, b.uq!, C);
-          ex.moments(
-            b.uq!,
-            C,
-            nf,
-            b.gPanels!,
-            C * 32,
-            nq,
-            Wp,
-            b.r! + f0 * 32,
-            b.rComp! + f0 * 32,
+    this.forEachBlock(head, (i0, nq, stateKeyEnd, owned) => {
+      const nq4 = Math.ceil(nq / 4);
+      if (head.path === 'factorized') advance(stateKeyEnd);
+      const fromState = stateKeys > 0 && fStart < fEnd;
+      const directEnd = owned ? this.limitOf(head, i0 + nq - 1) : stateKeyEnd;
+      if (!fromState && directEnd <= stateKeyEnd) return;
+      this.loadQueries(head, i0, nq);
+      this.zero('den', C);
+      this.zero('betaDen', C);
+      this.zero('dxT', D * C);
+      this.zero('bT', D * C);
+      if (fromState) {
+        // dO's columns only (gT rows past Dv are 0): S's denominator column drops out of P.
+        this.loadTokenBlocks(head.dOut, head.dOutBase, Dv, Dv, i0, nq, false, 'gBlocks');
+        for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+          const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
+          ex.features(b.xT!, C, nq4, b.table!, f0, f0 + nf, b.uq!, C);
+          ex.readout(b.uq!, C, nf, b.s! + f0 * 32, sPanel, b.z! + f0 * 4, nq4, 0, b.oq!, Wp, b.den!);
+          ex.projectBlocks(
+            b.s! + f0 * 32,
             sPanel,
-            b.weights! + f0 * 4,
-            b.z! + f0 * 4,
-            b.zComp! + f0 * 4,
+            nf,
+            valuePanels,
+            b.gBlocks!,
+            Wp * 32,
+            Math.ceil(nq / 8),
+            b.h!,
+            C,
           );
+          ex.dotFeatures(b.uq!, C, b.h!, C, nf, nq4, b.betaDen!);
+          ex.featureGradient(b.h!, C, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.dxT!);
+          ex.featureGradientConstant(b.z!, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.bT!);
         }
       }
-      for (let k0 = previousEnd; k0 < stateEnd; k0 += KEY_CHUNK) {
-        const nk = Math.min(KEY_CHUNK, stateEnd - k0);
-        const nk4 = Math.ceil(nk / 4);
-        loadKeys(k0, nk);
-        zero('dvRows', keyLd * Wp);
-        zero('dyT', D * keyLd);
-        for (let f0 = 0; f0 < F; f0 += FEATURE_BLOCK) {
-          const nf = Math.min(FEATURE_BLOCK, F - f0);
-          ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, keyLd);
-          ex.readout(b.uk!, keyLd, nf, b.r! + f0 * 32, sPanel, b.z! + f0 * 4, nk4, Wp, b.dvRows!, Wp, b.den!);
-          ex.project(b.r! + f0 * 32, sPanel, nf, Wp, b.vT!, keyLd, Math.ceil(nk / 8), b.h!, keyLd);
-          ex.featureGradient(b.h!, keyLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
-        }
-        this.views();
-        const f = this.f32;
-        for (let t = 0; t < nk; t++) {
-          const dy = head.dyBase + (k0 + t) * D;
-          for (let d = 0; d < D; d++) head.dy[dy + d]! += f[(b.dyT! >> 2) + d * keyLd + t]!;
-          const dv = dvBase + (k0 + t) * stride;
-          for (let col = 0; col < Dv; col++) head.dv[dv + col]! += f[(b.dvRows! >> 2) + t * Wp + col]!;
-        }
+      this.zero('oq', C * Wp);
+      for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
+        const nk = Math.min(KEY_CHUNK, directEnd - k0);
+        this.loadKeys(head, k0, nk);
+        this.setLimits(head, i0, nq, k0, nk);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, Math.ceil(nk / 8), D, b.wf!, KEY_CHUNK);
+        ex.polynomial(b.wf!, KEY_CHUNK, nq, Math.ceil(nk / 8), b.limits!, b.coefficients!, setup.order);
+        ex.weighted(b.wf!, KEY_CHUNK, nq4, nk, b.vPanels!, keyLd * 32, Wp, b.oq!, Wp, b.den!);
       }
-    }
+      // The direct blocks' part of β·den is dO·(their unnormalized output), here in the oq rows.
+      this.views();
+      const f = this.f32;
+      const oq = b.oq! >> 2;
+      for (let r = 0; r < nq; r++) {
+        const row = i0 + r;
+        const dOut = head.dOutBase + row * Dv;
+        let betaDen = f[(b.betaDen! >> 2) + r]!;
+        for (let col = 0; col < Dv; col++) betaDen += head.dOut[dOut + col]! * f[oq + r * Wp + col]!;
+        head.den[head.rowBase + row] = f[(b.den! >> 2) + r]!;
+        head.betaDen[head.rowBase + row] = betaDen;
+      }
+      // A and B to token rows, then one copy each.
+      ex.transpose(b.dxT!, C, D, nq, b.rowsA!, D);
+      ex.transpose(b.bT!, C, D, nq, b.rowsB!, D);
+      this.views();
+      const target = head.gradBase + i0 * D;
+      head.gradA.set(this.f32.subarray(b.rowsA! >> 2, (b.rowsA! >> 2) + nq * D), target);
+      head.gradB.set(this.f32.subarray(b.rowsB! >> 2, (b.rowsB! >> 2) + nq * D), target);
+    });
   }
 
-  private addKeyRows(
-    head: BackwardHead,
-    k0: number,
-    nk: number,
-    dyRows: number,
-    Dp: number,
-    dvRows: number,
-    Wp: number,
-    dvBase: number,
-    Dv: number,
-  ): void {
+  /**
+   * Pass 2 over this share: dy and dv from the reverse moments of the share's features, and the
+   * direct blocks of the query blocks it owns (their dz too). Needs g from the sum of pass 1.
+   */
+  keyGradients(head: BackwardHead): void {
+    const ex = this.ex;
+    const b = this.buffers;
+    const setup = this.setup!;
+    const C = b.C!;
+    const Wp = b.Wp!;
+    const Dp = b.Dp!;
+    const keyLd = b.keyLd!;
+    const F = setup.paddedFeatures;
+    const D = head.headDim;
+    const Dv = head.valueDim;
+    const sPanel = F * 32;
+    const fStart = head.featureStart;
+    const fEnd = head.featureEnd;
+    const order = setup.order;
+
+    if (head.path === 'factorized' && fStart < fEnd) {
+      this.zero('r', F * Wp);
+      this.zero('rComp', F * Wp);
+      const chunks = head.schedule.length / 4;
+      for (let c = chunks - 1; c >= 0; c--) {
+        const stateEnd = Math.min(head.schedule[4 * c + 2]!, head.valid);
+        if (stateEnd === 0) break;
+        const previousEnd = c > 0 ? Math.min(head.schedule[4 * (c - 1) + 2]!, head.valid) : 0;
+        const chunkEnd = head.schedule[4 * c + 1]!;
+        for (let i0 = head.schedule[4 * c]!; i0 < chunkEnd; i0 += C) {
+          const nq = Math.min(C, chunkEnd - i0);
+          this.loadQueries(head, i0, nq);
+          this.loadGradients(head.g, head.gBase, Dv + 1, Dv + 1, i0, nq);
+          for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+            const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
+            ex.features(b.xT!, C, Math.ceil(nq / 4), b.table!, f0, f0 + nf, b.uq!, C);
+            ex.moments(
+              b.uq!,
+              C,
+              nf,
+              b.gPanels!,
+              C * 32,
+              nq,
+              Wp,
+              b.r! + f0 * 32,
+              b.rComp! + f0 * 32,
+              sPanel,
+              b.weights! + f0 * 4,
+              b.z! + f0 * 4,
+              b.zComp! + f0 * 4,
+            );
+          }
+        }
+        for (let k0 = previousEnd; k0 < stateEnd; k0 += KEY_CHUNK) {
+          const nk = Math.min(KEY_CHUNK, stateEnd - k0);
+          const nk4 = Math.ceil(nk / 4);
+          this.loadKeys(head, k0, nk);
+          this.loadTokenBlocks(head.v, head.vBase, Dv, Dv, k0, nk, true, 'vBlocks');
+          this.zero('dvRows', keyLd * Wp);
+          this.zero('dyT', D * keyLd);
+          for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+            const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
+            ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, keyLd);
+            ex.readout(
+              b.uk!,
+              keyLd,
+              nf,
+              b.r! + f0 * 32,
+              sPanel,
+              b.z! + f0 * 4,
+              nk4,
+              roundUp(Dv, 8),
+              b.dvRows!,
+              Wp,
+              b.den!,
+            );
+            ex.projectBlocks(
+              b.r! + f0 * 32,
+              sPanel,
+              nf,
+              Wp,
+              b.vBlocks!,
+              Wp * 32,
+              Math.ceil(nk / 8),
+              b.h!,
+              keyLd,
+            );
+            ex.featureGradient(b.h!, keyLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
+          }
+          // The state reaches each key once, before the direct blocks add theirs: its part is
+          // written (converted to float64 by `set`), not added.
+          ex.transpose(b.dyT!, keyLd, D, nk, b.rawY!, D);
+          this.views();
+          const f = this.f32;
+          const dyRows = b.rawY! >> 2;
+          head.dy.set(f.subarray(dyRows, dyRows + nk * D), head.dyBase + k0 * D);
+          for (let t = 0; t < nk; t++) {
+            const row = (b.dvRows! >> 2) + t * Wp;
+            head.dv.set(f.subarray(row, row + Dv), head.dvBase + (k0 + t) * Dv);
+          }
+        }
+      }
+    }
+
+    this.forEachBlock(head, (i0, nq, stateKeyEnd, owned) => {
+      const directEnd = this.limitOf(head, i0 + nq - 1);
+      if (!owned || directEnd <= stateKeyEnd) return;
+      const nq4 = Math.ceil(nq / 4);
+      this.loadQueries(head, i0, nq);
+      this.loadGradients(head.g, head.gBase, Dv + 1, Dv + 1, i0, nq);
+      this.zero('dxRows', C * Dp);
+      for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
+        const nk = Math.min(KEY_CHUNK, directEnd - k0);
+        const nk4 = Math.ceil(nk / 4);
+        const nk8 = Math.ceil(nk / 8);
+        this.loadKeys(head, k0, nk);
+        this.setLimits(head, i0, nq, k0, nk);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK);
+        this.copy('sc', 'wf', C * KEY_CHUNK);
+        this.copy('sc', 'wd', C * KEY_CHUNK);
+        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order);
+        ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1);
+        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK);
+        ex.hadamard(b.wd!, b.gg!, (C * KEY_CHUNK) / 4);
+        ex.weighted(b.wd!, KEY_CHUNK, nq4, nk, b.yPanels!, keyLd * 32, Dp, b.dxRows!, Dp, b.den!);
+        ex.transpose(b.wd!, KEY_CHUNK, nq, nk, b.trans!, C);
+        this.zero('dyRows', keyLd * Dp);
+        ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!);
+        ex.transpose(b.wf!, KEY_CHUNK, nq, nk, b.trans!, C);
+        this.zero('dvRows', keyLd * Wp);
+        ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, Wp, b.dvRows!, Wp, b.den!);
+        this.addKeyRows(head, k0, nk);
+      }
+      this.views();
+      const f = this.f32;
+      for (let r = 0; r < nq; r++) {
+        const target = head.dzBase + (i0 + r) * D;
+        for (let d = 0; d < D; d++) head.dz[target + d]! += f[(b.dxRows! >> 2) + r * Dp + d]!;
+      }
+    });
+  }
+
+  private copy(from: string, to: string, floats: number): void {
+    this.views();
+    const b = this.buffers;
+    this.f32.copyWithin(b[to]! >> 2, b[from]! >> 2, (b[from]! >> 2) + floats);
+  }
+
+  /** Adds the direct block's dyRows and dvRows of keys [k0, k0 + nk) to this share's dy and dv. */
+  private addKeyRows(head: BackwardHead, k0: number, nk: number): void {
     this.views();
     const f = this.f32;
+    const b = this.buffers;
     const D = head.headDim;
+    const Dv = head.valueDim;
+    const dyRows = b.dyRows! >> 2;
+    const dvRows = b.dvRows! >> 2;
     for (let t = 0; t < nk; t++) {
       const dy = head.dyBase + (k0 + t) * D;
-      for (let d = 0; d < D; d++) head.dy[dy + d]! += f[(dyRows >> 2) + t * Dp + d]!;
-      const dv = dvBase + (k0 + t) * head.valueDim;
-      for (let col = 0; col < Dv; col++) head.dv[dv + col]! += f[(dvRows >> 2) + t * Wp + col]!;
+      for (let d = 0; d < D; d++) head.dy[dy + d]! += f[dyRows + t * b.Dp! + d]!;
+      const dv = head.dvBase + (k0 + t) * Dv;
+      for (let col = 0; col < Dv; col++) head.dv[dv + col]! += f[dvRows + t * b.Wp! + col]!;
     }
   }
 }

@@ -10,24 +10,29 @@ import type { BackwardEngine } from './backward-engine.js';
 import type { WorkUnit } from './engine.js';
 import type { WorkerPool } from './pool.js';
 import { kernelSetup } from './setup.js';
+import type { SharedStaging } from './staging.js';
 import { type BackwardJob, backwardHead } from './worker.js';
 
-/** A Float32Array / Float64Array on shared memory when workers will read or write it. */
-function sharedF32(data: Float32Array, share: boolean): Float32Array {
-  if (!share || data.buffer instanceof SharedArrayBuffer) return data;
-  const copy = new Float32Array(new SharedArrayBuffer(data.byteLength));
-  copy.set(data);
-  return copy;
+/**
+ * The call's arrays in the backend's reused shared staging (staging.ts: fresh memory costs page
+ * faults on first touch, more than the arithmetic done on it). Float64 arrays are views of float32
+ * staging of twice the length. `zero` clears what the call accumulates into.
+ */
+function stagedF32(staging: SharedStaging, role: string, length: number, zero: boolean): Float32Array {
+  const array = staging.take(`backward.${role}`, length);
+  return zero ? array.fill(0) : array;
 }
 
-function zerosF64(length: number, share: boolean): Float64Array {
-  return share ? new Float64Array(new SharedArrayBuffer(length * 8)) : new Float64Array(length);
+function stagedF64(staging: SharedStaging, role: string, length: number): Float64Array {
+  const floats = staging.take(`backward.${role}`, 2 * length);
+  return new Float64Array(floats.buffer, floats.byteOffset, length).fill(0);
 }
 
 /**
  * Backward on the CPU: core's `prepareScores` (float64, linear memory) gives z = σx and y, the
- * WebAssembly kernels give dz, dy and dv per head (backward-engine.ts), and core's
- * `prepareScoresBackward` chains dx = σ·dz and dσ = dz·x back to dq and dk.
+ * WebAssembly kernels give dz, dy and dv per head in two passes (backward-engine.ts) with this
+ * thread forming α, β, g and the state's dz in between, and core's `prepareScoresBackward` chains
+ * dx = σ·dz and dσ = dz·x back to dq and dk.
  */
 export async function cpuBackward(
   request: BackwardRequest,
@@ -38,8 +43,10 @@ export async function cpuBackward(
   engine: BackwardEngine,
   /** Workers to spread the (batch, head) pairs over; null: the calling thread does them all. */
   pool: WorkerPool | null,
-  /** Whether a head may be split by value columns when there are fewer heads than workers. */
-  splitColumns: boolean,
+  /** Whether a head may be split into shares (features and query blocks) when heads are few. */
+  splitHeads: boolean,
+  /** Where the arrays the kernels read and write live; the caller runs this call exclusively. */
+  staging: SharedStaging,
 ): Promise<BackwardResult> {
   const { shape, options, plan } = request;
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
@@ -50,29 +57,19 @@ export async function cpuBackward(
   engine.prepare(setup, Dv, chunkSize);
 
   const heads = B * H;
-  // Fewer heads than workers: split each head's value columns into panels of 8 (see
-  // BackwardHead.c0): every range repeats the features and the denominator column, so this pays
-  // only when F is large.
-  const panels = Math.max(1, Math.ceil(Dv / 8));
-  const parts =
-    pool !== null && splitColumns && heads < pool.size ? Math.min(Math.ceil(pool.size / heads), panels) : 1;
-  const share = pool !== null && (heads >= 2 || parts >= 2);
-  const perPart = Math.ceil(panels / parts) * 8;
-  const columnBounds = Int32Array.from({ length: parts + 1 }, (_, s) => Math.min(Dv, s * perPart));
-  const z = share
-    ? new Float32Array(new SharedArrayBuffer(B * H * N * D * 4))
-    : new Float32Array(B * H * N * D);
-  for (let row = 0; row < B * H * N; row++) {
+  // Fewer heads than workers: split each head into shares. Every share walks all tokens (it
+  // builds their features for its own feature range), so this pays only when F is large.
+  const shares = pool !== null && splitHeads && heads < pool.size ? Math.ceil(pool.size / heads) : 1;
+  const parallel = pool !== null && (heads >= 2 || shares >= 2);
+  const slots = heads * shares;
+  const z = stagedF32(staging, 'z', heads * N * D, false);
+  for (let row = 0; row < heads * N; row++) {
     const sigma = prepared.sigma[row]!;
     for (let d = 0; d < D; d++) z[row * D + d] = sigma * prepared.x[row * D + d]!;
   }
-  const y = sharedF32(Float32Array.from(prepared.y), share);
-  const dz = zerosF64(B * H * parts * N * D, share);
-  // With workers, each query head writes its own dy, dv slice (no two workers touch the same
-  // memory); they are summed per kv head below. In one thread heads accumulate in place.
-  const dyHeads = share ? heads : B * Hkv;
-  const dy = zerosF64(dyHeads * parts * M * D, share);
-  const dv = zerosF64(dyHeads * M * Dv, share);
+  // Float64 to float32 by `set`, which converts natively.
+  const y = stagedF32(staging, 'y', prepared.y.length, false);
+  y.set(prepared.y);
   const validKeys = new Int32Array(B);
   const schedules: Int32Array[] = [];
   for (let b = 0; b < B; b++) {
@@ -88,14 +85,20 @@ export async function cpuBackward(
       ),
     );
   }
-  const job: BackwardJob = {
+  const first: BackwardJob = {
+    pass: 1,
     z,
     y,
-    v: sharedF32(v.data, share),
-    dOut: sharedF32(dOut.data, share),
-    dz,
-    dy,
-    dv,
+    v: staging.input('backward.v', v.data),
+    dOut: staging.input('backward.dOut', dOut.data),
+    gradA: stagedF32(staging, 'gradA', slots * N * D, true),
+    gradB: stagedF32(staging, 'gradB', slots * N * D, true),
+    den: stagedF64(staging, 'den', slots * N),
+    betaDen: stagedF64(staging, 'betaDen', slots * N),
+    g: stagedF32(staging, 'g', heads * N * (Dv + 1), true),
+    dz: stagedF64(staging, 'dz', heads * N * D),
+    dy: stagedF64(staging, 'dy', slots * M * D),
+    dv: stagedF64(staging, 'dv', slots * M * Dv),
     batch: B,
     heads: H,
     kvHeads: Hkv,
@@ -109,50 +112,109 @@ export async function cpuBackward(
     schedules,
     chunkSize,
     setup,
-    columnBounds,
+    shares,
   };
-  if (share) {
-    const units: WorkUnit[] = [];
-    for (let head = 0; head < heads; head++)
-      for (let s = 0; s < parts; s++) units.push({ head, c0: columnBounds[s]!, c1: columnBounds[s + 1]! });
-    const perBatch = Math.ceil(units.length / (pool.size * 2));
-    const batches: WorkUnit[][] = [];
-    for (let i = 0; i < units.length; i += perBatch) batches.push(units.slice(i, i + perBatch));
-    await pool.backward(job, batches);
-  } else {
-    for (let head = 0; head < heads; head++) {
-      const b = Math.floor(head / H);
-      const kvHead = b * Hkv + Math.floor((head % H) / (H / Hkv));
-      backwardHead(engine, job, { head, c0: 0, c1: Dv }, head * N * D, kvHead * M * D, kvHead * M * Dv);
+  const second: BackwardJob = { ...first, pass: 2 };
+  const units: WorkUnit[] = [];
+  for (let head = 0; head < heads; head++)
+    for (let s = 0; s < shares; s++) units.push({ head, c0: 0, c1: Dv, share: s });
+  const runPass = async (job: BackwardJob): Promise<void> => {
+    if (parallel) {
+      const perBatch = Math.ceil(units.length / (pool.size * 2));
+      const batches: WorkUnit[][] = [];
+      for (let i = 0; i < units.length; i += perBatch) batches.push(units.slice(i, i + perBatch));
+      await pool.backward(job, batches);
+    } else {
+      for (const unit of units) backwardHead(engine, job, unit);
     }
-  }
-  // Column ranges of a head each wrote a share of dz and dy (B·H·parts slices): sum them per head.
-  const dzHeads = parts > 1 ? sumGroups(dz, 1, heads * parts, heads, N * D) : dz;
-  const dyPerHead = parts > 1 ? sumGroups(dy, 1, heads * parts, heads, M * D) : dy;
-  const dyKv = share ? sumGroups(dyPerHead, B, H, Hkv, M * D) : dy;
-  const dvKv = share ? sumGroups(dv, B, H, Hkv, M * Dv) : dv;
-  // z = σx: ∂L/∂x = σ·dz and ∂L/∂σ = dz·x.
-  const dx = new Float64Array(dzHeads.length);
-  const dsigma = new Float64Array(B * H * N);
-  for (let row = 0; row < B * H * N; row++) {
+  };
+  await runPass(first);
+  combineFirstPass(first, heads * N);
+  await runPass(second);
+
+  // Shares of a head each wrote a part of dy and dv (B·H·shares slices): sum them per head, then
+  // per kv head.
+  const dyKv = sumGroups(sumShares(first.dy, heads, shares, M * D), B, H, Hkv, M * D);
+  const dvKv = sumGroups(sumShares(first.dv, heads, shares, M * Dv), B, H, Hkv, M * Dv);
+  // z = σx: ∂L/∂σ = dz·x and ∂L/∂x = σ·dz, the latter in place (dz is not needed afterwards).
+  const dx = first.dz;
+  const dsigma = new Float64Array(heads * N);
+  for (let row = 0; row < heads * N; row++) {
     const sigma = prepared.sigma[row]!;
     let dot = 0;
-    for (let d = 0; d < D; d++) {
-      dx[row * D + d] = sigma * dzHeads[row * D + d]!;
-      dot += dzHeads[row * D + d]! * prepared.x[row * D + d]!;
+    for (let d = row * D; d < (row + 1) * D; d++) {
+      dot += dx[d]! * prepared.x[d]!;
+      dx[d] = sigma * dx[d]!;
     }
     dsigma[row] = dot;
   }
   const { dq, dk } = prepareScoresBackward(prepared, shape, options, dx, dyKv, dsigma);
   return {
-    dq: { shape: [B, H, N, D], data: Float32Array.from(dq) },
-    dk: { shape: [B, Hkv, M, D], data: Float32Array.from(dk) },
-    dv: { shape: [B, Hkv, M, Dv], data: Float32Array.from(dvKv) },
+    dq: { shape: [B, H, N, D], data: new Float32Array(dq) },
+    dk: { shape: [B, Hkv, M, D], data: new Float32Array(dk) },
+    dv: { shape: [B, Hkv, M, Dv], data: new Float32Array(dvKv) },
   };
 }
 
-/** Sums the per-query-head slices of each kv head's group: [B, H, size] -> [B, Hkv, size]. */
+/**
+ * Between the passes: adds the shares' den, β·den, A and B of each query row and forms
+ * α = 1/den (0 for a degenerate row), β, the state's dz = α(A - βB) and g = [α dO | -αβ]
+ * (backward-engine.ts).
+ */
+function combineFirstPass(job: BackwardJob, rows: number): void {
+  const { shares, headDim: D, valueDim: Dv, gradA, gradB, dOut, g, dz } = job;
+  const N = job.queryLength;
+  for (let row = 0; row < rows; row++) {
+    const head = Math.floor(row / N);
+    const firstSlotRow = head * shares * N + (row - head * N);
+    let den = 0;
+    let betaDen = 0;
+    for (let s = 0; s < shares; s++) {
+      den += job.den[firstSlotRow + s * N]!;
+      betaDen += job.betaDen[firstSlotRow + s * N]!;
+    }
+    // A degenerate row keeps g = 0 and dz = 0: its gradients contribute nothing.
+    if (!(den > 0)) continue;
+    const alpha = 1 / den;
+    const beta = betaDen * alpha;
+    for (let d = 0; d < D; d++) {
+      let a = 0;
+      let b = 0;
+      for (let s = 0; s < shares; s++) {
+        a += gradA[(firstSlotRow + s * N) * D + d]!;
+        b += gradB[(firstSlotRow + s * N) * D + d]!;
+      }
+      dz[row * D + d] = alpha * (a - beta * b);
+    }
+    for (let c = 0; c < Dv; c++) g[row * (Dv + 1) + c] = alpha * dOut[row * Dv + c]!;
+    g[row * (Dv + 1) + Dv] = -alpha * beta;
+  }
+}
+
+/**
+ * Sums each head's share slices ([heads, shares, size]) in place into the first `heads` slices and
+ * returns those, without allocating.
+ */
+function sumShares(slices: Float64Array, heads: number, shares: number, size: number): Float64Array {
+  if (shares === 1) return slices;
+  for (let head = 0; head < heads; head++) {
+    const first = head * shares * size;
+    for (let s = 1; s < shares; s++) {
+      const from = (head * shares + s) * size;
+      for (let i = 0; i < size; i++) slices[first + i]! += slices[from + i]!;
+    }
+    // Slice `head` lies at or before slice `head·shares`: copying in increasing order is safe.
+    if (head > 0) slices.copyWithin(head * size, first, first + size);
+  }
+  return slices.subarray(0, heads * size);
+}
+
+/**
+ * Sums the per-query-head slices of each kv head's group: [B, H, size] -> [B, Hkv, size]. Groups of
+ * one slice need no sum: the input comes back as it is.
+ */
 function sumGroups(perHead: Float64Array, B: number, H: number, Hkv: number, size: number): Float64Array {
+  if (H === Hkv) return perHead;
   const out = new Float64Array(B * Hkv * size);
   const group = H / Hkv;
   for (let b = 0; b < B; b++) {

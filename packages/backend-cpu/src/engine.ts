@@ -106,13 +106,13 @@ export function featureShare(
 }
 
 /** Largest query chunk the scratch is laid out for; longer schedule chunks are cut into these. */
-const MAX_CHUNK = 512;
+export const MAX_CHUNK = 512;
 /** Keys added to the state per moments call, and keys per direct block. */
-const KEY_CHUNK = 256;
+export const KEY_CHUNK = 256;
 /** Feature rows per block: the slice of φ built at a time, sized so S's slice and φ stay in L2. */
-const FEATURE_BLOCK = 128;
+export const FEATURE_BLOCK = 128;
 
-const roundUp = (value: number, multiple: number): number => Math.ceil(value / multiple) * multiple;
+export const roundUp = (value: number, multiple: number): number => Math.ceil(value / multiple) * multiple;
 
 interface Layout {
   readonly features: number;

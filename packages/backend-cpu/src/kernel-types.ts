@@ -97,14 +97,14 @@ export interface KernelExports {
 
 /** The backward pass's extra kernels. */
 export interface BackwardKernelExports extends KernelExports {
-  project(
+  projectBlocks(
     s: number,
     sPanel: number,
     nf: number,
     nc: number,
     g: number,
-    ldG: number,
-    nq8: number,
+    blockBytes: number,
+    n8: number,
     h: number,
     ldH: number,
   ): void;
@@ -119,6 +119,17 @@ export interface BackwardKernelExports extends KernelExports {
     n4: number,
     out: number,
   ): void;
+  featureGradientConstant(
+    weights: number,
+    table: number,
+    f0: number,
+    f1: number,
+    src: number,
+    ldSrc: number,
+    n4: number,
+    out: number,
+  ): void;
+  dotFeatures(u: number, ldU: number, h: number, ldH: number, nf: number, n4: number, out: number): void;
   hadamard(a: number, b: number, n4: number): void;
   transpose(src: number, ldSrc: number, rows: number, cols: number, dst: number, ldDst: number): void;
 }

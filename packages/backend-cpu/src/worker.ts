@@ -9,28 +9,35 @@ import {
   type AttentionJob,
   combineShares,
   Engine,
+  featureShare,
   type KernelSetup,
   type RowRange,
   type WorkUnit,
 } from './engine.js';
 
 /**
- * A backward call's data. With workers, dz and dy are written per (query head, column range) and
- * dv per query head (its column ranges are disjoint); the caller sums them.
+ * A backward call's data, for one of its two passes (backward-engine.ts). Each head is split into
+ * `shares` (a share: a range of the features and every shares-th query block); outputs are written
+ * per (query head, share) slot, slot = head·shares + share, so no two units write the same memory
+ * (except dz, where each share adds only the rows of its own query blocks); the caller sums them.
  */
 export interface BackwardJob {
+  /** 1: `gradients` (den, β·den, A, B); 2: `keyGradients` (dy, dv, the direct blocks' dz). */
+  readonly pass: 1 | 2;
   readonly z: Float32Array;
   readonly y: Float32Array;
   readonly v: Float32Array;
   readonly dOut: Float32Array;
-  /** B×H×parts×N×D (parts = columnBounds.length - 1). */
+  /** Pass 1 output: A and B, slots×N×D; den and β·den, slots×N. */
+  readonly gradA: Float32Array;
+  readonly gradB: Float32Array;
+  readonly den: Float64Array;
+  readonly betaDen: Float64Array;
+  /** Pass 2 input: g, B×H×N×(Dv + 1); dz, B×H×N×D (pass 2 adds the direct blocks to it). */
+  readonly g: Float32Array;
   readonly dz: Float64Array;
-  /**
-   * B×H×parts×M×D: one slice per query head and column range, so heads sharing a kv head (and
-   * column ranges of one head) never write the same memory.
-   */
+  /** Pass 2 output: dy, slots×M×D, and dv, slots×M×Dv. */
   readonly dy: Float64Array;
-  /** B×H×M×Dv, likewise. */
   readonly dv: Float64Array;
   readonly batch: number;
   readonly heads: number;
@@ -45,26 +52,18 @@ export interface BackwardJob {
   readonly schedules: readonly Int32Array[];
   readonly chunkSize: number;
   readonly setup: KernelSetup;
-  /** Boundaries of the value-column ranges a head is split into: [0, ..., valueDim]. */
-  readonly columnBounds: Int32Array;
+  readonly shares: number;
 }
 
-/**
- * Runs the backward of one query head over the value columns of `unit` (prepared for that many);
- * its dz, dy, dv go to the slices `dzBase`, `dyBase`, `dvBase`.
- */
-export function backwardHead(
-  engine: BackwardEngine,
-  job: BackwardJob,
-  unit: WorkUnit,
-  dzBase: number,
-  dyBase: number,
-  dvBase: number,
-): void {
+/** Runs `job.pass` of share `unit.share` (0 when absent) of query head `unit.head`. */
+export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: WorkUnit): void {
   const head = unit.head;
-  const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = job;
+  const share = unit.share ?? 0;
+  const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv, shares } = job;
   const b = Math.floor(head / H);
   const kvHead = b * Hkv + Math.floor((head % H) / (H / Hkv));
+  const slot = head * shares + share;
+  const features = featureShare(job.setup.paddedFeatures, share, shares);
   const task: BackwardHead = {
     z: job.z,
     zBase: head * N * D,
@@ -74,24 +73,35 @@ export function backwardHead(
     vBase: kvHead * M * Dv,
     dOut: job.dOut,
     dOutBase: head * N * Dv,
+    gradA: job.gradA,
+    gradB: job.gradB,
+    gradBase: slot * N * D,
+    den: job.den,
+    betaDen: job.betaDen,
+    rowBase: slot * N,
+    g: job.g,
+    gBase: head * N * (Dv + 1),
     dz: job.dz,
-    dzBase,
+    dzBase: head * N * D,
     dy: job.dy,
-    dyBase,
+    dyBase: slot * M * D,
     dv: job.dv,
-    dvBase,
+    dvBase: slot * M * Dv,
     rows: N,
     valid: job.validKeys[b]!,
     causal: job.causal,
     causalShift: M - N,
     headDim: D,
     valueDim: Dv,
-    c0: unit.c0,
-    c1: unit.c1,
+    featureStart: features.start,
+    featureEnd: features.end,
+    share,
+    shares,
     path: job.path,
     schedule: job.schedules[b]!,
   };
-  engine.run(task);
+  if (job.pass === 1) engine.gradients(task);
+  else engine.keyGradients(task);
 }
 
 /** Messages from the pool to a worker. */
@@ -141,19 +151,8 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
       } else {
         const job = request.job;
         backward ??= new BackwardEngine(module);
-        const parts = job.columnBounds.length - 1;
-        for (const unit of request.units) {
-          const slot = unit.head * parts + job.columnBounds.indexOf(unit.c0);
-          backward.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize);
-          backwardHead(
-            backward,
-            job,
-            unit,
-            slot * job.queryLength * job.headDim,
-            slot * job.keyLength * job.headDim,
-            unit.head * job.keyLength * job.valueDim,
-          );
-        }
+        backward.prepare(job.setup, job.valueDim, job.chunkSize);
+        for (const unit of request.units) backwardHead(backward, job, unit);
       }
       post({ id: request.id, degenerate });
     } catch (error) {

@@ -170,9 +170,9 @@ describe('threads', () => {
     await serial.dispose();
   });
 
-  it('splits the backward of one head by value columns, matching one thread', async () => {
-    // D = 32, p = 2: F = 561 features, enough for the column split; Dv = 40 is 5 panels of 8, so
-    // the two workers get 24 and 16 columns (each adds the denominator column itself).
+  it('splits the backward of one head by features, matching one thread', async () => {
+    // D = 32, p = 2: F = 561 features, enough for the feature split: each worker owns half of them
+    // and every other query block's direct part, in both passes.
     const q = tensor([1, 1, 90, 32], 21);
     const k = tensor([1, 1, 90, 32], 22);
     const v = tensor([1, 1, 90, 40], 23);
@@ -192,8 +192,8 @@ describe('threads', () => {
         scale = Math.max(scale, Math.abs(y[i]!));
         error = Math.max(error, Math.abs(x[i]! - y[i]!));
       }
-      // dz and dy are sums of two column ranges' shares (float32 kernels, summed in float64), so
-      // they differ from one thread by float32 rounding only; dv's columns are computed alike.
+      // Every gradient is a sum of the two shares' parts (float32 kernels, summed in float64), so
+      // they differ from one thread by float32 rounding only.
       expect(error / scale).toBeLessThan(1e-5);
     }
     await serial.dispose();

@@ -18,9 +18,9 @@ import { type AttentionShape, keyLimit } from './validate.js';
  * out of every maximum. On ties the lowest index is the argmax, which fixes where gradients flow.
  */
 export interface PreparedScores {
-  /** Prepared queries, B×H×N×D. */
+  /** Prepared queries, B×H×N×D (`trace.centeredQ` itself under `scale`: treat both as read-only). */
   readonly x: Float64Array;
-  /** Prepared keys, B×Hkv×M×D. */
+  /** Prepared keys, B×Hkv×M×D (`trace.centeredK` itself unless max-norm or l2 divide them). */
   readonly y: Float64Array;
   /** σ per query row, B×H×N. */
   readonly sigma: Float64Array;
@@ -40,22 +40,35 @@ export interface PreparationTrace {
   readonly keyArgmax: Int32Array;
 }
 
-function center(
+/**
+ * Centers every row (as `prepareToken` does, unless `centered` is false) and returns the rows with
+ * their norms. Written as one pass over a flat array, without a temporary per row: this runs on
+ * every backward call at N×D elements, where per-row allocations dominated its cost.
+ */
+function centerRows(
   source: Float32Array | Float64Array,
   rows: number,
   dim: number,
   centered: boolean,
-): Float64Array {
-  const out = new Float64Array(rows * dim);
-  for (let r = 0; r < rows; r++) out.set(prepareToken(source, r * dim, dim, centered).vector, r * dim);
-  return out;
-}
-
-function rowNorm(values: Float64Array, row: number, dim: number): number {
-  let sum = 0;
-  const base = row * dim;
-  for (let d = 0; d < dim; d++) sum += values[base + d]! * values[base + d]!;
-  return Math.sqrt(sum);
+): { values: Float64Array; norms: Float64Array } {
+  const values = new Float64Array(rows * dim);
+  const norms = new Float64Array(rows);
+  for (let r = 0; r < rows; r++) {
+    const base = r * dim;
+    let mean = 0;
+    if (centered) {
+      for (let d = 0; d < dim; d++) mean += source[base + d]!;
+      mean /= dim;
+    }
+    let squares = 0;
+    for (let d = 0; d < dim; d++) {
+      const value = source[base + d]! - mean;
+      values[base + d] = value;
+      squares += value * value;
+    }
+    norms[r] = Math.sqrt(squares);
+  }
+  return { values, norms };
 }
 
 /** A norm or maximum of 0 divides by 1 instead (the vector it divides is 0 then). */
@@ -96,20 +109,19 @@ export function prepareScores(
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
   const mode = options.normalization.kind;
   const centered = mode !== 'scale';
-  const cq = center(q.data, B * H * N, D, centered);
-  const ck = center(k.data, B * Hkv * M, D, centered);
-  const x = new Float64Array(cq.length);
-  const y = new Float64Array(ck.length);
+  const { values: cq, norms: qNorms } = centerRows(q.data, B * H * N, D, centered);
+  const { values: ck, norms: kNorms } = centerRows(k.data, B * Hkv * M, D, centered);
+  // Where nothing divides them, x and y are the centered arrays themselves rather than copies
+  // (every consumer only reads them): queries under `scale`, keys under prefix-max-norm and `scale`.
+  const queriesDivided = mode !== 'scale';
+  const keysDivided = mode === 'max-norm' || mode === 'l2';
+  const x = queriesDivided ? new Float64Array(cq.length) : cq;
+  const y = keysDivided ? new Float64Array(ck.length) : ck;
   const sigma = new Float64Array(B * H * N);
   const queryArgmax = new Int32Array(B * H * N).fill(-1);
   const keyArgmax = new Int32Array(B * H * N).fill(-1);
   const T = options.temperature;
   const groupSize = H / Hkv;
-
-  const qNorms = new Float64Array(B * H * N);
-  for (let r = 0; r < qNorms.length; r++) qNorms[r] = rowNorm(cq, r, D);
-  const kNorms = new Float64Array(B * Hkv * M);
-  for (let r = 0; r < kNorms.length; r++) kNorms[r] = rowNorm(ck, r, D);
 
   // Keys: one y per kv head. Only max-norm and l2 divide keys; prefix-max-norm divides through σ.
   for (let b = 0; b < B; b++) {
@@ -124,10 +136,9 @@ export function prepareScores(
           maxIndex = j;
         }
       }
-      for (let j = 0; j < M; j++) {
+      for (let j = 0; keysDivided && j < M; j++) {
         const row = head + j;
-        const divisor =
-          mode === 'max-norm' ? nonZeroDivisor(maxNorm) : mode === 'l2' ? nonZeroDivisor(kNorms[row]!) : 1;
+        const divisor = mode === 'max-norm' ? nonZeroDivisor(maxNorm) : nonZeroDivisor(kNorms[row]!);
         for (let d = 0; d < D; d++) y[row * D + d] = ck[row * D + d]! / divisor;
       }
       if (mode === 'max-norm') {
@@ -192,29 +203,59 @@ export function prepareScores(
             break;
         }
         sigma[row] = s;
-        for (let d = 0; d < D; d++) x[row * D + d] = cq[row * D + d]! / divisor;
+        if (queriesDivided) for (let d = 0; d < D; d++) x[row * D + d] = cq[row * D + d]! / divisor;
       }
     }
   }
   return { x, y, sigma, trace: { centeredQ: cq, centeredK: ck, queryArgmax, keyArgmax } };
 }
 
-function uncenter(dc: Float64Array, rows: number, dim: number, centered: boolean): Float64Array {
-  if (!centered) return dc;
-  const out = new Float64Array(dc.length);
+/** Euclidean norm of every row of a flat rows×dim array, summed in the order `centerRows` uses. */
+function rowNorms(values: Float64Array, rows: number, dim: number): Float64Array {
+  const norms = new Float64Array(rows);
+  for (let r = 0; r < rows; r++) {
+    const base = r * dim;
+    let squares = 0;
+    for (let d = 0; d < dim; d++) squares += values[base + d]! * values[base + d]!;
+    norms[r] = Math.sqrt(squares);
+  }
+  return norms;
+}
+
+/** Gradient through centering, in place: subtracts each row's mean (c = u - mean(u) is self-adjoint). */
+function uncenterInPlace(dc: Float64Array, rows: number, dim: number): Float64Array {
   for (let r = 0; r < rows; r++) {
     const base = r * dim;
     let mean = 0;
     for (let d = 0; d < dim; d++) mean += dc[base + d]!;
     mean /= dim;
-    for (let d = 0; d < dim; d++) out[base + d] = dc[base + d]! - mean;
+    for (let d = 0; d < dim; d++) dc[base + d] = dc[base + d]! - mean;
   }
-  return out;
+  return dc;
+}
+
+/**
+ * Adds g · ∂|c_row|/∂c_row = g · c_row/|c_row| to the centered gradient of that row (nothing when the
+ * norm is 0: it was replaced by the constant 1).
+ */
+function addNormGradient(
+  target: Float64Array,
+  centered: Float64Array,
+  norms: Float64Array,
+  row: number,
+  dim: number,
+  g: number,
+): void {
+  const norm = norms[row]!;
+  if (norm === 0) return;
+  const base = row * dim;
+  for (let d = 0; d < dim; d++) target[base + d]! += (g * centered[base + d]!) / norm;
 }
 
 /**
  * Chains gradients of the prepared quantities (dx, dy, dσ) back to q and k through centering,
  * norms and maxima. dx is B×H×N×D, dy is B×Hkv×M×D, dσ is B×H×N; returns float64 dq and dk.
+ * Norms are computed once per call (a row's norm is needed again for every row it divides).
  */
 export function prepareScoresBackward(
   prepared: PreparedScores,
@@ -228,38 +269,34 @@ export function prepareScoresBackward(
   const { x, y, sigma, trace } = prepared;
   const { centeredQ: cq, centeredK: ck, queryArgmax, keyArgmax } = trace;
   const mode = options.normalization.kind;
-  if (mode === 'scale') return { dq: Float64Array.from(dx), dk: Float64Array.from(dy) };
+  if (mode === 'scale') return { dq: dx.slice(), dk: dy.slice() };
   const dcq = new Float64Array(cq.length);
   const dck = new Float64Array(ck.length);
+  const qNorms = rowNorms(cq, B * H * N, D);
+  const kNorms = rowNorms(ck, B * Hkv * M, D);
   const groupSize = H / Hkv;
   const T = options.temperature;
-
-  // Adds g · ∂|c_row|/∂c_row = g · c_row/|c_row| to the centered gradient of that row.
-  const addNormGradient = (target: Float64Array, source: Float64Array, row: number, g: number): void => {
-    const norm = rowNorm(source, row, D);
-    if (norm === 0) return;
-    for (let d = 0; d < D; d++) target[row * D + d]! += (g * source[row * D + d]!) / norm;
-  };
 
   for (let b = 0; b < B; b++) {
     for (let h = 0; h < H; h++) {
       const head = (b * H + h) * N;
       for (let i = 0; i < N; i++) {
         const row = head + i;
+        const base = row * D;
         const argmax = queryArgmax[row]!;
         if (argmax < 0) {
           // x is c(q) divided by the constant 1.
-          for (let d = 0; d < D; d++) dcq[row * D + d]! += dx[row * D + d]!;
+          for (let d = 0; d < D; d++) dcq[base + d]! += dx[base + d]!;
           continue;
         }
-        const divisor = rowNorm(cq, head + argmax, D);
+        const divisor = qNorms[head + argmax]!;
         // x = c/m: ∂x/∂c = 1/m and ∂x/∂m = -x/m.
         let dDivisor = 0;
         for (let d = 0; d < D; d++) {
-          dcq[row * D + d]! += dx[row * D + d]! / divisor;
-          dDivisor -= (dx[row * D + d]! * x[row * D + d]!) / divisor;
+          dcq[base + d]! += dx[base + d]! / divisor;
+          dDivisor -= (dx[base + d]! * x[base + d]!) / divisor;
         }
-        addNormGradient(dcq, cq, head + argmax, dDivisor);
+        addNormGradient(dcq, cq, qNorms, head + argmax, D, dDivisor);
       }
     }
   }
@@ -270,36 +307,29 @@ export function prepareScoresBackward(
       if (mode === 'max-norm') {
         // The key argmax is stored per query row; with no query row (N = 0) dy is 0 anyway.
         const argmax = N > 0 ? keyArgmax[(b * H + g * groupSize) * N]! : -1;
-        const divisor = argmax < 0 ? 1 : rowNorm(ck, head + argmax, D);
+        const divisor = argmax < 0 ? 1 : kNorms[head + argmax]!;
         let dDivisor = 0;
-        for (let j = 0; j < M; j++) {
-          const row = head + j;
-          for (let d = 0; d < D; d++) {
-            dck[row * D + d]! += dy[row * D + d]! / divisor;
-            dDivisor -= (dy[row * D + d]! * y[row * D + d]!) / divisor;
-          }
+        for (let j = head * D; j < (head + M) * D; j++) {
+          dck[j]! += dy[j]! / divisor;
+          dDivisor -= (dy[j]! * y[j]!) / divisor;
         }
-        if (argmax >= 0) addNormGradient(dck, ck, head + argmax, dDivisor);
+        if (argmax >= 0) addNormGradient(dck, ck, kNorms, head + argmax, D, dDivisor);
       } else if (mode === 'l2') {
         for (let j = 0; j < M; j++) {
           const row = head + j;
-          const norm = rowNorm(ck, row, D);
+          const base = row * D;
+          const norm = kNorms[row]!;
           if (norm === 0) {
             // The norm was replaced by the constant 1 (y = c), exactly as for a zero-norm query.
-            for (let d = 0; d < D; d++) dck[row * D + d]! += dy[row * D + d]!;
+            for (let d = 0; d < D; d++) dck[base + d]! += dy[base + d]!;
             continue;
           }
           let projection = 0;
-          for (let d = 0; d < D; d++) projection += dy[row * D + d]! * y[row * D + d]!;
-          for (let d = 0; d < D; d++) {
-            dck[row * D + d]! += (dy[row * D + d]! - projection * y[row * D + d]!) / norm;
-          }
+          for (let d = 0; d < D; d++) projection += dy[base + d]! * y[base + d]!;
+          for (let d = 0; d < D; d++) dck[base + d]! += (dy[base + d]! - projection * y[base + d]!) / norm;
         }
       } else {
-        for (let j = 0; j < M; j++) {
-          const row = head + j;
-          for (let d = 0; d < D; d++) dck[row * D + d]! += dy[row * D + d]!;
-        }
+        for (let j = head * D; j < (head + M) * D; j++) dck[j]! += dy[j]!;
       }
     }
   }
@@ -313,10 +343,10 @@ export function prepareScoresBackward(
           const row = (b * H + h) * N + i;
           const argmax = keyArgmax[row]!;
           if (argmax < 0) continue;
-          addNormGradient(dck, ck, kvHead + argmax, -dsigma[row]! * sigma[row]! * sigma[row]! * T);
+          addNormGradient(dck, ck, kNorms, kvHead + argmax, D, -dsigma[row]! * sigma[row]! * sigma[row]! * T);
         }
       }
     }
   }
-  return { dq: uncenter(dcq, B * H * N, D, true), dk: uncenter(dck, B * Hkv * M, D, true) };
+  return { dq: uncenterInPlace(dcq, B * H * N, D), dk: uncenterInPlace(dck, B * Hkv * M, D) };
 }
