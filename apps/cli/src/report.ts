@@ -72,6 +72,32 @@ export async function measure(fn: () => unknown, options: MeasureOptions = {}): 
   return { median: median(times), runs: times };
 }
 
+/**
+ * Times several functions call by call in turn (each warmed up first), so that a machine that
+ * slows down or speeds up during the run (other tenants, frequency changes, a core that is shared
+ * for a while) affects all of them alike: the ratio of two medians is then what compares them,
+ * which is what the side-by-side targets check. `maxTimeMs` is not applied.
+ */
+export async function measureInterleaved(
+  fns: readonly (() => unknown)[],
+  options: Omit<MeasureOptions, 'maxTimeMs'> = {},
+): Promise<Measurement[]> {
+  const warmup = options.warmup ?? 1;
+  const runs = options.runs ?? 5;
+  checkCount(warmup, 'warmup', 0);
+  checkCount(runs, 'runs', 1);
+  for (const fn of fns) for (let i = 0; i < warmup; i++) await fn();
+  const times: number[][] = fns.map(() => []);
+  for (let r = 0; r < runs; r++) {
+    for (const [index, fn] of fns.entries()) {
+      const start = performance.now();
+      await fn();
+      times[index]!.push(performance.now() - start);
+    }
+  }
+  return times.map((list) => ({ median: median(list), runs: list }));
+}
+
 /** `0.42 ms`, `12.3 ms`, `1.25 s`: three significant digits, in the unit that reads best. */
 export function formatDuration(ms: number): string {
   if (!Number.isFinite(ms)) return String(ms);

@@ -10,6 +10,7 @@ import {
   formatTable,
   isCI,
   measure,
+  measureInterleaved,
   median,
   writeJsonResult,
 } from '../src/report.js';
@@ -20,6 +21,29 @@ describe('median', () => {
     expect(median([4, 1, 3, 2])).toBe(2.5);
     expect(median([7])).toBe(7);
     expect(() => median([])).toThrow(RangeError);
+  });
+});
+
+describe('measureInterleaved', () => {
+  it('warms every function up, then alternates them call by call', async () => {
+    const calls: string[] = [];
+    const result = await measureInterleaved([() => calls.push('a'), () => calls.push('b')], {
+      warmup: 2,
+      runs: 3,
+    });
+    expect(calls.join('')).toBe('aabbababab');
+    expect(result.map((m) => m.runs.length)).toEqual([3, 3]);
+  });
+
+  it('reports each function its own median', async () => {
+    const wait = (ms: number) => () => new Promise((resolve) => setTimeout(resolve, ms));
+    const [fast, slow] = await measureInterleaved([wait(1), wait(30)], { warmup: 0, runs: 3 });
+    expect(slow!.median).toBeGreaterThan(fast!.median);
+    expect(slow!.median).toBeGreaterThanOrEqual(29);
+  });
+
+  it('rejects a non-positive run count', async () => {
+    await expect(measureInterleaved([() => 0], { runs: 0 })).rejects.toThrow(RangeError);
   });
 });
 
