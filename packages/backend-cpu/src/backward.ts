@@ -2,6 +2,7 @@ import {
   type BackwardRequest,
   type BackwardResult,
   type HostTensor,
+  type PrepareScratch,
   prepareScores,
   prepareScoresBackward,
   querySchedule,
@@ -28,6 +29,20 @@ function stagedF64(staging: SharedStaging, role: string, length: number): Float6
   return new Float64Array(floats.buffer, floats.byteOffset, length).fill(0);
 }
 
+/** Core's `prepareScores` arrays in the staging too (they are written in full: no clearing). */
+function prepareScratch(staging: SharedStaging): PrepareScratch {
+  return {
+    float64: (role, length) => {
+      const floats = staging.take(`prepare.${role}`, 2 * length);
+      return new Float64Array(floats.buffer, floats.byteOffset, length);
+    },
+    int32: (role, length) => {
+      const floats = staging.take(`prepare.${role}`, length);
+      return new Int32Array(floats.buffer, floats.byteOffset, length);
+    },
+  };
+}
+
 /**
  * Backward on the CPU: core's `prepareScores` (float64, linear memory) gives z = σx and y, the
  * WebAssembly kernels give dz, dy and dv per head in two passes (backward-engine.ts) with this
@@ -51,7 +66,7 @@ export async function cpuBackward(
   const { shape, options, plan } = request;
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
   const factorized = plan.path === 'factorized';
-  const prepared = prepareScores(q, k, shape, options);
+  const prepared = prepareScores(q, k, shape, options, prepareScratch(staging));
   const setup = kernelSetup(D, options.order, options.coefficients, factorized);
   const chunkSize = factorized && options.causal ? plan.chunkSize : 256;
   engine.prepare(setup, Dv, chunkSize);

@@ -70,6 +70,7 @@ export {
   nonZeroDivisor,
   type PreparationTrace,
   type PreparedScores,
+  type PrepareScratch,
   prepareScores,
   prepareScoresBackward,
   prepareToken,

@@ -41,6 +41,23 @@ export interface PreparationTrace {
 }
 
 /**
+ * Where `prepareScores` puts the arrays it returns. By default fresh ones; a backend that calls it
+ * on every backward can hand out memory it reuses between calls instead (fresh arrays of N×D
+ * float64 cost their page faults on first touch, several times the arithmetic done on them). Each
+ * role is asked for once per call and every element is written, so the memory need not be cleared;
+ * the results live until the backend hands the same memory out again.
+ */
+export interface PrepareScratch {
+  float64(role: string, length: number): Float64Array;
+  int32(role: string, length: number): Int32Array;
+}
+
+const FRESH: PrepareScratch = {
+  float64: (_, length) => new Float64Array(length),
+  int32: (_, length) => new Int32Array(length),
+};
+
+/**
  * Centers every row (as `prepareToken` does, unless `centered` is false) and returns the rows with
  * their norms. Written as one pass over a flat array, without a temporary per row: this runs on
  * every backward call at N×D elements, where per-row allocations dominated its cost.
@@ -50,9 +67,9 @@ function centerRows(
   rows: number,
   dim: number,
   centered: boolean,
+  values: Float64Array,
+  norms: Float64Array,
 ): { values: Float64Array; norms: Float64Array } {
-  const values = new Float64Array(rows * dim);
-  const norms = new Float64Array(rows);
   for (let r = 0; r < rows; r++) {
     const base = r * dim;
     let mean = 0;
@@ -105,21 +122,38 @@ export function prepareScores(
   k: HostTensor,
   shape: AttentionShape,
   options: ResolvedOptions,
+  scratch: PrepareScratch = FRESH,
 ): PreparedScores {
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
   const mode = options.normalization.kind;
   const centered = mode !== 'scale';
-  const { values: cq, norms: qNorms } = centerRows(q.data, B * H * N, D, centered);
-  const { values: ck, norms: kNorms } = centerRows(k.data, B * Hkv * M, D, centered);
+  const queryRows = B * H * N;
+  const keyRows = B * Hkv * M;
+  const { values: cq, norms: qNorms } = centerRows(
+    q.data,
+    queryRows,
+    D,
+    centered,
+    scratch.float64('centeredQ', queryRows * D),
+    scratch.float64('queryNorms', queryRows),
+  );
+  const { values: ck, norms: kNorms } = centerRows(
+    k.data,
+    keyRows,
+    D,
+    centered,
+    scratch.float64('centeredK', keyRows * D),
+    scratch.float64('keyNorms', keyRows),
+  );
   // Where nothing divides them, x and y are the centered arrays themselves rather than copies
   // (every consumer only reads them): queries under `scale`, keys under prefix-max-norm and `scale`.
   const queriesDivided = mode !== 'scale';
   const keysDivided = mode === 'max-norm' || mode === 'l2';
-  const x = queriesDivided ? new Float64Array(cq.length) : cq;
-  const y = keysDivided ? new Float64Array(ck.length) : ck;
-  const sigma = new Float64Array(B * H * N);
-  const queryArgmax = new Int32Array(B * H * N).fill(-1);
-  const keyArgmax = new Int32Array(B * H * N).fill(-1);
+  const x = queriesDivided ? scratch.float64('x', cq.length) : cq;
+  const y = keysDivided ? scratch.float64('y', ck.length) : ck;
+  const sigma = scratch.float64('sigma', queryRows);
+  const queryArgmax = scratch.int32('queryArgmax', queryRows).fill(-1);
+  const keyArgmax = scratch.int32('keyArgmax', queryRows).fill(-1);
   const T = options.temperature;
   const groupSize = H / Hkv;
 
@@ -254,7 +288,9 @@ function addNormGradient(
 
 /**
  * Chains gradients of the prepared quantities (dx, dy, dσ) back to q and k through centering,
- * norms and maxima. dx is B×H×N×D, dy is B×Hkv×M×D, dσ is B×H×N; returns float64 dq and dk.
+ * norms and maxima. dx is B×H×N×D, dy is B×Hkv×M×D, dσ is B×H×N; returns float64 dq and dk,
+ * computed in the memory of dx and dy (which the call consumes): the chain is a few passes over
+ * arrays as large as the inputs, and fresh memory of that size costs more than those passes.
  * Norms are computed once per call (a row's norm is needed again for every row it divides).
  */
 export function prepareScoresBackward(
@@ -269,36 +305,33 @@ export function prepareScoresBackward(
   const { x, y, sigma, trace } = prepared;
   const { centeredQ: cq, centeredK: ck, queryArgmax, keyArgmax } = trace;
   const mode = options.normalization.kind;
-  if (mode === 'scale') return { dq: dx.slice(), dk: dy.slice() };
-  const dcq = new Float64Array(cq.length);
-  const dck = new Float64Array(ck.length);
+  if (mode === 'scale') return { dq: dx, dk: dy };
   const qNorms = rowNorms(cq, B * H * N, D);
   const kNorms = rowNorms(ck, B * Hkv * M, D);
   const groupSize = H / Hkv;
   const T = options.temperature;
 
-  for (let b = 0; b < B; b++) {
-    for (let h = 0; h < H; h++) {
-      const head = (b * H + h) * N;
-      for (let i = 0; i < N; i++) {
-        const row = head + i;
-        const base = row * D;
-        const argmax = queryArgmax[row]!;
-        if (argmax < 0) {
-          // x is c(q) divided by the constant 1.
-          for (let d = 0; d < D; d++) dcq[base + d]! += dx[base + d]!;
-          continue;
-        }
-        const divisor = qNorms[head + argmax]!;
-        // x = c/m: ∂x/∂c = 1/m and ∂x/∂m = -x/m.
-        let dDivisor = 0;
-        for (let d = 0; d < D; d++) {
-          dcq[base + d]! += dx[base + d]! / divisor;
-          dDivisor -= (dx[base + d]! * x[base + d]!) / divisor;
-        }
-        addNormGradient(dcq, cq, qNorms, head + argmax, D, dDivisor);
-      }
+  // Queries, in two passes because a row's divisor is another row's norm: first x = c/m gives
+  // ∂/∂c = dx/m for every row (in place) and the row's ∂L/∂m = -Σ dx·x/m; then each ∂L/∂m flows
+  // into the norm of the row m came from, m = |c_argmax|, once every row's own part is in place.
+  const dDivisors = new Float64Array(B * H * N);
+  for (let row = 0; row < B * H * N; row++) {
+    const argmax = queryArgmax[row]!;
+    // x is c(q) divided by the constant 1: dx is already ∂L/∂c.
+    if (argmax < 0) continue;
+    const head = row - (row % N);
+    const divisor = qNorms[head + argmax]!;
+    const base = row * D;
+    let dDivisor = 0;
+    for (let d = base; d < base + D; d++) {
+      dDivisor -= (dx[d]! * x[d]!) / divisor;
+      dx[d] = dx[d]! / divisor;
     }
+    dDivisors[row] = dDivisor;
+  }
+  for (let row = 0; row < B * H * N; row++) {
+    const argmax = queryArgmax[row]!;
+    if (argmax >= 0) addNormGradient(dx, cq, qNorms, row - (row % N) + argmax, D, dDivisors[row]!);
   }
 
   for (let b = 0; b < B; b++) {
@@ -310,27 +343,23 @@ export function prepareScoresBackward(
         const divisor = argmax < 0 ? 1 : kNorms[head + argmax]!;
         let dDivisor = 0;
         for (let j = head * D; j < (head + M) * D; j++) {
-          dck[j]! += dy[j]! / divisor;
           dDivisor -= (dy[j]! * y[j]!) / divisor;
+          dy[j] = dy[j]! / divisor;
         }
-        if (argmax >= 0) addNormGradient(dck, ck, kNorms, head + argmax, D, dDivisor);
+        if (argmax >= 0) addNormGradient(dy, ck, kNorms, head + argmax, D, dDivisor);
       } else if (mode === 'l2') {
         for (let j = 0; j < M; j++) {
           const row = head + j;
           const base = row * D;
           const norm = kNorms[row]!;
-          if (norm === 0) {
-            // The norm was replaced by the constant 1 (y = c), exactly as for a zero-norm query.
-            for (let d = 0; d < D; d++) dck[base + d]! += dy[base + d]!;
-            continue;
-          }
+          // A zero norm was replaced by the constant 1 (y = c), exactly as for a zero-norm query.
+          if (norm === 0) continue;
           let projection = 0;
           for (let d = 0; d < D; d++) projection += dy[base + d]! * y[base + d]!;
-          for (let d = 0; d < D; d++) dck[base + d]! += (dy[base + d]! - projection * y[base + d]!) / norm;
+          for (let d = 0; d < D; d++) dy[base + d] = (dy[base + d]! - projection * y[base + d]!) / norm;
         }
-      } else {
-        for (let j = head * D; j < (head + M) * D; j++) dck[j]! += dy[j]!;
       }
+      // prefix-max-norm: y is c(k) itself, dy is already ∂L/∂c.
     }
   }
 
@@ -343,10 +372,10 @@ export function prepareScoresBackward(
           const row = (b * H + h) * N + i;
           const argmax = keyArgmax[row]!;
           if (argmax < 0) continue;
-          addNormGradient(dck, ck, kNorms, kvHead + argmax, D, -dsigma[row]! * sigma[row]! * sigma[row]! * T);
+          addNormGradient(dy, ck, kNorms, kvHead + argmax, D, -dsigma[row]! * sigma[row]! * sigma[row]! * T);
         }
       }
     }
   }
-  return { dq: uncenterInPlace(dcq, B * H * N, D), dk: uncenterInPlace(dck, B * Hkv * M, D) };
+  return { dq: uncenterInPlace(dx, B * H * N, D), dk: uncenterInPlace(dy, B * Hkv * M, D) };
 }

@@ -235,7 +235,12 @@ describe('prepareScoresBackward matches central finite differences of prepareSco
       const { x, y, sigma } = prepareScores(q, k, shape, resolved);
       return dotProduct(cx, x) + dotProduct(cy, y) + dotProduct(cs, sigma);
     };
-    const analytic = prepareScoresBackward(first, shape, resolved, cx, cy, cs);
+    // The call computes dq and dk in the memory of its dx and dy: give it copies of the weights.
+    const dx = cx.slice();
+    const dy = cy.slice();
+    const analytic = prepareScoresBackward(first, shape, resolved, dx, dy, cs);
+    expect(analytic.dq).toBe(dx);
+    expect(analytic.dk).toBe(dy);
     const numericQ = finiteDifferenceGradient(q.data, loss);
     const numericK = finiteDifferenceGradient(k.data, loss);
     expect(maxAbs(analytic.dq)).toBeGreaterThan(0.01);
@@ -244,4 +249,38 @@ describe('prepareScoresBackward matches central finite differences of prepareSco
     expect(scaledError(analytic.dq, numericQ)).toBeLessThan(tolerance);
     expect(scaledError(analytic.dk, numericK)).toBeLessThan(tolerance);
   });
+});
+
+describe('prepareScores with a scratch allocator', () => {
+  it.each(['max-norm', 'prefix-max-norm', 'l2'] as const)(
+    '%s: writes every array into the scratch, equal to fresh arrays, whatever the memory held',
+    (normalization) => {
+      const { q, k, v } = inputs(5, [2, 4, 6, 3], [2, 2, 6, 3]);
+      const { resolved, shape } = setup(q, k, v, { normalization, causal: true, keyLengths: [6, 4] });
+      const fresh = prepareScores(q, k, shape, resolved);
+      // Memory full of garbage, as a reused buffer would be: every element must be overwritten.
+      const handed: (Float64Array | Int32Array)[] = [];
+      const scratch = {
+        float64: (_: string, length: number) => {
+          const array = new Float64Array(length).fill(Number.NaN);
+          handed.push(array);
+          return array;
+        },
+        int32: (_: string, length: number) => {
+          const array = new Int32Array(length).fill(12345);
+          handed.push(array);
+          return array;
+        },
+      };
+      const reused = prepareScores(q, k, shape, resolved, scratch);
+      for (const name of ['x', 'y', 'sigma'] as const) {
+        expect(handed).toContain(reused[name]);
+        expect(Array.from(reused[name])).toEqual(Array.from(fresh[name]));
+      }
+      for (const name of ['centeredQ', 'centeredK', 'queryArgmax', 'keyArgmax'] as const) {
+        expect(handed).toContain(reused.trace[name]);
+        expect(Array.from(reused.trace[name])).toEqual(Array.from(fresh.trace[name]));
+      }
+    },
+  );
 });
