@@ -101,29 +101,32 @@ describe('threads', () => {
   // F = 561, or non-causal) split by features: the diagonal blocks alternate between shares and a
   // second pass sums numerators and denominators. Both reorder float32 sums, so results match one thread to float32 rounding, not
   // bit for bit.
-  for (const [batch, causal, order, headDim] of [
-    [2, true, 2, 32],
-    [2, false, 2, 16],
-    [1, true, 2, 32],
-    [2, true, 1, 16],
-    [1, true, 2, 16],
+  for (const [batch, causal, order, headDim, extraKeys] of [
+    [2, true, 2, 32, 5],
+    [2, false, 2, 16, 5],
+    [1, true, 2, 32, 5],
+    [2, true, 1, 16, 5],
+    [1, true, 2, 16, 5],
+    // Fewer keys than queries: the first causal rows see no key at all.
+    [1, true, 1, 16, -30],
+    [1, true, 2, 32, -30],
   ] as const) {
     const shares = batch === 1 ? 3 : 2;
     const features = order === 1 ? headDim + 1 : ((headDim + 1) * (headDim + 2)) / 2;
     const by = causal && features < 256 ? 'queries' : 'features';
-    it(`splits ${batch} head(s) into ${shares} shares by ${by} (p = ${order}, D = ${headDim}, ${causal ? 'causal' : 'non-causal'})`, async () => {
+    it(`splits ${batch} head(s) into ${shares} shares by ${by} (p = ${order}, D = ${headDim}, ${causal ? 'causal' : 'non-causal'}, M = N ${extraKeys > 0 ? '+' : '-'} ${Math.abs(extraKeys)})`, async () => {
       const split = cpuBackend({ threads: 3, parallelThreshold: 0 });
       const N = 75;
       const q = tensor([batch, 1, N, headDim], 31);
-      // Cross-attention (M = N + 5) so that the causal shift is exercised too.
-      const k = tensor([batch, 1, N + 5, headDim], 32);
-      const v = tensor([batch, 1, N + 5, 12], 33);
+      // Cross-attention (M ≠ N) so that the causal shift is exercised too.
+      const k = tensor([batch, 1, N + extraKeys, headDim], 32);
+      const v = tensor([batch, 1, N + extraKeys, 12], 33);
       // With two batches, the second sees no key: its rows are degenerate and must be counted once,
       // not once per share.
       const options: FastmaxOptions = {
         order,
         causal,
-        keyLengths: batch === 2 ? [60, 0] : [60],
+        keyLengths: batch === 2 ? [60, 0] : [Math.min(60, N + extraKeys)],
         chunkSize: 8,
         path: 'factorized',
       };
@@ -133,8 +136,11 @@ describe('threads', () => {
       const a = await parallel.attention(q, k, v, options);
       const b = await serial.attention(q, k, v, options);
       expect(a.degenerateRows).toBe(b.degenerateRows);
-      expect(a.degenerateRows).toBe(batch === 2 ? N : 0);
       const reference = referenceAttention(q, k, v, options);
+      // A batch without keys: all its N rows; fewer keys than queries: the 30 causal rows before the
+      // first key.
+      expect(a.degenerateRows).toBe(reference.degenerateRows);
+      expect(a.degenerateRows).toBe((batch === 2 ? N : 0) + (extraKeys < 0 ? -extraKeys : 0));
       expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
       const x = (a.output as HostTensor).data;
       const y = (b.output as HostTensor).data;
