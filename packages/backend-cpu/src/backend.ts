@@ -40,6 +40,11 @@ import { SharedStaging } from './staging.js';
 export interface CpuBackend extends FastmaxBackend {
   /** Threads large calls use: the pool's workers, or 1 without a pool (one thread, no SharedArrayBuffer). */
   threadCount(): Promise<number>;
+  /**
+   * Which build of the WebAssembly kernels this backend compiled: 'relaxed-simd' (fused multiply-add)
+   * where `relaxedSimd` is not false and the engine validates that build, else 'simd'.
+   */
+  kernelVariant(): Promise<'simd' | 'relaxed-simd'>;
 }
 
 export interface CpuBackendOptions {
@@ -243,6 +248,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   }
   const parallelThreshold = options.parallelThreshold ?? 2 ** 22;
   let modulePromise: Promise<WebAssembly.Module> | null = null;
+  let variant: 'simd' | 'relaxed-simd' = 'simd';
   let localEngine: Engine | null = null;
   let backwardEngine: BackwardEngine | null = null;
   let poolPromise: Promise<WorkerPool | null> | null = null;
@@ -253,6 +259,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     modulePromise ??= (async () => {
       const relaxed = decodeBase64(KERNELS_RELAXED_SIMD);
       const useRelaxed = options.relaxedSimd !== false && WebAssembly.validate(relaxed);
+      variant = useRelaxed ? 'relaxed-simd' : 'simd';
       return WebAssembly.compile(useRelaxed ? relaxed : decodeBase64(KERNELS_SIMD));
     })();
     return modulePromise;
@@ -461,6 +468,11 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
 
     async threadCount(): Promise<number> {
       return (await pool())?.size ?? 1;
+    },
+
+    async kernelVariant(): Promise<'simd' | 'relaxed-simd'> {
+      await compiled();
+      return variant;
     },
 
     poolForTesting: () => pool(),

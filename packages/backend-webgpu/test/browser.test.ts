@@ -1,13 +1,13 @@
 import { referenceAttention } from '@fastmax/core/reference';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type BrowserPage, CHROMIUM, chromiumMissing, openBrowserPage } from './browser-support.js';
+import { CHROMIUM, chromiumMissing, openWebgpuPage, type WebgpuPage } from './browser-support.js';
 import { maxRelativeError, randomTensor } from './support.js';
 
 describe.skipIf(chromiumMissing)(`browser (chromium at ${CHROMIUM})`, () => {
-  let browser: BrowserPage | undefined;
+  let browser: WebgpuPage | undefined;
 
   beforeAll(async () => {
-    browser = await openBrowserPage();
+    browser = await openWebgpuPage();
   }, 60_000);
 
   afterAll(async () => {

@@ -1,0 +1,210 @@
+// Core by relative path: the repository root has no node_modules/@fastmax. It is the same file the
+// packages' tests reach through `@fastmax/core` (source condition), so classes and types are shared.
+import {
+  type BackendCapabilities,
+  type BackendState,
+  type FastmaxBackend,
+  FastmaxError,
+  type FastmaxErrorCode,
+  type HostTensor,
+  type ResolvedOptions,
+  SPEC_VERSION,
+  type Tensor,
+  toHost,
+} from '../packages/core/src/index.js';
+import { type BrowserPage, packageSource, type SourceTree } from './browser.js';
+
+/**
+ * A backend running in a browser page, driven from Node: the page script below holds one backend
+ * and answers forward/backward/state calls whose tensors and resolved options arrive as plain data;
+ * `proxyBackend` is the Node-side `FastmaxBackend` that forwards every call to it, so the
+ * conformance suite (and `createFastmax`) can run against the backend's own code in the browser.
+ * Device tensors stay a Node-side concern (the proxy declares none).
+ */
+
+/** Core's sources, served under `/core/` and mapped to `@fastmax/core` by the page's import map. */
+export const CORE_TREE: SourceTree = packageSource('core', 'core');
+
+export interface BackendPageScript {
+  /** Module code run first: the backend's import and whatever `create` needs. */
+  readonly setup: string;
+  /** A JavaScript expression that creates a fresh backend. */
+  readonly create: string;
+}
+
+/**
+ * The page: `window.fastmax` holds one backend (created on first use, `backend()` returns it) and
+ * answers the proxy's calls; `runForward` runs a whole `createFastmax` attention in the page with a
+ * backend of its own. Sets `window.ready` when loaded.
+ */
+export function backendPageHtml(script: BackendPageScript): string {
+  return `<!doctype html>
+<script type="importmap">{ "imports": { "@fastmax/core": "/core/index.js" } }</script>
+<script type="module">
+  import { createFastmax } from '@fastmax/core';
+  ${script.setup}
+  const createBackend = () => ${script.create};
+  const tensor = (t) => ({ shape: t.shape, data: new Float32Array(t.data) });
+  const resolved = (o) => ({
+    ...o,
+    coefficients: new Float64Array(o.coefficients),
+    keyLengths: o.keyLengths === null ? null : new Int32Array(o.keyLengths),
+  });
+  const plain = (t) => ({ shape: t.shape, data: Array.from(t.data) });
+  const fail = (error) => ({ error: { message: String(error && error.message || error), code: error && error.code } });
+  let current;
+  const backend = () => (current ??= createBackend());
+  const states = new Map();
+  let nextState = 1;
+  window.fastmax = {
+    backend,
+    isAvailable() {
+      return backend().isAvailable();
+    },
+    async forward(r) {
+      try {
+        const result = await backend().forward({ ...r, q: tensor(r.q), k: tensor(r.k), v: tensor(r.v), options: resolved(r.options), keepOnDevice: false });
+        return { output: plain(result.output), degenerateRows: result.degenerateRows };
+      } catch (error) { return fail(error); }
+    },
+    async backward(r) {
+      try {
+        const result = await backend().backward({ ...r, q: tensor(r.q), k: tensor(r.k), v: tensor(r.v), dOut: tensor(r.dOut), options: resolved(r.options), keepOnDevice: false });
+        return { dq: plain(result.dq), dk: plain(result.dk), dv: plain(result.dv) };
+      } catch (error) { return fail(error); }
+    },
+    async createState(o) {
+      try {
+        const id = nextState++;
+        states.set(id, await backend().createState({ ...o, options: resolved(o.options) }));
+        return { id };
+      } catch (error) { return fail(error); }
+    },
+    async step(id, q, k, v) {
+      try {
+        const state = states.get(id);
+        const result = await state.step(tensor(q), tensor(k), tensor(v));
+        return { output: plain(result.output), degenerateRows: result.degenerateRows, tokens: state.tokens };
+      } catch (error) { return fail(error); }
+    },
+    reset(id) { states.get(id).reset(); },
+    disposeState(id) { states.get(id)?.dispose(); states.delete(id); },
+    async runForward(input) {
+      const fm = await createFastmax({ backend: createBackend() });
+      try {
+        const result = await fm.attention(tensor(input.q), tensor(input.k), tensor(input.v), input.options);
+        return { output: Array.from(result.output.data), path: result.plan.path, degenerateRows: result.degenerateRows };
+      } catch (error) { return fail(error); }
+      finally { await fm.dispose(); }
+    },
+  };
+  window.ready = true;
+</script>`;
+}
+
+/** The part of a playwright `Page` the proxy uses. */
+export interface PageEvaluate {
+  evaluate<R, Arg>(pageFunction: (arg: Arg) => R | Promise<R>, arg: Arg): Promise<R>;
+}
+
+/** A host tensor as plain data, the way it crosses into the page (and back). */
+export type PlainTensor = { shape: number[]; data: number[] };
+type PageReply = { error?: { message: string; code?: string } } & Record<string, unknown>;
+
+export const plainTensor = (tensor: HostTensor): PlainTensor => ({
+  shape: [...tensor.shape],
+  data: Array.from(tensor.data),
+});
+const plain = async (tensor: Tensor): Promise<PlainTensor> => plainTensor(await toHost(tensor));
+const host = (value: unknown): HostTensor => {
+  const t = value as PlainTensor;
+  return { shape: t.shape as unknown as HostTensor['shape'], data: Float32Array.from(t.data) };
+};
+const plainOptions = (options: ResolvedOptions) => ({
+  ...options,
+  coefficients: Array.from(options.coefficients),
+  keyLengths: options.keyLengths === null ? null : Array.from(options.keyLengths),
+});
+
+/**
+ * The Node-side backend of a page made by `backendPageHtml`. Errors thrown in the page come back as
+ * `FastmaxError`s with their code (or plain errors); `dispose` closes the browser.
+ */
+export function proxyBackend(
+  browser: BrowserPage<PageEvaluate>,
+  description: { readonly name: string; readonly capabilities: BackendCapabilities },
+): FastmaxBackend {
+  const call = async (method: string, ...args: unknown[]): Promise<PageReply> => {
+    const reply = (await browser.page.evaluate(
+      ([name, list]) =>
+        (window as unknown as { fastmax: Record<string, (...a: unknown[]) => unknown> }).fastmax[name]!(
+          ...list,
+        ),
+      [method, args] as const,
+    )) as PageReply | undefined;
+    if (reply?.error !== undefined) {
+      const { message, code } = reply.error;
+      if (code !== undefined) throw new FastmaxError(code as FastmaxErrorCode, `(in the browser) ${message}`);
+      throw new Error(`(in the browser) ${message}`);
+    }
+    return reply ?? {};
+  };
+  return {
+    name: description.name,
+    specVersion: SPEC_VERSION,
+    capabilities: description.capabilities,
+    async isAvailable() {
+      return (await call('isAvailable')) as unknown as Awaited<ReturnType<FastmaxBackend['isAvailable']>>;
+    },
+    async forward(request) {
+      const reply = await call('forward', {
+        q: await plain(request.q),
+        k: await plain(request.k),
+        v: await plain(request.v),
+        shape: request.shape,
+        plan: request.plan,
+        options: plainOptions(request.options),
+      });
+      return { output: host(reply.output), degenerateRows: reply.degenerateRows as number };
+    },
+    async backward(request) {
+      const reply = await call('backward', {
+        q: await plain(request.q),
+        k: await plain(request.k),
+        v: await plain(request.v),
+        dOut: await plain(request.dOut),
+        shape: request.shape,
+        plan: request.plan,
+        options: plainOptions(request.options),
+      });
+      return { dq: host(reply.dq), dk: host(reply.dk), dv: host(reply.dv) };
+    },
+    async createState(options) {
+      const { id } = (await call('createState', { ...options, options: plainOptions(options.options) })) as {
+        id: number;
+      };
+      let tokens = 0;
+      const state: BackendState = {
+        get tokens() {
+          return tokens;
+        },
+        async step(q, k, v) {
+          const reply = await call('step', id, await plain(q), await plain(k), await plain(v));
+          tokens = reply.tokens as number;
+          return { output: host(reply.output), degenerateRows: reply.degenerateRows as number };
+        },
+        reset() {
+          tokens = 0;
+          void call('reset', id);
+        },
+        dispose() {
+          void call('disposeState', id);
+        },
+      };
+      return state;
+    },
+    async dispose() {
+      await browser.close();
+    },
+  };
+}
