@@ -153,10 +153,10 @@ const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
  * workers keep finding work. With fewer pairs than threads, each head is split into `shares` units
  * by features (see AttentionJob.shares).
  */
-function planUnits(heads: number, valueDim: number, threads: number, shares: number): WorkUnit[][] {
+function planUnits(heads: number, threads: number, shares: number): WorkUnit[][] {
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) {
-    for (let share = 0; share < shares; share++) units.push({ head, c0: 0, c1: valueDim, share });
+    for (let share = 0; share < shares; share++) units.push({ head, share });
   }
   const batchCount = Math.min(units.length, threads * 4);
   const size = Math.ceil(units.length / Math.max(1, batchCount));
@@ -378,8 +378,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         const local = await engine();
         let degenerateRows = 0;
         try {
-          for (let head = 0; head < heads; head++)
-            degenerateRows += local.runUnit(job, { head, c0: 0, c1: Dv });
+          for (let head = 0; head < heads; head++) degenerateRows += local.runUnit(job, { head });
         } catch (error) {
           throw wrapEngineError(error);
         }
@@ -405,7 +404,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           shares,
           queryBounds,
         };
-        let degenerateRows = await workers.run(job, planUnits(heads, Dv, threadCount, shares));
+        let degenerateRows = await workers.run(job, planUnits(heads, threadCount, shares));
         if (combined) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
         if (!stagedOutput) return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
         const output = allocate(() => new Float32Array(outLength));
@@ -580,8 +579,6 @@ class CpuState implements BackendState {
               causalShift: n,
               headDim: D,
               valueDim: Dv,
-              c0: 0,
-              c1: Dv,
               featureStart: 0,
               featureEnd: this.setup.paddedFeatures,
               share: 0,

@@ -131,8 +131,7 @@ export async function cpuBackward(
   };
   const second: BackwardJob = { ...first, pass: 2 };
   const units: WorkUnit[] = [];
-  for (let head = 0; head < heads; head++)
-    for (let s = 0; s < shares; s++) units.push({ head, c0: 0, c1: Dv, share: s });
+  for (let head = 0; head < heads; head++) for (let s = 0; s < shares; s++) units.push({ head, share: s });
   const runPass = async (job: BackwardJob): Promise<void> => {
     if (parallel) {
       const perBatch = Math.ceil(units.length / (pool.size * 2));

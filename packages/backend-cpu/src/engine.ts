@@ -79,13 +79,11 @@ export interface AttentionJob {
 }
 
 /**
- * One piece of work: a (batch, head) pair and the value columns [c0, c1) it produces (the backward
- * splits columns); in the forward, share `share` of `shares` of the head's features.
+ * One piece of work: a (batch, head) pair, and which of the head's shares it is when a head is
+ * split over threads (AttentionJob.shares and queryBounds; BackwardJob.shares).
  */
 export interface WorkUnit {
   readonly head: number;
-  readonly c0: number;
-  readonly c1: number;
   readonly share?: number;
 }
 
@@ -153,7 +151,7 @@ interface Buffers {
   readonly kFactors: number;
   /** prefix-max-norm: centered norms of the keys scanned ahead of the running key maximum. */
   readonly scanNorms: number;
-  /** Finished output rows of one chunk, columns [c0, c1) only, before the copy out. */
+  /** Finished output rows of one chunk, before the copy out. */
   readonly stage: number;
   readonly end: number;
 }
@@ -230,8 +228,6 @@ export interface HeadView {
   readonly causalShift: number;
   readonly headDim: number;
   readonly valueDim: number;
-  readonly c0: number;
-  readonly c1: number;
   /**
    * Feature split (see AttentionJob.shares): this run owns features [featureStart, featureEnd) and
    * the diagonal blocks of the query blocks whose index ≡ share (mod shares), and writes
@@ -383,12 +379,12 @@ export class Engine {
     this.f32.fill(0, start, start + (b.stateBytes >> 2));
   }
 
-  /** Runs one work unit of a forward call; returns its degenerate rows (counted by the c0 = 0 unit). */
+  /** Runs one work unit of a forward call; returns its degenerate rows (0 for a feature share). */
   runUnit(job: AttentionJob, unit: WorkUnit): number {
     const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = job;
     const b = Math.floor(unit.head / H);
     const kvHead = b * Hkv + Math.floor((unit.head % H) / (H / Hkv));
-    this.prepare(job.setup, unit.c1 - unit.c0, job.chunkSize, 1, Dv);
+    this.prepare(job.setup, Dv, job.chunkSize, 1, Dv);
     this.clearState(0);
     const share = unit.share ?? 0;
     const bySequence = job.queryBounds !== null;
@@ -425,8 +421,6 @@ export class Engine {
       causalShift: M - N,
       headDim: D,
       valueDim: Dv,
-      c0: unit.c0,
-      c1: unit.c1,
       featureStart,
       featureEnd,
       share: featureIndex,
@@ -557,8 +551,8 @@ export class Engine {
     // keyOffset (earlier decoding steps) are already in state.keyMax.
     let keysScanned = view.keyOffset;
 
-    // Writes keys [start, end) (global indices) as y (transposed, D × keyLd) and their value
-    // columns [c0, c1) as 8-column panels.
+    // Writes keys [start, end) (global indices) as y (transposed, D × keyLd) and their values as
+    // 8-column panels.
     // The last key range written to yT / vPanels: a causal chunk's diagonal keys are the next
     // chunk's state update, so they are loaded once.
     let loadedStart = -1;
@@ -586,7 +580,7 @@ export class Engine {
       ex.transposeScaled(b.kRaw, count, D, b.kFactors, b.yT, keyLd, roundUp(count, 8));
       const Dv = view.valueDim;
       f32.set(view.v.subarray(view.vBase + local * Dv, view.vBase + (local + count) * Dv), b.vRaw >> 2);
-      ex.packPanels(b.vRaw, count, Dv, view.c0, view.c1, W, b.vPanels, vPanel >> 2);
+      ex.packPanels(b.vRaw, count, Dv, 0, Dv, W, b.vPanels, vPanel >> 2);
     };
 
     // Adds keys [state.keys, end) to the moment state.
@@ -708,7 +702,7 @@ export class Engine {
           ex.weighted(b.w, KEY_CHUNK, nq4, nk, b.vPanels, vPanel, W, b.o, W, b.den);
         }
 
-        const width = view.c1 - view.c0;
+        const width = view.valueDim;
         const partial = view.partial;
         if (partial !== null) {
           this.refreshViews();
@@ -725,16 +719,10 @@ export class Engine {
         this.refreshViews();
         const stage = b.stage >> 2;
         const outStart = view.oBase + i0 * view.valueDim;
-        if (width === view.valueDim) view.out.set(this.f32.subarray(stage, stage + nq * width), outStart);
-        else
-          for (let r = 0; r < nq; r++)
-            view.out.set(
-              this.f32.subarray(stage + r * width, stage + (r + 1) * width),
-              outStart + r * view.valueDim + view.c0,
-            );
+        view.out.set(this.f32.subarray(stage, stage + nq * width), outStart);
       }
     }
     if (path === 'factorized') advance(finalKeys);
-    return view.c0 === 0 ? degenerate : 0;
+    return degenerate;
   }
 }
