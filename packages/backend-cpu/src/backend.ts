@@ -27,6 +27,7 @@ import {
   type AttentionJob,
   Engine,
   type HeadState,
+  kvHeadSlot,
   type NormalizationSpec,
   type RowRange,
   type WorkUnit,
@@ -561,7 +562,7 @@ class CpuState implements BackendState {
       for (let b = 0; b < B; b++) {
         for (let h = 0; h < H; h++) {
           const slot = b * H + h;
-          const kvHead = b * Hkv + Math.floor(h / (H / Hkv));
+          const kvHead = kvHeadSlot(slot, H, Hkv);
           degenerateRows += this.engine.runStep(
             {
               q: q.data,

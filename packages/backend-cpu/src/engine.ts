@@ -164,6 +164,15 @@ export interface HeadState {
   keyMax: number;
 }
 
+/**
+ * The flat (batch, kv head) index that flat query head b·H + h reads: core's `kvHeadOf`, restated
+ * because this module (bundled into the workers) imports nothing at run time.
+ */
+export function kvHeadSlot(head: number, heads: number, kvHeads: number): number {
+  const batch = Math.floor(head / heads);
+  return batch * kvHeads + Math.floor((head % heads) / (heads / kvHeads));
+}
+
 /** Rows [start, end) of the B·H·N output rows, for the pass that combines feature shares. */
 export interface RowRange {
   readonly start: number;
@@ -383,7 +392,7 @@ export class Engine {
   runUnit(job: AttentionJob, unit: WorkUnit): number {
     const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = job;
     const b = Math.floor(unit.head / H);
-    const kvHead = b * Hkv + Math.floor((unit.head % H) / (H / Hkv));
+    const kvHead = kvHeadSlot(unit.head, H, Hkv);
     this.prepare(job.setup, Dv, job.chunkSize, 1, Dv);
     this.clearState(0);
     const share = unit.share ?? 0;
@@ -496,14 +505,32 @@ export class Engine {
     let max = 0;
     for (let r0 = 0; r0 < rows; r0 += block) {
       const n = Math.min(block, rows - r0);
-      this.refreshViews();
-      this.f32.set(data.subarray(base + r0 * dim, base + (r0 + n) * dim), b.kRaw >> 2);
-      this.exports.centerRows(b.kRaw, n, dim, 1, b.scanNorms);
-      const f32 = this.f32;
+      const f32 = this.loadRows(data, base, r0, n, dim, b.kRaw, true, b.scanNorms);
       const at = b.scanNorms >> 2;
       for (let t = 0; t < n; t++) if (f32[at + t]! > max) max = f32[at + t]!;
     }
     return max;
+  }
+
+  /**
+   * Copies rows [first, first + n) of `data` (rows `dim` floats apart from `base`) into WebAssembly
+   * memory at byte offset `raw`, centers them there unless `centered` is false, and writes their
+   * norms at byte offset `norms`. Returns the float view of the memory.
+   */
+  private loadRows(
+    data: Float32Array,
+    base: number,
+    first: number,
+    n: number,
+    dim: number,
+    raw: number,
+    centered: boolean,
+    norms: number,
+  ): Float32Array {
+    this.refreshViews();
+    this.f32.set(data.subarray(base + first * dim, base + (first + n) * dim), raw >> 2);
+    this.exports.centerRows(raw, n, dim, centered ? 1 : 0, norms);
+    return this.f32;
   }
 
   private runHead(
@@ -563,10 +590,7 @@ export class Engine {
       loadedEnd = end;
       const count = end - start;
       const local = start - view.keyOffset;
-      this.refreshViews();
-      const f32 = this.f32;
-      f32.set(view.k.subarray(view.kBase + local * D, view.kBase + (local + count) * D), b.kRaw >> 2);
-      ex.centerRows(b.kRaw, count, D, centered ? 1 : 0, b.kNorms);
+      const f32 = this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms);
       const norms = b.kNorms >> 2;
       const factors = b.kFactors >> 2;
       const constant = kind === 'max-norm' ? 1 / scales!.keyDivisor : 1;
@@ -621,10 +645,7 @@ export class Engine {
       for (; keysScanned < limit; keysScanned++) {
         if (keysScanned >= scanEnd) {
           const n = Math.min(keyLd, view.valid - keysScanned);
-          const local = keysScanned - view.keyOffset;
-          this.refreshViews();
-          this.f32.set(view.k.subarray(view.kBase + local * D, view.kBase + (local + n) * D), b.kRaw >> 2);
-          ex.centerRows(b.kRaw, n, D, 1, b.scanNorms);
+          this.loadRows(view.k, view.kBase, keysScanned - view.keyOffset, n, D, b.kRaw, true, b.scanNorms);
           // loadKeys' cache keys on the range only: the raw buffer no longer holds its keys, but yT
           // and the panels (what the cache stands for) are untouched.
           scanStart = keysScanned;
@@ -643,11 +664,8 @@ export class Engine {
       for (let i0 = chunkStart; i0 < chunkEnd; i0 += C) {
         const nq = Math.min(C, chunkEnd - i0);
         const nq4 = Math.ceil(nq / 4);
-        this.refreshViews();
-        const f32 = this.f32;
         // Queries: z_i = σ_i · x_i, transposed to D × C.
-        f32.set(view.q.subarray(view.qBase + i0 * D, view.qBase + (i0 + nq) * D), b.qRaw >> 2);
-        ex.centerRows(b.qRaw, nq, D, centered ? 1 : 0, b.qNorms);
+        const f32 = this.loadRows(view.q, view.qBase, i0, nq, D, b.qRaw, centered, b.qNorms);
         const norms = b.qNorms >> 2;
         const factors = b.qFactors >> 2;
         for (let r = 0; r < nq; r++) {

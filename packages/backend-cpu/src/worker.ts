@@ -11,6 +11,7 @@ import {
   Engine,
   featureShare,
   type KernelSetup,
+  kvHeadSlot,
   type RowRange,
   type WorkUnit,
 } from './engine.js';
@@ -61,7 +62,7 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
   const share = unit.share ?? 0;
   const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv, shares } = job;
   const b = Math.floor(head / H);
-  const kvHead = b * Hkv + Math.floor((head % H) / (H / Hkv));
+  const kvHead = kvHeadSlot(head, H, Hkv);
   const slot = head * shares + share;
   const features = featureShare(job.setup.paddedFeatures, share, shares);
   const task: BackwardHead = {
