@@ -51,7 +51,15 @@ export function backendPageHtml(script: BackendPageScript): string {
     keyLengths: o.keyLengths === null ? null : new Int32Array(o.keyLengths),
   });
   const plain = (t) => ({ shape: t.shape, data: Array.from(t.data) });
-  const fail = (error) => ({ error: { message: String(error && error.message || error), code: error && error.code } });
+  const fail = (error) => ({
+    error: {
+      message: String(error && error.message || error),
+      code: error && error.code,
+      argument: error && error.argument,
+      expected: error && error.expected,
+      actual: error && error.actual,
+    },
+  });
   let current;
   const backend = () => (current ??= createBackend());
   const states = new Map();
@@ -109,7 +117,9 @@ export interface PageEvaluate {
 
 /** A host tensor as plain data, the way it crosses into the page (and back). */
 export type PlainTensor = { shape: number[]; data: number[] };
-type PageReply = { error?: { message: string; code?: string } } & Record<string, unknown>;
+type PageReply = {
+  error?: { message: string; code?: string; argument?: string; expected?: string; actual?: string };
+} & Record<string, unknown>;
 
 export const plainTensor = (tensor: HostTensor): PlainTensor => ({
   shape: [...tensor.shape],
@@ -143,8 +153,16 @@ export function proxyBackend(
       [method, args] as const,
     )) as PageReply | undefined;
     if (reply?.error !== undefined) {
-      const { message, code } = reply.error;
-      if (code !== undefined) throw new FastmaxError(code as FastmaxErrorCode, `(in the browser) ${message}`);
+      const { message, code, argument, expected, actual } = reply.error;
+      if (code !== undefined) {
+        // The details cross too: conformance checks the argument an error names.
+        const details = {
+          ...(argument === undefined ? {} : { argument }),
+          ...(expected === undefined ? {} : { expected }),
+          ...(actual === undefined ? {} : { actual }),
+        };
+        throw new FastmaxError(code as FastmaxErrorCode, `(in the browser) ${message}`, details);
+      }
       throw new Error(`(in the browser) ${message}`);
     }
     return reply ?? {};

@@ -259,14 +259,43 @@ export function readout(
   }
 }
 
-/** W[i][j] = Σ_d X[d][i] · Y[d][j] for i < 4·nq4, j < 8·nk8 (X, Y feature-major, D rows). */
-export function scores(x: usize, ldX: i32, nq4: i32, y: usize, ldY: i32, nk8: i32, d: i32, w: usize, ldW: i32): void {
+/**
+ * Keys a tile of 4 rows (rows i..i+3) reads in a causal block: the largest of their limits, at
+ * most nk. Rows of the tile past the block's last query must have limit 0.
+ */
+@inline
+function tileKeyEnd(limits: usize, i: i32, nk: i32): i32 {
+  const p = limits + (<usize>i << 2);
+  const a = max(load<i32>(p), load<i32>(p, 4));
+  const b = max(load<i32>(p, 8), load<i32>(p, 12));
+  return min(nk, max(a, b));
+}
+
+/**
+ * W[i][j] = Σ_d X[d][i] · Y[d][j] for i < 4·nq4, j < 8·nk8 (X, Y feature-major, D rows).
+ * bounded != 0: a tile of 4 rows stops at its `tileKeyEnd` (rounded up to 8 keys), which skips the
+ * masked upper triangle of a causal diagonal block; the rest of W is left as it was.
+ */
+export function scores(
+  x: usize,
+  ldX: i32,
+  nq4: i32,
+  y: usize,
+  ldY: i32,
+  nk8: i32,
+  d: i32,
+  w: usize,
+  ldW: i32,
+  limits: usize,
+  bounded: i32,
+): void {
   const xRow = <usize>ldX << 2;
   const yRow = <usize>ldY << 2;
   const wRow = <usize>ldW << 2;
   for (let i = 0; i < nq4 << 2; i += 4) {
     const a0 = x + (<usize>i << 2);
-    for (let j = 0; j < nk8 << 3; j += 8) {
+    const end = bounded ? (tileKeyEnd(limits, i, nk8 << 3) + 7) & ~7 : nk8 << 3;
+    for (let j = 0; j < end; j += 8) {
       tile4x8(a0, a0 + 4, a0 + 8, a0 + 12, xRow, y + (<usize>j << 2), yRow, d);
       const p = w + <usize>i * wRow + (<usize>j << 2);
       v128.store(p, t0);
@@ -283,16 +312,27 @@ export function scores(x: usize, ldX: i32, nq4: i32, y: usize, ldY: i32, nk8: i3
 
 /**
  * W[i][j] = f(W[i][j]) = Σ_l a_l W^l for j < limit_i, else 0, for j < 8·nk8 and every row i < nq.
- * coefficients: order + 1 floats a_0..a_p; limits: one i32 per row.
+ * coefficients: order + 1 floats a_0..a_p; limits: one i32 per row. bounded != 0: only the keys
+ * of the row's tile (`tileKeyEnd`, as `scores` and `weighted` read them) are written.
  */
-export function polynomial(w: usize, ldW: i32, nq: i32, nk8: i32, limits: usize, coefficients: usize, order: i32): void {
+export function polynomial(
+  w: usize,
+  ldW: i32,
+  nq: i32,
+  nk8: i32,
+  limits: usize,
+  coefficients: usize,
+  order: i32,
+  bounded: i32,
+): void {
   const wRow = <usize>ldW << 2;
   const top = f32x4.splat(load<f32>(coefficients + (<usize>order << 2)));
   const lane = i32x4(0, 1, 2, 3);
   for (let i = 0; i < nq; i++) {
     const row = w + <usize>i * wRow;
     const limit = i32x4.splat(load<i32>(limits + (<usize>i << 2)));
-    for (let j = 0; j < nk8 << 1; j++) {
+    const end4 = bounded ? (tileKeyEnd(limits, i & ~3, nk8 << 3) + 3) >> 2 : nk8 << 1;
+    for (let j = 0; j < end4; j++) {
       const p = row + (<usize>j << 4);
       const s = v128.load(p);
       let acc = top;
@@ -308,7 +348,8 @@ export function polynomial(w: usize, ldW: i32, nq: i32, nk8: i32, limits: usize,
 /**
  * O[i][c] += Σ_j W[i][j] · V[j][c] for j < nk (c < nc, a multiple of 8; V in panels as in
  * `moments`), den[i] += Σ_j W[i][j],
- * for i < 4·nq4. Columns of W at or past nk are ignored.
+ * for i < 4·nq4. Columns of W at or past nk are ignored; bounded != 0: so are those at or past the
+ * tile's `tileKeyEnd`.
  */
 export function weighted(
   w: usize,
@@ -321,18 +362,21 @@ export function weighted(
   o: usize,
   ldO: i32,
   den: usize,
+  limits: usize,
+  bounded: i32,
 ): void {
   const wRow = <usize>ldW << 2;
   for (let i = 0; i < nq4 << 2; i += 4) {
     const a0 = w + <usize>i * wRow;
+    const end = bounded ? tileKeyEnd(limits, i, nk) : nk;
     for (let c = 0; c < nc; c += 8) {
-      tile4x8(a0, a0 + wRow, a0 + 2 * wRow, a0 + 3 * wRow, 4, v + <usize>(c >> 3) * <usize>vPanel, 32, nk);
+      tile4x8(a0, a0 + wRow, a0 + 2 * wRow, a0 + 3 * wRow, 4, v + <usize>(c >> 3) * <usize>vPanel, 32, end);
       addTile(o + ((<usize>i * <usize>ldO + <usize>c) << 2), ldO);
     }
     for (let r = 0; r < 4; r++) {
       const row = a0 + <usize>r * wRow;
       let total: f32 = 0;
-      for (let j = 0; j < nk; j++) total += load<f32>(row + (<usize>j << 2));
+      for (let j = 0; j < end; j++) total += load<f32>(row + (<usize>j << 2));
       const dp = den + (<usize>(i + r) << 2);
       store<f32>(dp, load<f32>(dp) + total);
     }

@@ -406,9 +406,9 @@ export class BackwardEngine {
         const nk = Math.min(KEY_CHUNK, directEnd - k0);
         this.loadKeys(head, k0, nk);
         this.setLimits(head, i0, nq, k0, nk);
-        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, Math.ceil(nk / 8), D, b.wf!, KEY_CHUNK);
-        ex.polynomial(b.wf!, KEY_CHUNK, nq, Math.ceil(nk / 8), b.limits!, b.coefficients!, setup.order);
-        ex.weighted(b.wf!, KEY_CHUNK, nq4, nk, b.vPanels!, keyLd * 32, Wp, b.oq!, Wp, b.den!);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, Math.ceil(nk / 8), D, b.wf!, KEY_CHUNK, 0, 0);
+        ex.polynomial(b.wf!, KEY_CHUNK, nq, Math.ceil(nk / 8), b.limits!, b.coefficients!, setup.order, 0);
+        ex.weighted(b.wf!, KEY_CHUNK, nq4, nk, b.vPanels!, keyLd * 32, Wp, b.oq!, Wp, b.den!, 0, 0);
       }
       // The direct blocks' part of β·den is dO·(their unnormalized output), here in the oq rows.
       this.views();
@@ -549,20 +549,20 @@ export class BackwardEngine {
         const nk8 = Math.ceil(nk / 8);
         this.loadKeys(head, k0, nk);
         this.setLimits(head, i0, nq, k0, nk);
-        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK, 0, 0);
         this.copy('sc', 'wf', C * KEY_CHUNK);
         this.copy('sc', 'wd', C * KEY_CHUNK);
-        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order);
-        ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1);
-        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK);
+        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order, 0);
+        ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1, 0);
+        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK, 0, 0);
         ex.hadamard(b.wd!, b.gg!, (C * KEY_CHUNK) / 4);
-        ex.weighted(b.wd!, KEY_CHUNK, nq4, nk, b.yPanels!, keyLd * 32, Dp, b.dxRows!, Dp, b.den!);
+        ex.weighted(b.wd!, KEY_CHUNK, nq4, nk, b.yPanels!, keyLd * 32, Dp, b.dxRows!, Dp, b.den!, 0, 0);
         ex.transpose(b.wd!, KEY_CHUNK, nq, nk, b.trans!, C);
         this.zero('dyRows', keyLd * Dp);
-        ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!);
+        ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!, 0, 0);
         ex.transpose(b.wf!, KEY_CHUNK, nq, nk, b.trans!, C);
         this.zero('dvRows', keyLd * Wp);
-        ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, Wp, b.dvRows!, Wp, b.den!);
+        ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, Wp, b.dvRows!, Wp, b.den!, 0, 0);
         this.addKeyRows(head, k0, nk);
       }
       this.views();

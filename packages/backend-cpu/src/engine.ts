@@ -151,6 +151,8 @@ interface Buffers {
   readonly kFactors: number;
   /** prefix-max-norm: centered norms of the keys scanned ahead of the running key maximum. */
   readonly scanNorms: number;
+  /** prefix-max-norm's scan window: centered keys whose norms are in scanNorms. */
+  readonly scanRaw: number;
   /** Finished output rows of one chunk, before the copy out. */
   readonly stage: number;
   readonly end: number;
@@ -347,6 +349,7 @@ export class Engine {
     const kNorms = take(keyLd * 4);
     const kFactors = take(keyLd * 4);
     const scanNorms = take(keyLd * 4);
+    const scanRaw = take(keyLd * D * 4);
     const stage = take(C * W * 4);
     const end = offset;
     const memory = this.exports.memory;
@@ -376,6 +379,7 @@ export class Engine {
       kNorms,
       kFactors,
       scanNorms,
+      scanRaw,
       stage,
       end,
     };
@@ -584,13 +588,22 @@ export class Engine {
     // chunk's state update, so they are loaded once.
     let loadedStart = -1;
     let loadedEnd = -1;
+    // prefix-max-norm scans key norms a block ahead of the queries: keys [scanStart, scanEnd) are
+    // centered in scanRaw, their norms in scanNorms.
+    let scanStart = 0;
+    let scanEnd = 0;
     const loadKeys = (start: number, end: number): void => {
       if (start === loadedStart && end === loadedEnd) return;
       loadedStart = start;
       loadedEnd = end;
       const count = end - start;
       const local = start - view.keyOffset;
-      const f32 = this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms);
+      // prefix-max-norm has usually centered these keys already, in its scan window.
+      const scanned = kind === 'prefix-max-norm' && start >= scanStart && end <= scanEnd;
+      const raw = scanned ? b.scanRaw + (start - scanStart) * D * 4 : b.kRaw;
+      if (scanned) this.refreshViews();
+      else this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms);
+      const f32 = this.f32;
       const norms = b.kNorms >> 2;
       const factors = b.kFactors >> 2;
       const constant = kind === 'max-norm' ? 1 / scales!.keyDivisor : 1;
@@ -601,7 +614,7 @@ export class Engine {
         } else f32[factors + t] = constant;
       }
       // The scores kernel reads whole 8-key tiles: the tail of the last tile is zeroed.
-      ex.transposeScaled(b.kRaw, count, D, b.kFactors, b.yT, keyLd, roundUp(count, 8));
+      ex.transposeScaled(raw, count, D, b.kFactors, b.yT, keyLd, roundUp(count, 8));
       const Dv = view.valueDim;
       f32.set(view.v.subarray(view.vBase + local * Dv, view.vBase + (local + count) * Dv), b.vRaw >> 2);
       ex.packPanels(b.vRaw, count, Dv, 0, Dv, W, b.vPanels, vPanel >> 2);
@@ -638,16 +651,11 @@ export class Engine {
     };
 
     // prefix-max-norm: the largest centered key norm among keys [0, limit).
-    // Norms are computed by the kernels a block ahead: keys [scanStart, scanEnd) are in scanNorms.
-    let scanStart = 0;
-    let scanEnd = 0;
     const keyMaxUpTo = (limit: number): number => {
       for (; keysScanned < limit; keysScanned++) {
         if (keysScanned >= scanEnd) {
           const n = Math.min(keyLd, view.valid - keysScanned);
-          this.loadRows(view.k, view.kBase, keysScanned - view.keyOffset, n, D, b.kRaw, true, b.scanNorms);
-          // loadKeys' cache keys on the range only: the raw buffer no longer holds its keys, but yT
-          // and the panels (what the cache stands for) are untouched.
+          this.loadRows(view.k, view.kBase, keysScanned - view.keyOffset, n, D, b.scanRaw, true, b.scanNorms);
           scanStart = keysScanned;
           scanEnd = keysScanned + n;
         }
@@ -715,9 +723,14 @@ export class Engine {
           for (let r = 0; r < nq; r++) {
             i32b[(b.limits >> 2) + r] = Math.max(0, Math.min(nk, limitOf(i0 + r) - k0));
           }
-          ex.scores(b.xT, C, nq4, b.yT, keyLd, Math.ceil(nk / 8), D, b.w, KEY_CHUNK);
-          ex.polynomial(b.w, KEY_CHUNK, nq, Math.ceil(nk / 8), b.limits, b.coefficients, setup.order);
-          ex.weighted(b.w, KEY_CHUNK, nq4, nk, b.vPanels, vPanel, W, b.o, W, b.den);
+          // Causal blocks skip, per tile of 4 rows, the keys none of its rows sees (the masked
+          // upper triangle of a diagonal block): the rows past the last query see none.
+          const bounded = view.causal ? 1 : 0;
+          for (let r = nq; r < nq4 * 4; r++) i32b[(b.limits >> 2) + r] = 0;
+          const nk8 = Math.ceil(nk / 8);
+          ex.scores(b.xT, C, nq4, b.yT, keyLd, nk8, D, b.w, KEY_CHUNK, b.limits, bounded);
+          ex.polynomial(b.w, KEY_CHUNK, nq, nk8, b.limits, b.coefficients, setup.order, bounded);
+          ex.weighted(b.w, KEY_CHUNK, nq4, nk, b.vPanels, vPanel, W, b.o, W, b.den, b.limits, bounded);
         }
 
         const width = view.valueDim;

@@ -50,6 +50,8 @@ export interface KernelExports {
     d: number,
     w: number,
     ldW: number,
+    limits: number,
+    bounded: number,
   ): void;
   polynomial(
     w: number,
@@ -59,6 +61,7 @@ export interface KernelExports {
     limits: number,
     coefficients: number,
     order: number,
+    bounded: number,
   ): void;
   weighted(
     w: number,
@@ -71,6 +74,8 @@ export interface KernelExports {
     o: number,
     ldO: number,
     den: number,
+    limits: number,
+    bounded: number,
   ): void;
   centerRows(src: number, n: number, d: number, centered: number, norms: number): void;
   transposeScaled(

@@ -137,9 +137,14 @@ export class WorkerPool {
     slot.worker.post({ type: 'init', module: this.module });
   }
 
-  /** Runs the forward batches on the workers; resolves with the summed degenerate rows. */
-  run(job: AttentionJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
-    return this.enqueue((id, units) => ({ type: 'run', id, job, units }), batches);
+  /**
+   * Runs the forward batches on the workers; resolves with the summed degenerate rows. `alongside`
+   * runs in the calling thread once the workers have their first batches (work that would
+   * otherwise leave a core idle before or after them); if it throws, the run still finishes (the
+   * workers are using the job's memory) and then rejects with that error.
+   */
+  run(job: AttentionJob, batches: readonly (readonly WorkUnit[])[], alongside?: () => void): Promise<number> {
+    return this.enqueue((id, units) => ({ type: 'run', id, job, units }), batches, alongside);
   }
 
   /** Finishes a feature-split forward (`combineShares`), one range of rows per worker. */
@@ -158,8 +163,9 @@ export class WorkerPool {
   private enqueue<Unit>(
     request: (id: number, units: readonly Unit[]) => WorkerRequest,
     batches: readonly (readonly Unit[])[],
+    alongside?: () => void,
   ): Promise<number> {
-    const result = this.tail.then(() => this.execute(request, batches));
+    const result = this.tail.then(() => this.execute(request, batches, alongside));
     this.tail = result.catch(() => {});
     return result;
   }
@@ -167,6 +173,7 @@ export class WorkerPool {
   private execute<Unit>(
     request: (id: number, units: readonly Unit[]) => WorkerRequest,
     batches: readonly (readonly Unit[])[],
+    alongside?: () => void,
   ): Promise<number> {
     if (this.disposed) return Promise.reject(new FastmaxError('DISPOSED', 'the CPU backend was disposed'));
     return new Promise((resolve, reject) => {
@@ -174,9 +181,17 @@ export class WorkerPool {
       let pending = 0;
       let total = 0;
       let failed = false;
+      // Settling waits for `alongside` too, whose error (if any) wins over the workers' result.
+      let alongsideDone = false;
+      let alongsideError: { error: unknown } | null = null;
+      const settleIfDone = (): void => {
+        if (failed || pending !== 0 || next < batches.length || !alongsideDone) return;
+        if (alongsideError === null) resolve(total);
+        else reject(alongsideError.error);
+      };
       const feed = (slot: Slot): void => {
         if (failed || next >= batches.length) {
-          if (pending === 0 && !failed) resolve(total);
+          settleIfDone();
           return;
         }
         const units = batches[next++]!;
@@ -205,6 +220,15 @@ export class WorkerPool {
         return;
       }
       for (const slot of idle) feed(slot);
+      try {
+        alongside?.();
+      } catch (error) {
+        alongsideError = { error };
+        // The result is lost anyway: hand out no more batches.
+        next = batches.length;
+      }
+      alongsideDone = true;
+      settleIfDone();
     });
   }
 

@@ -210,6 +210,40 @@ describe('threads', () => {
     await serial.dispose();
   });
 
+  // The backend declares checksFiniteInputs: core leaves the scan to it, and it scans in the calling
+  // thread while the workers compute. The error must be core's, the call must not settle before
+  // the workers are done with the staged memory, and the pool must be usable right after.
+  it('refuses a non-finite input found while the workers compute with core’s error, then recovers', async () => {
+    expect(backend.capabilities.checksFiniteInputs).toBe(true);
+    const fm = await createFastmax({ backend });
+    const q = tensor([1, 2, 600, 16], 11);
+    const k = tensor([1, 2, 600, 16], 12);
+    const v = tensor([1, 2, 600, 16], 13);
+    const cases: [HostTensor, number, string][] = [
+      [q, q.data.length - 1, 'q'],
+      [k, 7000, 'k'],
+      [v, 0, 'v'],
+    ];
+    for (const [target, index, name] of cases) {
+      const saved = target.data[index]!;
+      target.data[index] = Number.NaN;
+      const error = await fm.attention(q, k, v, { order: 2, causal: true }).then(
+        () => null,
+        (e: unknown) => e,
+      );
+      target.data[index] = saved;
+      expect(isFastmaxError(error, 'NON_FINITE_INPUT')).toBe(true);
+      expect((error as { argument?: string }).argument).toBe(`${name}.data[${index}]`);
+      const clean = await fm.attention(q, k, v, { order: 2, causal: true });
+      const reference = referenceAttention(q, k, v, { order: 2, causal: true });
+      expect(relativeError((clean.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+    }
+    // Opting out skips the scan: the call settles, with the NaN's rows degenerate or NaN.
+    q.data[5] = Number.NaN;
+    const unchecked = await fm.attention(q, k, v, { order: 2, causal: true, checkFinite: false });
+    expect(unchecked.output.shape).toEqual([1, 2, 600, 16]);
+  });
+
   it('reports a crashed worker as BACKEND_ERROR and recovers', async () => {
     const pool = await (
       backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }

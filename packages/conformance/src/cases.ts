@@ -111,6 +111,8 @@ export interface InvalidInputCase extends CaseBase {
   readonly call: 'attention' | 'backward';
   readonly inputs: () => { q: unknown; k: unknown; v: unknown; dOut?: unknown; options?: unknown };
   readonly code: FastmaxErrorCode;
+  /** The `argument` the error must name, where it is fully determined (a non-finite value's index). */
+  readonly argument?: string;
   readonly requires: Partial<Requirements>;
 }
 export interface NonFiniteCase extends CaseBase {
@@ -725,10 +727,13 @@ function invalidInputCases(): InvalidInputCase[] {
       requires: {},
       inputs: () => ({ ...ok(), options: { order: 0 } }),
     },
+    // Whether core scans the values or the backend does (capabilities.checksFiniteInputs), the
+    // error names the first bad flat index of the first bad tensor in the order q, k, v.
     {
       name: 'NaN in q -> NON_FINITE_INPUT',
       call: 'attention',
       code: 'NON_FINITE_INPUT',
+      argument: 'q.data[2]',
       requires: {},
       inputs: poisoned('q', Number.NaN),
     },
@@ -736,6 +741,7 @@ function invalidInputCases(): InvalidInputCase[] {
       name: 'Infinity in k -> NON_FINITE_INPUT',
       call: 'attention',
       code: 'NON_FINITE_INPUT',
+      argument: 'k.data[2]',
       requires: {},
       inputs: poisoned('k', Number.POSITIVE_INFINITY),
     },
@@ -743,8 +749,35 @@ function invalidInputCases(): InvalidInputCase[] {
       name: '-Infinity in v -> NON_FINITE_INPUT',
       call: 'attention',
       code: 'NON_FINITE_INPUT',
+      argument: 'v.data[2]',
       requires: {},
       inputs: poisoned('v', Number.NEGATIVE_INFINITY),
+    },
+    {
+      name: 'NaN in k and v, Infinity later in q -> NON_FINITE_INPUT naming q',
+      call: 'attention',
+      code: 'NON_FINITE_INPUT',
+      argument: 'q.data[23]',
+      requires: {},
+      inputs: () => {
+        const inputs = ok();
+        inputs.q.data[23] = Number.POSITIVE_INFINITY;
+        inputs.k.data[0] = Number.NaN;
+        inputs.v.data[29] = Number.NaN;
+        return inputs;
+      },
+    },
+    {
+      name: 'NaN in a padded key (keyLengths) -> NON_FINITE_INPUT',
+      call: 'attention',
+      code: 'NON_FINITE_INPUT',
+      argument: 'k.data[11]',
+      requires: { keyPadding: true },
+      inputs: () => {
+        const inputs = ok();
+        inputs.k.data[11] = Number.NaN;
+        return { ...inputs, options: { keyLengths: [1] } };
+      },
     },
     // createFastmax checks capabilities before dOut, so these need what the call itself needs.
     {

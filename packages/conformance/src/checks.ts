@@ -733,6 +733,8 @@ async function checkInvalidInput(ctx: CheckContext, testCase: InvalidInputCase):
       const argument = (error as { argument?: unknown }).argument;
       if (typeof argument !== 'string' || argument === '')
         report.fail('the FastmaxError does not name the argument at fault');
+      else if (testCase.argument !== undefined && argument !== testCase.argument)
+        report.fail(`${code} names ${argument}; expected ${testCase.argument}`);
       else report.note(`${code} naming ${argument}`);
     }
   }
@@ -925,6 +927,8 @@ async function checkContract(ctx: CheckContext, testCase: ContractCase): Promise
   ] as const) {
     if (typeof caps[flag] !== 'boolean') report.fail(`capabilities.${flag} must be a boolean`);
   }
+  if (caps.checksFiniteInputs !== undefined && typeof caps.checksFiniteInputs !== 'boolean')
+    report.fail('capabilities.checksFiniteInputs must be a boolean when present');
   if (caps.state && typeof backend.createState !== 'function')
     report.fail('capabilities.state is true but createState is missing');
   const declared = Object.entries(caps)

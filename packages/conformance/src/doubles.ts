@@ -23,6 +23,8 @@ import { toHost } from '@fastmax/core';
  * - `'forgetful-state'`: each `step` forgets the tokens of earlier steps ('state').
  * - `'hangs-on-non-finite'`: never settles when an input holds NaN/±Infinity ('non-finite propagation').
  * - `'mutates-inputs'`: writes into the caller's q ('forward').
+ * - `'skips-finite-check'`: declares `checksFiniteInputs` (so core leaves the scan to it) and never
+ *   scans ('invalid input', the NON_FINITE_INPUT cases of `attention`).
  */
 export type BackendFault =
   | 'leaks-padded-keys'
@@ -33,7 +35,8 @@ export type BackendFault =
   | 'uncounted-degenerate-rows'
   | 'forgetful-state'
   | 'hangs-on-non-finite'
-  | 'mutates-inputs';
+  | 'mutates-inputs'
+  | 'skips-finite-check';
 
 export const BACKEND_FAULTS: readonly BackendFault[] = [
   'leaks-padded-keys',
@@ -45,6 +48,7 @@ export const BACKEND_FAULTS: readonly BackendFault[] = [
   'forgetful-state',
   'hangs-on-non-finite',
   'mutates-inputs',
+  'skips-finite-check',
 ];
 
 /** Keeps the top 11 significant bits of a float32, like a float16 intermediate would. */
@@ -119,7 +123,10 @@ export function brokenBackend(inner: FastmaxBackend, fault: BackendFault): Fastm
   return {
     name: `${inner.name}+${fault}`,
     specVersion: inner.specVersion,
-    capabilities: inner.capabilities,
+    capabilities:
+      fault === 'skips-finite-check'
+        ? { ...inner.capabilities, checksFiniteInputs: true }
+        : inner.capabilities,
     isAvailable: () => inner.isAvailable(),
     async forward(request) {
       if (fault === 'hangs-on-non-finite' && hasNonFinite([request.q, request.k, request.v])) {

@@ -37,6 +37,9 @@ const targets: Record<BackendFault, ConformanceCase[]> = {
   'forgetful-state': cases.filter((c) => c.kind === 'state'),
   'hangs-on-non-finite': cases.filter((c) => c.kind === 'non-finite'),
   'mutates-inputs': plainForward.slice(0, 4),
+  'skips-finite-check': cases.filter(
+    (c) => c.kind === 'invalid-input' && c.code === 'NON_FINITE_INPUT' && c.call === 'attention',
+  ),
 };
 
 describe('the suite catches injected faults', () => {

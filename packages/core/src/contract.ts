@@ -33,6 +33,14 @@ export interface BackendCapabilities {
   readonly paths: readonly AttentionPath[];
   /** Accepts and returns `DeviceTensor`s of its own. */
   readonly deviceTensors: boolean;
+  /**
+   * `forward` checks q, k and v for NaN and ±Infinity itself when `request.options.checkFinite`
+   * is true, with core's `checkFinite` (so the errors are the same), and core skips its own scan
+   * before the call. This lets a backend overlap the scan with its compute instead of paying for
+   * it before the compute starts. Default false: core scans. `backward` and decoding inputs are
+   * always scanned by core.
+   */
+  readonly checksFiniteInputs?: boolean;
 }
 
 export type Availability =

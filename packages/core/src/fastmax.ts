@@ -197,10 +197,16 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
       throw new FastmaxError('DISPOSED', 'this Fastmax instance was disposed', { argument: 'this' });
   };
 
-  const prepare = (q: Tensor, k: Tensor, v: Tensor, options: FastmaxOptions | undefined) => {
+  const prepare = (
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    options: FastmaxOptions | undefined,
+    backendScansValues = false,
+  ) => {
     live();
     const resolved = resolveOptions(options);
-    const shape = validateAttentionInputs(q, k, v, resolved);
+    const shape = validateAttentionInputs(q, k, v, resolved, !backendScansValues);
     checkCapabilities(backend, shape, resolved);
     const plan = planAttention(shape, resolved, backend.capabilities.paths);
     return { resolved, shape, plan };
@@ -213,7 +219,13 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
       return prepare(q, k, v, options).plan;
     },
     async attention(q, k, v, options) {
-      const { resolved, shape, plan } = prepare(q, k, v, options);
+      const { resolved, shape, plan } = prepare(
+        q,
+        k,
+        v,
+        options,
+        backend.capabilities.checksFiniteInputs === true,
+      );
       const result = await backend.forward({
         q: await adopt(q, backend),
         k: await adopt(k, backend),

@@ -104,11 +104,16 @@ export function checkFinite(tensor: Tensor, name: string): void {
   }
 }
 
+/**
+ * Checks shapes, heads and key lengths, and scans q, k and v for non-finite values when
+ * `options.checkFinite` and `scanValues` (false when the backend scans them itself) are both true.
+ */
 export function validateAttentionInputs(
   q: Tensor,
   k: Tensor,
   v: Tensor,
   options: ResolvedOptions,
+  scanValues = true,
 ): AttentionShape {
   const [batch, heads, queryLength, headDim] = checkTensor(q, 'q');
   const [kBatch, kvHeads, keyLength, kDim] = checkTensor(k, 'k');
@@ -145,7 +150,7 @@ export function validateAttentionInputs(
       }
     });
   }
-  if (options.checkFinite) {
+  if (options.checkFinite && scanValues) {
     checkFinite(q, 'q');
     checkFinite(k, 'k');
     checkFinite(v, 'v');
