@@ -1,6 +1,8 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { arch, cpus, platform } from 'node:os';
 import { join, resolve } from 'node:path';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 
 /**
  * Shared reporting for `fastmax demo` and every `fastmax bench` backend: timing, tables, JSON
@@ -96,6 +98,16 @@ export async function measureInterleaved(
     }
   }
   return times.map((list) => ({ median: median(list), runs: list }));
+}
+
+/**
+ * A full garbage collection now, so that a baseline's garbage (gigabytes, for onnxruntime's plain
+ * graph) is not collected during the next thing timed. `--expose-gc` is turned on at run time
+ * (`v8.setFlagsFromString`) and `gc` is taken from a fresh context, where that flag installs it.
+ */
+export function collectGarbage(): void {
+  setFlagsFromString('--expose-gc');
+  (runInNewContext('gc') as () => void)();
 }
 
 /** `0.42 ms`, `12.3 ms`, `1.25 s`: three significant digits, in the unit that reads best. */

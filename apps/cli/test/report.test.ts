@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
+  collectGarbage,
   createProgressBar,
   formatDuration,
   formatError,
@@ -21,6 +22,17 @@ describe('median', () => {
     expect(median([4, 1, 3, 2])).toBe(2.5);
     expect(median([7])).toBe(7);
     expect(() => median([])).toThrow(RangeError);
+  });
+});
+
+describe('collectGarbage', () => {
+  it('frees an unreachable ArrayBuffer at once', () => {
+    let big: Float32Array | null = new Float32Array(2 ** 24).fill(1);
+    const held = process.memoryUsage().arrayBuffers;
+    expect(big.length).toBe(2 ** 24);
+    big = null;
+    collectGarbage();
+    expect(held - process.memoryUsage().arrayBuffers).toBeGreaterThanOrEqual(2 ** 26);
   });
 });
 
