@@ -274,7 +274,8 @@ function tileKeyEnd(limits: usize, i: i32, nk: i32): i32 {
 /**
  * W[i][j] = Σ_d X[d][i] · Y[d][j] for i < 4·nq4, j < 8·nk8 (X, Y feature-major, D rows).
  * bounded != 0: a tile of 4 rows stops at its `tileKeyEnd` (rounded up to 8 keys), which skips the
- * masked upper triangle of a causal diagonal block; the rest of W is left as it was.
+ * masked upper triangle of a causal diagonal block; the rest of W is left as it was (bounded = 1)
+ * or set to 0 (bounded = 2, for callers that read all of W).
  */
 export function scores(
   x: usize,
@@ -307,13 +308,21 @@ export function scores(
       v128.store(p + 3 * wRow, t6);
       v128.store(p + 3 * wRow, t7, 16);
     }
+    if (bounded == 2) {
+      const zero = f32x4.splat(0);
+      for (let r = 0; r < 4; r++) {
+        const row = w + <usize>(i + r) * wRow;
+        for (let j = end; j < nk8 << 3; j += 4) v128.store(row + (<usize>j << 2), zero);
+      }
+    }
   }
 }
 
 /**
  * W[i][j] = f(W[i][j]) = Σ_l a_l W^l for j < limit_i, else 0, for j < 8·nk8 and every row i < nq.
- * coefficients: order + 1 floats a_0..a_p; limits: one i32 per row. bounded != 0: only the keys
- * of the row's tile (`tileKeyEnd`, as `scores` and `weighted` read them) are written.
+ * coefficients: order + 1 floats a_0..a_p; limits: one i32 per row. bounded = 1: only the keys of
+ * the row's tile (`tileKeyEnd`, as `scores` and `weighted` read them) are written; bounded = 2: the
+ * others are set to 0 without evaluating f.
  */
 export function polynomial(
   w: usize,
@@ -341,6 +350,10 @@ export function polynomial(
       }
       const visible = i32x4.lt_s(i32x4.add(lane, i32x4.splat(j << 2)), limit);
       v128.store(p, v128.and(acc, visible));
+    }
+    if (bounded == 2) {
+      const zero = f32x4.splat(0);
+      for (let j = end4; j < nk8 << 1; j++) v128.store(row + (<usize>j << 4), zero);
     }
   }
 }

@@ -36,7 +36,7 @@ import {
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
 import { WorkerPool, workerFactory } from './pool.js';
 import { kernelSetup } from './setup.js';
-import { SharedStaging } from './staging.js';
+import { SharedStaging, touchedFloat32 } from './staging.js';
 
 /** The CPU backend: a `FastmaxBackend` that can also say how many threads it computes with. */
 export interface CpuBackend extends FastmaxBackend {
@@ -142,9 +142,6 @@ function refuseLargeState(bytes: number, what: string): void {
     );
   }
 }
-
-/** Floats in a 4 KiB memory page, the unit of first-touch page faults. */
-const FLOATS_PER_PAGE = 1024;
 
 /** Shared scratch kept between forward calls (inputs, output, partial sums), at most this much. */
 const KEEP_STAGING_BYTES = 256 * 2 ** 20;
@@ -420,15 +417,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         };
         // While the workers compute, the calling thread scans the inputs (their copies are already
         // staged; a non-finite value fails the call when the run ends) and touches every page of
-        // the caller's output array: fresh pages cost a fault each on first write (12 to 20 ms per
-        // 4 MiB on the VMs we measure on), better paid now than in the copy after the run.
+        // the caller's output array.
         const prepared: { output: Float32Array | null } = { output: null };
         let degenerateRows = await workers.run(job, planUnits(heads, threadCount, shares), () => {
           scanInputs();
           if (!stagedOutput) return;
-          const output = allocate(() => new Float32Array(outLength));
-          for (let i = 0; i < outLength; i += FLOATS_PER_PAGE) output[i] = 0;
-          prepared.output = output;
+          prepared.output = allocate(() => touchedFloat32(outLength));
         });
         if (combined) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
         const output = prepared.output;

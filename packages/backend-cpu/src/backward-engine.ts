@@ -295,6 +295,9 @@ export class BackwardEngine {
     const limits = this.buffers.limits! >> 2;
     for (let r = 0; r < nq; r++)
       this.i32[limits + r] = Math.max(0, Math.min(nk, this.limitOf(head, i0 + r) - k0));
+    // Rows past the block's last query, up to the 4-row tile, see no key (the bounded kernels
+    // take a tile's largest limit).
+    for (let r = nq; r < Math.ceil(nq / 4) * 4; r++) this.i32[limits + r] = 0;
   }
 
   /** Calls `block(i0, nq, stateKeyEnd, owned)` for every query block of the schedule, in order. */
@@ -406,9 +409,24 @@ export class BackwardEngine {
         const nk = Math.min(KEY_CHUNK, directEnd - k0);
         this.loadKeys(head, k0, nk);
         this.setLimits(head, i0, nq, k0, nk);
-        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, Math.ceil(nk / 8), D, b.wf!, KEY_CHUNK, 0, 0);
-        ex.polynomial(b.wf!, KEY_CHUNK, nq, Math.ceil(nk / 8), b.limits!, b.coefficients!, setup.order, 0);
-        ex.weighted(b.wf!, KEY_CHUNK, nq4, nk, b.vPanels!, keyLd * 32, Wp, b.oq!, Wp, b.den!, 0, 0);
+        const bounded = head.causal ? 1 : 0;
+        const nk8 = Math.ceil(nk / 8);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.wf!, KEY_CHUNK, b.limits!, bounded);
+        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, setup.order, bounded);
+        ex.weighted(
+          b.wf!,
+          KEY_CHUNK,
+          nq4,
+          nk,
+          b.vPanels!,
+          keyLd * 32,
+          Wp,
+          b.oq!,
+          Wp,
+          b.den!,
+          b.limits!,
+          bounded,
+        );
       }
       // The direct blocks' part of β·den is dO·(their unnormalized output), here in the oq rows.
       this.views();
@@ -549,14 +567,30 @@ export class BackwardEngine {
         const nk8 = Math.ceil(nk / 8);
         this.loadKeys(head, k0, nk);
         this.setLimits(head, i0, nq, k0, nk);
-        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK, 0, 0);
+        // Causal blocks skip the masked triangle; the transposed products below read every entry,
+        // so the skipped ones are written as zeros (bounded = 2).
+        const bounded = head.causal ? 2 : 0;
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK, b.limits!, bounded);
         this.copy('sc', 'wf', C * KEY_CHUNK);
         this.copy('sc', 'wd', C * KEY_CHUNK);
-        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order, 0);
-        ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1, 0);
-        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK, 0, 0);
+        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order, bounded);
+        ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1, bounded);
+        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK, b.limits!, bounded);
         ex.hadamard(b.wd!, b.gg!, (C * KEY_CHUNK) / 4);
-        ex.weighted(b.wd!, KEY_CHUNK, nq4, nk, b.yPanels!, keyLd * 32, Dp, b.dxRows!, Dp, b.den!, 0, 0);
+        ex.weighted(
+          b.wd!,
+          KEY_CHUNK,
+          nq4,
+          nk,
+          b.yPanels!,
+          keyLd * 32,
+          Dp,
+          b.dxRows!,
+          Dp,
+          b.den!,
+          b.limits!,
+          bounded,
+        );
         ex.transpose(b.wd!, KEY_CHUNK, nq, nk, b.trans!, C);
         this.zero('dyRows', keyLd * Dp);
         ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!, 0, 0);

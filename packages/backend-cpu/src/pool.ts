@@ -156,8 +156,12 @@ export class WorkerPool {
   }
 
   /** Runs the backward of the heads in `batches` (units of whole heads) on the workers. */
-  backward(job: BackwardJob, batches: readonly (readonly WorkUnit[])[]): Promise<number> {
-    return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches);
+  backward(
+    job: BackwardJob,
+    batches: readonly (readonly WorkUnit[])[],
+    alongside?: () => void,
+  ): Promise<number> {
+    return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches, alongside);
   }
 
   private enqueue<Unit>(
