@@ -24,7 +24,7 @@ function stagedF32(staging: SharedStaging, role: string, length: number, zero: b
   return zero ? array.fill(0) : array;
 }
 
-function stagedF64(staging: SharedStaging, role: string, length: number, zero = true): Float64Array {
+function stagedF64(staging: SharedStaging, role: string, length: number, zero: boolean): Float64Array {
   const floats = staging.take(`backward.${role}`, 2 * length);
   const array = new Float64Array(floats.buffer, floats.byteOffset, length);
   return zero ? array.fill(0) : array;
@@ -120,8 +120,8 @@ export async function cpuBackward(
     dOut: staging.input('backward.dOut', dOut.data),
     gradA: stagedF32(staging, 'gradA', slots * N * D, true),
     gradB: stagedF32(staging, 'gradB', slots * N * D, true),
-    den: stagedF64(staging, 'den', slots * N),
-    betaDen: stagedF64(staging, 'betaDen', slots * N),
+    den: stagedF64(staging, 'den', slots * N, true),
+    betaDen: stagedF64(staging, 'betaDen', slots * N, true),
     // Written between the passes (combineFirstPass, which skips degenerate rows): cleared by
     // `beforeSecondPass`, as are pass 2's sums.
     g: stagedF32(staging, 'g', heads * N * (Dv + 1), false),
@@ -159,7 +159,7 @@ export async function cpuBackward(
     results.dk = touchedFloat32(B * Hkv * M * D);
     results.dv = touchedFloat32(B * Hkv * M * Dv);
   };
-  const runPass = async (job: BackwardJob, alongside: () => void): Promise<void> => {
+  const runPass = async (job: BackwardJob, alongside?: () => void): Promise<void> => {
     if (parallel) {
       const perBatch = Math.ceil(units.length / (pool.size * 2));
       const batches: WorkUnit[][] = [];
@@ -167,12 +167,12 @@ export async function cpuBackward(
       await pool.backward(job, batches, alongside);
     } else {
       for (const unit of units) backwardHead(engine, job, unit);
-      alongside();
+      alongside?.();
     }
   };
   await runPass(first, beforeSecondPass);
   combineFirstPass(first, heads * N);
-  await runPass(second, () => {});
+  await runPass(second);
 
   // Shares of a head each wrote a part of dy and dv (B·H·shares slices): sum them per head, then
   // per kv head.
