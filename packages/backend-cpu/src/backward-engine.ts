@@ -37,16 +37,21 @@ export interface BackwardHead {
   readonly vBase: number;
   readonly dOut: Float32Array;
   readonly dOutBase: number;
-  /** Pass 1 writes this share's A and B (N×D each) and den and β·den (N each), from `rowBase`. */
+  /**
+   * Pass 1 writes this share's A and B (N×D each) and den and β·den (N each), from `rowBase`:
+   * every row, so they need no clearing.
+   */
   readonly gradA: Float32Array;
   readonly gradB: Float32Array;
   readonly gradBase: number;
   readonly den: Float64Array;
   readonly betaDen: Float64Array;
   readonly rowBase: number;
-  /** Pass 2 reads g (N×(Dv + 1) rows: α dO | -αβ) and dz (the state's share, N×D) ... */
-  readonly g: Float32Array;
-  readonly gBase: number;
+  /**
+   * Pass 2 reads every share's den and β·den (from `firstRowBase`, N apart) to form
+   * g = [α dO | -αβ] ...
+   */
+  readonly firstRowBase: number;
   /** ... adds the direct blocks' dz to the rows of the query blocks this share owns ... */
   readonly dz: Float64Array;
   readonly dzBase: number;
@@ -201,28 +206,34 @@ export class BackwardEngine {
   }
 
   /**
-   * Rows [i0, i0 + nq) of a row-major matrix with `width` columns (from `base`, rows `stride` floats
-   * apart) into gT (transposed, Wp rows) and gPanels; columns past `width` are 0.
+   * g = [α dO | -αβ] of query rows [i0, i0 + nq) into gT (transposed, Wp rows) and gPanels, zero
+   * past column Dv: α = 1/den and β from the sums of pass 1's shares (BackwardEngine's module
+   * comment); a degenerate row (den not > 0) gets g = 0, so that it contributes nothing.
    */
-  private loadGradients(
-    source: Float32Array,
-    base: number,
-    stride: number,
-    width: number,
-    i0: number,
-    nq: number,
-  ): void {
+  private loadGradients(head: BackwardHead, i0: number, nq: number): void {
     this.views();
     const f = this.f32;
     const b = this.buffers;
     const C = b.C!;
     const Wp = b.Wp!;
+    const Dv = head.valueDim;
+    const N = head.rows;
     const gT = b.gT! >> 2;
     const gP = b.gPanels! >> 2;
+    const dOut = head.dOut;
     for (let r = 0; r < nq; r++) {
-      const src = base + (i0 + r) * stride;
+      const row = head.firstRowBase + i0 + r;
+      let den = 0;
+      let betaDen = 0;
+      for (let s = 0; s < head.shares; s++) {
+        den += head.den[row + s * N]!;
+        betaDen += head.betaDen[row + s * N]!;
+      }
+      const live = den > 0;
+      const alpha = 1 / den;
+      const src = head.dOutBase + (i0 + r) * Dv;
       for (let c = 0; c < Wp; c++) {
-        const value = c < width ? source[src + c]! : 0;
+        const value = !live ? 0 : c < Dv ? alpha * dOut[src + c]! : c === Dv ? -alpha * (betaDen * alpha) : 0;
         f[gT + c * C + r] = value;
         f[gP + (c >> 3) * C * 8 + r * 8 + (c & 7)] = value;
       }
@@ -375,7 +386,16 @@ export class BackwardEngine {
       if (head.path === 'factorized') advance(stateKeyEnd);
       const fromState = stateKeys > 0 && fStart < fEnd;
       const directEnd = owned ? this.limitOf(head, i0 + nq - 1) : stateKeyEnd;
-      if (!fromState && directEnd <= stateKeyEnd) return;
+      if (!fromState && directEnd <= stateKeyEnd) {
+        // No key reaches these rows in this share: its parts are 0 (the caller does not clear the
+        // arrays, which are reused staging: every row is written here or below).
+        const rows = head.gradBase + i0 * D;
+        head.gradA.fill(0, rows, rows + nq * D);
+        head.gradB.fill(0, rows, rows + nq * D);
+        head.den.fill(0, head.rowBase + i0, head.rowBase + i0 + nq);
+        head.betaDen.fill(0, head.rowBase + i0, head.rowBase + i0 + nq);
+        return;
+      }
       this.loadQueries(head, i0, nq);
       this.zero('den', C);
       this.zero('betaDen', C);
@@ -432,12 +452,16 @@ export class BackwardEngine {
       this.views();
       const f = this.f32;
       const oq = b.oq! >> 2;
+      const stateBetaDen = b.betaDen! >> 2;
+      const blockDen = b.den! >> 2;
+      const dOutRows = head.dOut;
       for (let r = 0; r < nq; r++) {
         const row = i0 + r;
         const dOut = head.dOutBase + row * Dv;
-        let betaDen = f[(b.betaDen! >> 2) + r]!;
-        for (let col = 0; col < Dv; col++) betaDen += head.dOut[dOut + col]! * f[oq + r * Wp + col]!;
-        head.den[head.rowBase + row] = f[(b.den! >> 2) + r]!;
+        const o = oq + r * Wp;
+        let betaDen = f[stateBetaDen + r]!;
+        for (let col = 0; col < Dv; col++) betaDen += dOutRows[dOut + col]! * f[o + col]!;
+        head.den[head.rowBase + row] = f[blockDen + r]!;
         head.betaDen[head.rowBase + row] = betaDen;
       }
       // A and B to token rows, then one copy each.
@@ -482,7 +506,7 @@ export class BackwardEngine {
         for (let i0 = head.schedule[4 * c]!; i0 < chunkEnd; i0 += C) {
           const nq = Math.min(C, chunkEnd - i0);
           this.loadQueries(head, i0, nq);
-          this.loadGradients(head.g, head.gBase, Dv + 1, Dv + 1, i0, nq);
+          this.loadGradients(head, i0, nq);
           for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
             const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
             ex.features(b.xT!, C, Math.ceil(nq / 4), b.table!, f0, f0 + nf, b.uq!, C);
@@ -559,7 +583,7 @@ export class BackwardEngine {
       if (!owned || directEnd <= stateKeyEnd) return;
       const nq4 = Math.ceil(nq / 4);
       this.loadQueries(head, i0, nq);
-      this.loadGradients(head.g, head.gBase, Dv + 1, Dv + 1, i0, nq);
+      this.loadGradients(head, i0, nq);
       this.zero('dxRows', C * Dp);
       for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
         const nk = Math.min(KEY_CHUNK, directEnd - k0);
@@ -601,9 +625,12 @@ export class BackwardEngine {
       }
       this.views();
       const f = this.f32;
+      const dz = head.dz;
+      const dxRows = b.dxRows! >> 2;
       for (let r = 0; r < nq; r++) {
         const target = head.dzBase + (i0 + r) * D;
-        for (let d = 0; d < D; d++) head.dz[target + d]! += f[(b.dxRows! >> 2) + r * Dp + d]!;
+        const source = dxRows + r * Dp;
+        for (let d = 0; d < D; d++) dz[target + d]! += f[source + d]!;
       }
     });
   }
@@ -621,13 +648,20 @@ export class BackwardEngine {
     const b = this.buffers;
     const D = head.headDim;
     const Dv = head.valueDim;
+    // Locals, not property reads, in the loops: `buffers` is a dictionary-mode object.
     const dyRows = b.dyRows! >> 2;
     const dvRows = b.dvRows! >> 2;
+    const Dp = b.Dp!;
+    const Wp = b.Wp!;
+    const dyShare = head.dy;
+    const dvShare = head.dv;
     for (let t = 0; t < nk; t++) {
       const dy = head.dyBase + (k0 + t) * D;
-      for (let d = 0; d < D; d++) head.dy[dy + d]! += f[dyRows + t * b.Dp! + d]!;
+      const dyFrom = dyRows + t * Dp;
+      for (let d = 0; d < D; d++) dyShare[dy + d]! += f[dyFrom + d]!;
       const dv = head.dvBase + (k0 + t) * Dv;
-      for (let col = 0; col < Dv; col++) head.dv[dv + col]! += f[dvRows + t * b.Wp! + col]!;
+      const dvFrom = dvRows + t * Wp;
+      for (let col = 0; col < Dv; col++) dvShare[dv + col]! += f[dvFrom + col]!;
     }
   }
 }

@@ -12,22 +12,21 @@ import type { WorkUnit } from './engine.js';
 import type { WorkerPool } from './pool.js';
 import { kernelSetup } from './setup.js';
 import { type SharedStaging, touchedFloat32 } from './staging.js';
-import { type BackwardJob, backwardHead } from './worker.js';
+import { type BackwardJob, backwardHead, backwardUnit, type FinishRange } from './worker.js';
 
 /**
  * The call's arrays in the backend's reused shared staging (staging.ts: fresh memory costs page
  * faults on first touch, more than the arithmetic done on it). Float64 arrays are views of float32
- * staging of twice the length. `zero` clears what the call accumulates into.
+ * staging of twice the length. They hold the previous call's values: whatever is accumulated into
+ * is cleared explicitly.
  */
-function stagedF32(staging: SharedStaging, role: string, length: number, zero: boolean): Float32Array {
-  const array = staging.take(`backward.${role}`, length);
-  return zero ? array.fill(0) : array;
+function stagedF32(staging: SharedStaging, role: string, length: number): Float32Array {
+  return staging.take(`backward.${role}`, length);
 }
 
-function stagedF64(staging: SharedStaging, role: string, length: number, zero: boolean): Float64Array {
+function stagedF64(staging: SharedStaging, role: string, length: number): Float64Array {
   const floats = staging.take(`backward.${role}`, 2 * length);
-  const array = new Float64Array(floats.buffer, floats.byteOffset, length);
-  return zero ? array.fill(0) : array;
+  return new Float64Array(floats.buffer, floats.byteOffset, length);
 }
 
 /** Core's `prepareScores` arrays in the staging too (they are written in full: no clearing). */
@@ -54,9 +53,9 @@ const BACKWARD_CHUNK = 128;
 
 /**
  * Backward on the CPU: core's `prepareScores` (float64, linear memory) gives z = σx and y, the
- * WebAssembly kernels give dz, dy and dv per head in two passes (backward-engine.ts) with this
- * thread forming α, β, g and the state's dz in between, and core's `prepareScoresBackward` chains
- * dx = σ·dz and dσ = dz·x back to dq and dk.
+ * WebAssembly kernels give dz, dy and dv per head in two passes (backward-engine.ts), a third pass
+ * sums the shares and forms dx = σ·dz and dσ = dz·x (worker.ts), all on the workers, and core's
+ * `prepareScoresBackward` chains dx, dy and dσ back to dq and dk.
  */
 export async function cpuBackward(
   request: BackwardRequest,
@@ -89,13 +88,13 @@ export async function cpuBackward(
   const shares = pool !== null && splitHeads && heads < pool.size ? Math.ceil(pool.size / heads) : 1;
   const parallel = pool !== null && (heads >= 2 || shares >= 2);
   const slots = heads * shares;
-  const z = stagedF32(staging, 'z', heads * N * D, false);
+  const z = stagedF32(staging, 'z', heads * N * D);
   for (let row = 0; row < heads * N; row++) {
     const sigma = prepared.sigma[row]!;
     for (let d = 0; d < D; d++) z[row * D + d] = sigma * prepared.x[row * D + d]!;
   }
   // Float64 to float32 by `set`, which converts natively.
-  const y = stagedF32(staging, 'y', prepared.y.length, false);
+  const y = stagedF32(staging, 'y', prepared.y.length);
   y.set(prepared.y);
   const validKeys = new Int32Array(B);
   const schedules: Int32Array[] = [];
@@ -118,16 +117,17 @@ export async function cpuBackward(
     y,
     v: staging.input('backward.v', v.data),
     dOut: staging.input('backward.dOut', dOut.data),
-    gradA: stagedF32(staging, 'gradA', slots * N * D, true),
-    gradB: stagedF32(staging, 'gradB', slots * N * D, true),
-    den: stagedF64(staging, 'den', slots * N, true),
-    betaDen: stagedF64(staging, 'betaDen', slots * N, true),
-    // Written between the passes (combineFirstPass, which skips degenerate rows): cleared by
-    // `beforeSecondPass`, as are pass 2's sums.
-    g: stagedF32(staging, 'g', heads * N * (Dv + 1), false),
-    dz: stagedF64(staging, 'dz', heads * N * D, false),
-    dy: stagedF64(staging, 'dy', slots * M * D, false),
-    dv: stagedF64(staging, 'dv', slots * M * Dv, false),
+    gradA: stagedF32(staging, 'gradA', slots * N * D),
+    gradB: stagedF32(staging, 'gradB', slots * N * D),
+    den: stagedF64(staging, 'den', slots * N),
+    betaDen: stagedF64(staging, 'betaDen', slots * N),
+    // Pass 2's sums, cleared by `beforeSecondPass`.
+    dz: stagedF64(staging, 'dz', heads * N * D),
+    dy: stagedF64(staging, 'dy', slots * M * D),
+    dv: stagedF64(staging, 'dv', slots * M * Dv),
+    x: prepared.x,
+    sigma: prepared.sigma,
+    dsigma: stagedF64(staging, 'dsigma', heads * N),
     batch: B,
     heads: H,
     kvHeads: Hkv,
@@ -144,6 +144,7 @@ export async function cpuBackward(
     shares,
   };
   const second: BackwardJob = { ...first, pass: 2 };
+  const third: BackwardJob = { ...first, pass: 3 };
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) for (let s = 0; s < shares; s++) units.push({ head, share: s });
   // The result arrays, allocated and every page of them touched (first-touch page faults cost 12 to
@@ -151,7 +152,6 @@ export async function cpuBackward(
   // that does not depend on pass 1, done in this thread while the workers run it.
   const results: { dq?: Float32Array; dk?: Float32Array; dv?: Float32Array } = {};
   const beforeSecondPass = (): void => {
-    first.g.fill(0);
     first.dz.fill(0);
     first.dy.fill(0);
     first.dv.fill(0);
@@ -171,26 +171,27 @@ export async function cpuBackward(
     }
   };
   await runPass(first, beforeSecondPass);
-  combineFirstPass(first, heads * N);
   await runPass(second);
-
-  // Shares of a head each wrote a part of dy and dv (B·H·shares slices): sum them per head, then
-  // per kv head.
-  const dyKv = sumGroups(sumShares(first.dy, heads, shares, M * D), B, H, Hkv, M * D);
-  const dvKv = sumGroups(sumShares(first.dv, heads, shares, M * Dv), B, H, Hkv, M * Dv);
-  // z = σx: ∂L/∂σ = dz·x and ∂L/∂x = σ·dz, the latter in place (dz is not needed afterwards).
-  const dx = first.dz;
-  const dsigma = new Float64Array(heads * N);
-  for (let row = 0; row < heads * N; row++) {
-    const sigma = prepared.sigma[row]!;
-    let dot = 0;
-    for (let d = row * D; d < (row + 1) * D; d++) {
-      dot += dx[d]! * prepared.x[d]!;
-      dx[d] = sigma * dx[d]!;
-    }
-    dsigma[row] = dot;
+  // Pass 3: the shares' sums and ∂L/∂x, ∂L/∂σ, over ranges of query and key rows.
+  const finishRanges = pool === null ? 1 : pool.size;
+  const finish: FinishRange[] = [];
+  for (let w = 0; w < finishRanges; w++) {
+    finish.push({
+      queries: evenRange(heads * N, w, finishRanges),
+      keys: evenRange(heads * M, w, finishRanges),
+    });
   }
-  const { dq, dk } = prepareScoresBackward(prepared, shape, options, dx, dyKv, dsigma);
+  if (pool !== null)
+    await pool.backward(
+      third,
+      finish.map((range) => [range]),
+    );
+  else for (const range of finish) backwardUnit(engine, third, range);
+
+  // Each head's shares are summed into its first slice: gather those, then sum per kv head.
+  const dyKv = sumGroups(firstSlices(first.dy, heads, shares, M * D), B, H, Hkv, M * D);
+  const dvKv = sumGroups(firstSlices(first.dv, heads, shares, M * Dv), B, H, Hkv, M * Dv);
+  const { dq, dk } = prepareScoresBackward(prepared, shape, options, first.dz, dyKv, first.dsigma);
   // Float64 to float32 by `set`, which converts natively.
   results.dq!.set(dq);
   results.dk!.set(dk);
@@ -202,56 +203,20 @@ export async function cpuBackward(
   };
 }
 
-/**
- * Between the passes: adds the shares' den, β·den, A and B of each query row and forms
- * α = 1/den (0 for a degenerate row), β, the state's dz = α(A - βB) and g = [α dO | -αβ]
- * (backward-engine.ts).
- */
-function combineFirstPass(job: BackwardJob, rows: number): void {
-  const { shares, headDim: D, valueDim: Dv, gradA, gradB, dOut, g, dz } = job;
-  const N = job.queryLength;
-  for (let row = 0; row < rows; row++) {
-    const head = Math.floor(row / N);
-    const firstSlotRow = head * shares * N + (row - head * N);
-    let den = 0;
-    let betaDen = 0;
-    for (let s = 0; s < shares; s++) {
-      den += job.den[firstSlotRow + s * N]!;
-      betaDen += job.betaDen[firstSlotRow + s * N]!;
-    }
-    // A degenerate row keeps g = 0 and dz = 0: its gradients contribute nothing.
-    if (!(den > 0)) continue;
-    const alpha = 1 / den;
-    const beta = betaDen * alpha;
-    for (let d = 0; d < D; d++) {
-      let a = 0;
-      let b = 0;
-      for (let s = 0; s < shares; s++) {
-        a += gradA[(firstSlotRow + s * N) * D + d]!;
-        b += gradB[(firstSlotRow + s * N) * D + d]!;
-      }
-      dz[row * D + d] = alpha * (a - beta * b);
-    }
-    for (let c = 0; c < Dv; c++) g[row * (Dv + 1) + c] = alpha * dOut[row * Dv + c]!;
-    g[row * (Dv + 1) + Dv] = -alpha * beta;
-  }
+/** Range `index` of `parts` near-equal ranges of [0, total). */
+function evenRange(total: number, index: number, parts: number): { start: number; end: number } {
+  return { start: Math.floor((total * index) / parts), end: Math.floor((total * (index + 1)) / parts) };
 }
 
 /**
- * Sums each head's share slices ([heads, shares, size]) in place into the first `heads` slices and
- * returns those, without allocating.
+ * The first slice of each head's shares ([heads, shares, size]), moved in place to the front and
+ * returned as [heads, size], without allocating.
  */
-function sumShares(slices: Float64Array, heads: number, shares: number, size: number): Float64Array {
+function firstSlices(slices: Float64Array, heads: number, shares: number, size: number): Float64Array {
   if (shares === 1) return slices;
-  for (let head = 0; head < heads; head++) {
-    const first = head * shares * size;
-    for (let s = 1; s < shares; s++) {
-      const from = (head * shares + s) * size;
-      for (let i = 0; i < size; i++) slices[first + i]! += slices[from + i]!;
-    }
-    // Slice `head` lies at or before slice `head·shares`: copying in increasing order is safe.
-    if (head > 0) slices.copyWithin(head * size, first, first + size);
-  }
+  // Slice `head` lies at or before slice `head·shares`: copying in increasing order is safe.
+  for (let head = 1; head < heads; head++)
+    slices.copyWithin(head * size, head * shares * size, (head * shares + 1) * size);
   return slices.subarray(0, heads * size);
 }
 

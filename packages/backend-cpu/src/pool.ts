@@ -1,7 +1,7 @@
 import { FastmaxError } from '@fastmax/core';
 import type { AttentionJob, RowRange, WorkUnit } from './engine.js';
 import { WORKER_SOURCE } from './generated/kernels.js';
-import type { BackwardJob, WorkerReply, WorkerRequest } from './worker.js';
+import type { BackwardJob, BackwardUnit, WorkerReply, WorkerRequest } from './worker.js';
 
 /** The part of a Node `Worker` or a browser `Worker` the pool uses. */
 interface PortableWorker {
@@ -155,10 +155,10 @@ export class WorkerPool {
     );
   }
 
-  /** Runs the backward of the heads in `batches` (units of whole heads) on the workers. */
+  /** Runs a pass of the backward (worker.ts: BackwardJob) over the units in `batches`. */
   backward(
     job: BackwardJob,
-    batches: readonly (readonly WorkUnit[])[],
+    batches: readonly (readonly BackwardUnit[])[],
     alongside?: () => void,
   ): Promise<number> {
     return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches, alongside);

@@ -17,14 +17,18 @@ import {
 } from './engine.js';
 
 /**
- * A backward call's data, for one of its two passes (backward-engine.ts). Each head is split into
- * `shares` (a share: a range of the features and every shares-th query block); outputs are written
- * per (query head, share) slot, slot = head·shares + share, so no two units write the same memory
- * (except dz, where each share adds only the rows of its own query blocks); the caller sums them.
+ * A backward call's data, for one of its three passes (backward-engine.ts). In passes 1 and 2 each
+ * head is split into `shares` (a share: a range of the features and every shares-th query block);
+ * outputs are written per (query head, share) slot, slot = head·shares + share, so no two units
+ * write the same memory (except dz, where each share adds only the rows of its own query blocks).
+ * Pass 3 sums the shares, row range by row range.
  */
 export interface BackwardJob {
-  /** 1: `gradients` (den, β·den, A, B); 2: `keyGradients` (dy, dv, the direct blocks' dz). */
-  readonly pass: 1 | 2;
+  /**
+   * 1: `gradients` (den, β·den, A, B); 2: `keyGradients` (dy, dv, the direct blocks' dz);
+   * 3: `finishQueryRows` and `finishKeyRows`.
+   */
+  readonly pass: 1 | 2 | 3;
   readonly z: Float32Array;
   readonly y: Float32Array;
   readonly v: Float32Array;
@@ -34,12 +38,18 @@ export interface BackwardJob {
   readonly gradB: Float32Array;
   readonly den: Float64Array;
   readonly betaDen: Float64Array;
-  /** Pass 2 input: g, B×H×N×(Dv + 1); dz, B×H×N×D (pass 2 adds the direct blocks to it). */
-  readonly g: Float32Array;
+  /**
+   * B×H×N×D, cleared by the caller: pass 2 adds the direct blocks' dz to it, pass 3 adds the
+   * state's and turns it into ∂L/∂x = σ·dz in place.
+   */
   readonly dz: Float64Array;
-  /** Pass 2 output: dy, slots×M×D, and dv, slots×M×Dv. */
+  /** Pass 2 output: dy, slots×M×D, and dv, slots×M×Dv (pass 3 sums each head's into its first slot). */
   readonly dy: Float64Array;
   readonly dv: Float64Array;
+  /** Core's prepared queries x (B×H×N×D) and σ (B×H×N), and pass 3's ∂L/∂σ = dz·x (B×H×N). */
+  readonly x: Float64Array;
+  readonly sigma: Float64Array;
+  readonly dsigma: Float64Array;
   readonly batch: number;
   readonly heads: number;
   readonly kvHeads: number;
@@ -56,7 +66,92 @@ export interface BackwardJob {
   readonly shares: number;
 }
 
-/** Runs `job.pass` of share `unit.share` (0 when absent) of query head `unit.head`. */
+/** Pass 3's unit: query rows [start, end) of the B·H·N, and key rows of the B·H·M. */
+export interface FinishRange {
+  readonly queries: RowRange;
+  readonly keys: RowRange;
+}
+
+/** Passes 1 and 2 take (head, share) units, pass 3 row ranges. */
+export type BackwardUnit = WorkUnit | FinishRange;
+
+export function backwardUnit(engine: BackwardEngine, job: BackwardJob, unit: BackwardUnit): void {
+  if ('queries' in unit) {
+    finishQueryRows(job, unit.queries);
+    finishKeyRows(job, unit.keys);
+  } else {
+    backwardHead(engine, job, unit);
+  }
+}
+
+/**
+ * Pass 3 for query rows: adds the shares' den, β·den, A and B, forms α = 1/den (a degenerate row,
+ * den not > 0, has no state part: g = 0 made its direct part 0 too), β and the state's
+ * dz = α(A - βB), adds it to the direct blocks' dz, and with z = σx leaves ∂L/∂x = σ·dz in dz and
+ * ∂L/∂σ = dz·x in dsigma.
+ */
+export function finishQueryRows(job: BackwardJob, rows: RowRange): void {
+  const { shares, headDim: D, queryLength: N, gradA, gradB, dz, x, sigma, dsigma } = job;
+  const shareStride = N * D;
+  for (let row = rows.start; row < rows.end; row++) {
+    const head = Math.floor(row / N);
+    const firstSlotRow = row + head * (shares - 1) * N;
+    let den = 0;
+    let betaDen = 0;
+    for (let s = 0; s < shares; s++) {
+      den += job.den[firstSlotRow + s * N]!;
+      betaDen += job.betaDen[firstSlotRow + s * N]!;
+    }
+    const base = row * D;
+    const scale = sigma[row]!;
+    let dot = 0;
+    if (den > 0) {
+      const alpha = 1 / den;
+      const beta = betaDen * alpha;
+      const first = firstSlotRow * D;
+      const last = first + shares * shareStride;
+      for (let d = 0; d < D; d++) {
+        let a = gradA[first + d]!;
+        let b = gradB[first + d]!;
+        for (let from = first + shareStride + d; from < last; from += shareStride) {
+          a += gradA[from]!;
+          b += gradB[from]!;
+        }
+        const total = alpha * (a - beta * b) + dz[base + d]!;
+        dot += total * x[base + d]!;
+        dz[base + d] = scale * total;
+      }
+    } else {
+      for (let d = base; d < base + D; d++) {
+        dot += dz[d]! * x[d]!;
+        dz[d] = scale * dz[d]!;
+      }
+    }
+    dsigma[row] = dot;
+  }
+}
+
+/** Pass 3 for key rows (of B·H·M): adds each head's share slices of dy and dv into its first. */
+export function finishKeyRows(job: BackwardJob, rows: RowRange): void {
+  const { shares, headDim: D, valueDim: Dv, keyLength: M, dy, dv } = job;
+  if (shares === 1) return;
+  for (const [sums, width] of [
+    [dy, D],
+    [dv, Dv],
+  ] as const) {
+    const shareStride = M * width;
+    for (let row = rows.start; row < rows.end; row++) {
+      const head = Math.floor(row / M);
+      const first = (row + head * (shares - 1) * M) * width;
+      for (let s = 1; s < shares; s++) {
+        const from = first + s * shareStride;
+        for (let c = 0; c < width; c++) sums[first + c]! += sums[from + c]!;
+      }
+    }
+  }
+}
+
+/** Runs `job.pass` (1 or 2) of share `unit.share` (0 when absent) of query head `unit.head`. */
 export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: WorkUnit): void {
   const head = unit.head;
   const share = unit.share ?? 0;
@@ -80,8 +175,7 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
     den: job.den,
     betaDen: job.betaDen,
     rowBase: slot * N,
-    g: job.g,
-    gBase: head * N * (Dv + 1),
+    firstRowBase: head * shares * N,
     dz: job.dz,
     dzBase: head * N * D,
     dy: job.dy,
@@ -124,7 +218,7 @@ export type WorkerRequest =
       readonly type: 'backward';
       readonly id: number;
       readonly job: BackwardJob;
-      readonly units: readonly WorkUnit[];
+      readonly units: readonly BackwardUnit[];
     };
 
 /** Replies of a worker: degenerate rows of the units, or why they failed. */
@@ -153,7 +247,7 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
         const job = request.job;
         backward ??= new BackwardEngine(module);
         backward.prepare(job.setup, job.valueDim, job.chunkSize);
-        for (const unit of request.units) backwardHead(backward, job, unit);
+        for (const unit of request.units) backwardUnit(backward, job, unit);
       }
       post({ id: request.id, degenerate });
     } catch (error) {

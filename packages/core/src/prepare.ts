@@ -34,6 +34,9 @@ export interface PreparationTrace {
   readonly centeredQ: Float64Array;
   /** Centered keys c(k) (raw k for `scale`), B×Hkv×M×D. */
   readonly centeredK: Float64Array;
+  /** |c(q)| per query row, B×H×N, and |c(k)| per key row, B×Hkv×M. */
+  readonly queryNorms: Float64Array;
+  readonly keyNorms: Float64Array;
   /** Per query row: the query index whose norm divides x_i (-1 when no division). */
   readonly queryArgmax: Int32Array;
   /** Per query row: the key index whose norm scales σ_i or divides every y of the head (-1: none). */
@@ -241,19 +244,12 @@ export function prepareScores(
       }
     }
   }
-  return { x, y, sigma, trace: { centeredQ: cq, centeredK: ck, queryArgmax, keyArgmax } };
-}
-
-/** Euclidean norm of every row of a flat rows×dim array, summed in the order `centerRows` uses. */
-function rowNorms(values: Float64Array, rows: number, dim: number): Float64Array {
-  const norms = new Float64Array(rows);
-  for (let r = 0; r < rows; r++) {
-    const base = r * dim;
-    let squares = 0;
-    for (let d = 0; d < dim; d++) squares += values[base + d]! * values[base + d]!;
-    norms[r] = Math.sqrt(squares);
-  }
-  return norms;
+  return {
+    x,
+    y,
+    sigma,
+    trace: { centeredQ: cq, centeredK: ck, queryNorms: qNorms, keyNorms: kNorms, queryArgmax, keyArgmax },
+  };
 }
 
 /** Gradient through centering, in place: subtracts each row's mean (c = u - mean(u) is self-adjoint). */
@@ -269,21 +265,26 @@ function uncenterInPlace(dc: Float64Array, rows: number, dim: number): Float64Ar
 }
 
 /**
- * Adds g · ∂|c_row|/∂c_row = g · c_row/|c_row| to the centered gradient of that row (nothing when the
- * norm is 0: it was replaced by the constant 1).
+ * Adds g_r · ∂|c_r|/∂c_r = g_r · c_r/|c_r| to the centered gradient of every row r with g_r ≠ 0
+ * (nothing when the norm is 0: it was replaced by the constant 1). g holds, per row, the summed
+ * gradient of every quantity that row's norm divides or scales: a running maximum is one row's
+ * norm for many rows, and adding their sum once keeps this pass O(rows + distinct maxima · dim)
+ * rather than O(rows · dim).
  */
-function addNormGradient(
+function addNormGradients(
   target: Float64Array,
   centered: Float64Array,
   norms: Float64Array,
-  row: number,
+  g: Float64Array,
   dim: number,
-  g: number,
 ): void {
-  const norm = norms[row]!;
-  if (norm === 0) return;
-  const base = row * dim;
-  for (let d = 0; d < dim; d++) target[base + d]! += (g * centered[base + d]!) / norm;
+  for (let row = 0; row < g.length; row++) {
+    const norm = norms[row]!;
+    if (g[row] === 0 || norm === 0) continue;
+    const scale = g[row]! / norm;
+    const base = row * dim;
+    for (let d = 0; d < dim; d++) target[base + d]! += scale * centered[base + d]!;
+  }
 }
 
 /**
@@ -291,7 +292,7 @@ function addNormGradient(
  * norms and maxima. dx is B×H×N×D, dy is B×Hkv×M×D, dσ is B×H×N; returns float64 dq and dk,
  * computed in the memory of dx and dy (which the call consumes): the chain is a few passes over
  * arrays as large as the inputs, and fresh memory of that size costs more than those passes.
- * Norms are computed once per call (a row's norm is needed again for every row it divides).
+ * The norms are the ones `prepareScores` computed (the trace keeps them).
  */
 export function prepareScoresBackward(
   prepared: PreparedScores,
@@ -303,36 +304,40 @@ export function prepareScoresBackward(
 ): { dq: Float64Array; dk: Float64Array } {
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
   const { x, y, sigma, trace } = prepared;
-  const { centeredQ: cq, centeredK: ck, queryArgmax, keyArgmax } = trace;
+  const {
+    centeredQ: cq,
+    centeredK: ck,
+    queryNorms: qNorms,
+    keyNorms: kNorms,
+    queryArgmax,
+    keyArgmax,
+  } = trace;
   const mode = options.normalization.kind;
   if (mode === 'scale') return { dq: dx, dk: dy };
-  const qNorms = rowNorms(cq, B * H * N, D);
-  const kNorms = rowNorms(ck, B * Hkv * M, D);
   const groupSize = H / Hkv;
   const T = options.temperature;
 
   // Queries, in two passes because a row's divisor is another row's norm: first x = c/m gives
-  // ∂/∂c = dx/m for every row (in place) and the row's ∂L/∂m = -Σ dx·x/m; then each ∂L/∂m flows
-  // into the norm of the row m came from, m = |c_argmax|, once every row's own part is in place.
-  const dDivisors = new Float64Array(B * H * N);
+  // ∂/∂c = dx/m for every row (in place) and the row's ∂L/∂m = -(dx·x)/m, summed at the row m came
+  // from, m = |c_argmax|; then those sums flow into the norms, once every row's own part is in place.
+  const dQueryNorms = new Float64Array(B * H * N);
   for (let row = 0; row < B * H * N; row++) {
     const argmax = queryArgmax[row]!;
     // x is c(q) divided by the constant 1: dx is already ∂L/∂c.
     if (argmax < 0) continue;
-    const head = row - (row % N);
-    const divisor = qNorms[head + argmax]!;
+    const owner = row - (row % N) + argmax;
+    const inverse = 1 / qNorms[owner]!;
     const base = row * D;
-    let dDivisor = 0;
+    let dot = 0;
     for (let d = base; d < base + D; d++) {
-      dDivisor -= (dx[d]! * x[d]!) / divisor;
-      dx[d] = dx[d]! / divisor;
+      dot += dx[d]! * x[d]!;
+      dx[d] = dx[d]! * inverse;
     }
-    dDivisors[row] = dDivisor;
+    dQueryNorms[owner]! -= dot * inverse;
   }
-  for (let row = 0; row < B * H * N; row++) {
-    const argmax = queryArgmax[row]!;
-    if (argmax >= 0) addNormGradient(dx, cq, qNorms, row - (row % N) + argmax, D, dDivisors[row]!);
-  }
+  addNormGradients(dx, cq, qNorms, dQueryNorms, D);
+
+  const dKeyNorms = new Float64Array(B * Hkv * M);
 
   for (let b = 0; b < B; b++) {
     for (let g = 0; g < Hkv; g++) {
@@ -340,13 +345,13 @@ export function prepareScoresBackward(
       if (mode === 'max-norm') {
         // The key argmax is stored per query row; with no query row (N = 0) dy is 0 anyway.
         const argmax = N > 0 ? keyArgmax[(b * H + g * groupSize) * N]! : -1;
-        const divisor = argmax < 0 ? 1 : kNorms[head + argmax]!;
-        let dDivisor = 0;
+        const inverse = argmax < 0 ? 1 : 1 / kNorms[head + argmax]!;
+        let dot = 0;
         for (let j = head * D; j < (head + M) * D; j++) {
-          dDivisor -= (dy[j]! * y[j]!) / divisor;
-          dy[j] = dy[j]! / divisor;
+          dot += dy[j]! * y[j]!;
+          dy[j] = dy[j]! * inverse;
         }
-        if (argmax >= 0) addNormGradient(dy, ck, kNorms, head + argmax, D, dDivisor);
+        if (argmax >= 0) dKeyNorms[head + argmax] = -dot * inverse;
       } else if (mode === 'l2') {
         for (let j = 0; j < M; j++) {
           const row = head + j;
@@ -354,9 +359,10 @@ export function prepareScoresBackward(
           const norm = kNorms[row]!;
           // A zero norm was replaced by the constant 1 (y = c), exactly as for a zero-norm query.
           if (norm === 0) continue;
+          const inverse = 1 / norm;
           let projection = 0;
           for (let d = 0; d < D; d++) projection += dy[base + d]! * y[base + d]!;
-          for (let d = 0; d < D; d++) dy[base + d] = (dy[base + d]! - projection * y[base + d]!) / norm;
+          for (let d = 0; d < D; d++) dy[base + d] = (dy[base + d]! - projection * y[base + d]!) * inverse;
         }
       }
       // prefix-max-norm: y is c(k) itself, dy is already ∂L/∂c.
@@ -371,11 +377,11 @@ export function prepareScoresBackward(
         for (let i = 0; i < N; i++) {
           const row = (b * H + h) * N + i;
           const argmax = keyArgmax[row]!;
-          if (argmax < 0) continue;
-          addNormGradient(dy, ck, kNorms, kvHead + argmax, D, -dsigma[row]! * sigma[row]! * sigma[row]! * T);
+          if (argmax >= 0) dKeyNorms[kvHead + argmax]! -= dsigma[row]! * sigma[row]! * sigma[row]! * T;
         }
       }
     }
   }
+  addNormGradients(dy, ck, kNorms, dKeyNorms, D);
   return { dq: uncenterInPlace(dx, B * H * N, D), dk: uncenterInPlace(dy, B * Hkv * M, D) };
 }

@@ -277,7 +277,14 @@ describe('prepareScores with a scratch allocator', () => {
         expect(handed).toContain(reused[name]);
         expect(Array.from(reused[name])).toEqual(Array.from(fresh[name]));
       }
-      for (const name of ['centeredQ', 'centeredK', 'queryArgmax', 'keyArgmax'] as const) {
+      for (const name of [
+        'centeredQ',
+        'centeredK',
+        'queryNorms',
+        'keyNorms',
+        'queryArgmax',
+        'keyArgmax',
+      ] as const) {
         expect(handed).toContain(reused.trace[name]);
         expect(Array.from(reused.trace[name])).toEqual(Array.from(fresh.trace[name]));
       }
