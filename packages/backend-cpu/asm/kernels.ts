@@ -163,8 +163,9 @@ export function features(
 /**
  * Moment update for one block of nf (multiple of 4) features and nTok tokens:
  *   S[f][c] += w_f · Σ_j U[f][j] · V[j][c]   (c < nc, a multiple of 8)
- *   z[f]    += w_f · Σ_j U[f][j]
- * with Kahan compensation (comp, zComp) on both running sums. w holds one weight per feature.
+ *   z[f]    += w_f · Σ_j U[f][j] · t_j       (t_j = 1 when tokenWeights is 0, else tokenWeights[j])
+ * with Kahan compensation (comp, zComp) on both running sums. w holds one weight per feature; t
+ * gives one more column of V as a vector, for a column that would otherwise add a panel of 8.
  * V and S are stored in panels of 8 columns (panel p holds columns 8p..8p+7 of every row, rows
  * 32 bytes apart, panels vPanel / sPanel bytes apart) so that every tile streams contiguous memory.
  */
@@ -182,6 +183,7 @@ export function moments(
   w: usize,
   z: usize,
   zComp: usize,
+  tokenWeights: usize,
 ): void {
   const uRow = <usize>ldU << 2;
   for (let f = 0; f < nf; f += 4) {
@@ -208,10 +210,17 @@ export function moments(
   for (let f = 0; f < nf; f++) {
     const row = u + <usize>f * uRow;
     let acc = f32x4.splat(0);
-    for (let j = 0; j < n4; j++) acc = f32x4.add(acc, v128.load(row + (<usize>j << 4)));
+    if (tokenWeights == 0) {
+      for (let j = 0; j < n4; j++) acc = f32x4.add(acc, v128.load(row + (<usize>j << 4)));
+    } else {
+      for (let j = 0; j < n4; j++) acc = madd(v128.load(row + (<usize>j << 4)), v128.load(tokenWeights + (<usize>j << 4)), acc);
+    }
     let total: f32 =
       f32x4.extract_lane(acc, 0) + f32x4.extract_lane(acc, 1) + f32x4.extract_lane(acc, 2) + f32x4.extract_lane(acc, 3);
-    for (let j = n4 << 2; j < nTok; j++) total += load<f32>(row + (<usize>j << 2));
+    for (let j = n4 << 2; j < nTok; j++) {
+      const weight: f32 = tokenWeights == 0 ? 1 : load<f32>(tokenWeights + (<usize>j << 2));
+      total += load<f32>(row + (<usize>j << 2)) * weight;
+    }
     const value: f32 = total * load<f32>(w + (<usize>f << 2));
     const zp = z + (<usize>f << 2);
     const cp = zComp + (<usize>f << 2);
@@ -399,16 +408,34 @@ export function weighted(
 // ---- Backward pass -------------------------------------------------------------------------
 
 /**
- * H[f][i] = Σ_{c < nc} S[f][c] · G[c][i] for f < nf (a multiple of 4), i < 8·n8: every feature's
- * moment row contracted with one vector per token (S in panels as in `moments`). G comes in token
+ * H[f][i] = Σ_{c < nc} S[f][c] · G[c][i] + bias[f] for f < nf (a multiple of 4), i < 8·n8 (no bias
+ * when `bias` is 0): every feature's moment row contracted with one vector per token (S in panels
+ * as in `moments`; the bias stands for a constant column of G, as `moments`' token weights for a
+ * column of V). G comes in token
  * blocks: block b (tokens 8b..8b+7) holds row c of G at g + b·blockBytes + 32c, so the tile streams
  * G contiguously, and the accumulators run over every panel of S without restarting per panel
  * (about 1.4x the speed of a per-panel tile over a row-major G).
  */
-export function projectBlocks(s: usize, sPanel: i32, nf: i32, nc: i32, g: usize, blockBytes: i32, n8: i32, h: usize, ldH: i32): void {
+export function projectBlocks(
+  s: usize,
+  sPanel: i32,
+  nf: i32,
+  nc: i32,
+  g: usize,
+  blockBytes: i32,
+  n8: i32,
+  h: usize,
+  ldH: i32,
+  bias: usize,
+): void {
   const hRow = <usize>ldH << 2;
   const panels = nc >> 3;
   for (let f = 0; f < nf; f += 4) {
+    // Added after the sum over panels: in the order a ones column after the last panel would be.
+    const b0 = bias == 0 ? f32x4.splat(0) : f32x4.splat(load<f32>(bias + (<usize>f << 2)));
+    const b1 = bias == 0 ? f32x4.splat(0) : f32x4.splat(load<f32>(bias + (<usize>f << 2), 4));
+    const b2 = bias == 0 ? f32x4.splat(0) : f32x4.splat(load<f32>(bias + (<usize>f << 2), 8));
+    const b3 = bias == 0 ? f32x4.splat(0) : f32x4.splat(load<f32>(bias + (<usize>f << 2), 12));
     for (let j = 0; j < n8; j++) {
       let c00 = f32x4.splat(0);
       let c01 = f32x4.splat(0);
@@ -441,14 +468,14 @@ export function projectBlocks(s: usize, sPanel: i32, nf: i32, nc: i32, g: usize,
         }
       }
       const o = h + <usize>f * hRow + (<usize>j << 5);
-      v128.store(o, c00);
-      v128.store(o, c01, 16);
-      v128.store(o + hRow, c10);
-      v128.store(o + hRow, c11, 16);
-      v128.store(o + 2 * hRow, c20);
-      v128.store(o + 2 * hRow, c21, 16);
-      v128.store(o + 3 * hRow, c30);
-      v128.store(o + 3 * hRow, c31, 16);
+      v128.store(o, f32x4.add(c00, b0));
+      v128.store(o, f32x4.add(c01, b0), 16);
+      v128.store(o + hRow, f32x4.add(c10, b1));
+      v128.store(o + hRow, f32x4.add(c11, b1), 16);
+      v128.store(o + 2 * hRow, f32x4.add(c20, b2));
+      v128.store(o + 2 * hRow, f32x4.add(c21, b2), 16);
+      v128.store(o + 3 * hRow, f32x4.add(c30, b3));
+      v128.store(o + 3 * hRow, f32x4.add(c31, b3), 16);
     }
   }
 }

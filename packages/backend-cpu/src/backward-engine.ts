@@ -157,6 +157,8 @@ export class BackwardEngine {
         rComp: F * Wp,
         z: F,
         zComp: F,
+        rz: F,
+        rzComp: F,
       };
       const buffers: Record<string, number> = { C, Wp, Dp, keyLd };
       for (const [name, floats] of Object.entries(sizes)) {
@@ -244,8 +246,7 @@ export class BackwardEngine {
   /**
    * Rows [t0, t0 + n) of a row-major matrix with `width` columns (from `base`, rows `stride` floats
    * apart) into token blocks at buffer `target` (the layout of `projectBlocks`: 8 tokens a block,
-   * Wp rows of 8 floats each), followed by a ones column when `ones`, zeros past both and for the
-   * padding tokens up to a multiple of 8.
+   * Wp rows of 8 floats each), zeros past them and for the padding tokens up to a multiple of 8.
    */
   private loadTokenBlocks(
     source: Float32Array,
@@ -254,7 +255,6 @@ export class BackwardEngine {
     width: number,
     t0: number,
     n: number,
-    ones: boolean,
     target: string,
   ): void {
     this.views();
@@ -265,7 +265,7 @@ export class BackwardEngine {
       const src = base + (t0 + t) * stride;
       const at = blocks + (t >> 3) * Wp * 8 + (t & 7);
       for (let c = 0; c < width; c++) f[at + c * 8] = source[src + c]!;
-      for (let c = width; c < Wp; c++) f[at + c * 8] = ones && c === width ? 1 : 0;
+      for (let c = width; c < Wp; c++) f[at + c * 8] = 0;
     }
     for (let t = n; t < roundUp(n, 8); t++) {
       const at = blocks + (t >> 3) * Wp * 8 + (t & 7);
@@ -375,6 +375,7 @@ export class BackwardEngine {
             b.weights! + f0 * 4,
             b.z! + f0 * 4,
             b.zComp! + f0 * 4,
+            0,
           );
         }
         stateKeys += nk;
@@ -403,7 +404,7 @@ export class BackwardEngine {
       this.zero('bT', D * C);
       if (fromState) {
         // dO's columns only (gT rows past Dv are 0): S's denominator column drops out of P.
-        this.loadTokenBlocks(head.dOut, head.dOutBase, Dv, Dv, i0, nq, false, 'gBlocks');
+        this.loadTokenBlocks(head.dOut, head.dOutBase, Dv, Dv, i0, nq, 'gBlocks');
         for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
           const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
           ex.features(b.xT!, C, nq4, b.table!, f0, f0 + nf, b.uq!, C);
@@ -418,6 +419,7 @@ export class BackwardEngine {
             Math.ceil(nq / 8),
             b.h!,
             C,
+            0,
           );
           ex.dotFeatures(b.uq!, C, b.h!, C, nf, nq4, b.betaDen!);
           ex.featureGradient(b.h!, C, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.dxT!);
@@ -433,6 +435,7 @@ export class BackwardEngine {
         const nk8 = Math.ceil(nk / 8);
         ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.wf!, KEY_CHUNK, b.limits!, bounded);
         ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, setup.order, bounded);
+        // dO·o needs o's value columns only; den comes from `weighted` itself.
         ex.weighted(
           b.wf!,
           KEY_CHUNK,
@@ -440,7 +443,7 @@ export class BackwardEngine {
           nk,
           b.vPanels!,
           keyLd * 32,
-          Wp,
+          valuePanels,
           b.oq!,
           Wp,
           b.den!,
@@ -493,10 +496,16 @@ export class BackwardEngine {
     const fStart = head.featureStart;
     const fEnd = head.featureEnd;
     const order = setup.order;
+    const valuePanels = roundUp(Dv, 8);
+    // g's last column, -αβ, as `moments`' token weights: R's last column goes to rz, a vector,
+    // rather than a ninth panel of eight (seven of them zeros) in both products with R.
+    const gLast = b.gT! + Dv * C * 4;
 
     if (head.path === 'factorized' && fStart < fEnd) {
       this.zero('r', F * Wp);
       this.zero('rComp', F * Wp);
+      this.zero('rz', F);
+      this.zero('rzComp', F);
       const chunks = head.schedule.length / 4;
       for (let c = chunks - 1; c >= 0; c--) {
         const stateEnd = Math.min(head.schedule[4 * c + 2]!, head.valid);
@@ -517,13 +526,14 @@ export class BackwardEngine {
               b.gPanels!,
               C * 32,
               nq,
-              Wp,
+              valuePanels,
               b.r! + f0 * 32,
               b.rComp! + f0 * 32,
               sPanel,
               b.weights! + f0 * 4,
-              b.z! + f0 * 4,
-              b.zComp! + f0 * 4,
+              b.rz! + f0 * 4,
+              b.rzComp! + f0 * 4,
+              gLast,
             );
           }
         }
@@ -531,7 +541,7 @@ export class BackwardEngine {
           const nk = Math.min(KEY_CHUNK, stateEnd - k0);
           const nk4 = Math.ceil(nk / 4);
           this.loadKeys(head, k0, nk);
-          this.loadTokenBlocks(head.v, head.vBase, Dv, Dv, k0, nk, true, 'vBlocks');
+          this.loadTokenBlocks(head.v, head.vBase, Dv, Dv, k0, nk, 'vBlocks');
           this.zero('dvRows', keyLd * Wp);
           this.zero('dyT', D * keyLd);
           for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
@@ -550,16 +560,18 @@ export class BackwardEngine {
               Wp,
               b.den!,
             );
+            // h = R·[v | 1]: the ones column is rz, added as the bias.
             ex.projectBlocks(
               b.r! + f0 * 32,
               sPanel,
               nf,
-              Wp,
+              valuePanels,
               b.vBlocks!,
               Wp * 32,
               Math.ceil(nk / 8),
               b.h!,
               keyLd,
+              b.rz! + f0 * 4,
             );
             ex.featureGradient(b.h!, keyLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
           }
@@ -599,7 +611,8 @@ export class BackwardEngine {
         this.copy('sc', 'wd', C * KEY_CHUNK);
         ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order, bounded);
         ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1, bounded);
-        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Wp, b.gg!, KEY_CHUNK, b.limits!, bounded);
+        // G = g·[v | 1]: Dv + 1 terms (the rows of gT and vT past them are zeros).
+        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Dv + 1, b.gg!, KEY_CHUNK, b.limits!, bounded);
         ex.hadamard(b.wd!, b.gg!, (C * KEY_CHUNK) / 4);
         ex.weighted(
           b.wd!,
@@ -620,7 +633,7 @@ export class BackwardEngine {
         ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!, 0, 0);
         ex.transpose(b.wf!, KEY_CHUNK, nq, nk, b.trans!, C);
         this.zero('dvRows', keyLd * Wp);
-        ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, Wp, b.dvRows!, Wp, b.den!, 0, 0);
+        ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, valuePanels, b.dvRows!, Wp, b.den!, 0, 0);
         this.addKeyRows(head, k0, nk);
       }
       this.views();

@@ -644,6 +644,7 @@ export class Engine {
             b.weights + f0 * 4,
             zPtr + f0 * 4,
             zCompPtr + f0 * 4,
+            0,
           );
         }
         state.keys = stop;

@@ -26,6 +26,8 @@ export interface KernelExports {
     w: number,
     z: number,
     zComp: number,
+    /** 0: every token counts 1 in z; else one weight per token (asm/kernels.ts). */
+    tokenWeights: number,
   ): void;
   readout(
     u: number,
@@ -112,6 +114,8 @@ export interface BackwardKernelExports extends KernelExports {
     n8: number,
     h: number,
     ldH: number,
+    /** 0: none; else one value per feature added to its row of H. */
+    bias: number,
   ): void;
   featureGradient(
     h: number,
