@@ -120,6 +120,8 @@ export class BackwardEngine {
         limits: C,
         ones: keyLd,
         rawQ: C * D,
+        rawG: C * Wp,
+        rawD: C * valueDim,
         rawY: keyLd * D,
         rawV: keyLd * valueDim,
         rowsA: C * D,
@@ -216,13 +218,13 @@ export class BackwardEngine {
     this.views();
     const f = this.f32;
     const b = this.buffers;
-    const C = b.C!;
     const Wp = b.Wp!;
     const Dv = head.valueDim;
     const N = head.rows;
-    const gT = b.gT! >> 2;
-    const gP = b.gPanels! >> 2;
     const dOut = head.dOut;
+    // Row-major and contiguous here (one pass of plain stores), then transposed and packed by the
+    // kernels, as `loadQueries` does.
+    const rows = b.rawG! >> 2;
     for (let r = 0; r < nq; r++) {
       const row = head.firstRowBase + i0 + r;
       let den = 0;
@@ -231,45 +233,34 @@ export class BackwardEngine {
         den += head.den[row + s * N]!;
         betaDen += head.betaDen[row + s * N]!;
       }
-      const live = den > 0;
+      const at = rows + r * Wp;
+      if (!(den > 0)) {
+        f.fill(0, at, at + Wp);
+        continue;
+      }
       const alpha = 1 / den;
       const src = head.dOutBase + (i0 + r) * Dv;
-      for (let c = 0; c < Wp; c++) {
-        const value = !live ? 0 : c < Dv ? alpha * dOut[src + c]! : c === Dv ? -alpha * (betaDen * alpha) : 0;
-        f[gT + c * C + r] = value;
-        f[gP + (c >> 3) * C * 8 + r * 8 + (c & 7)] = value;
-      }
+      for (let c = 0; c < Dv; c++) f[at + c] = alpha * dOut[src + c]!;
+      f[at + Dv] = -alpha * (betaDen * alpha);
+      f.fill(0, at + Dv + 1, at + Wp);
     }
-    for (let c = 0; c < Wp; c++) f.fill(0, gT + c * C + nq, gT + c * C + roundUp(nq, 8));
+    this.ex.transposeScaled(b.rawG!, nq, Wp, b.ones!, b.gT!, b.C!, roundUp(nq, 8));
+    this.ex.packPanels(b.rawG!, nq, Wp, 0, Wp, Wp, b.gPanels!, b.C! * 8);
   }
 
   /**
-   * Rows [t0, t0 + n) of a row-major matrix with `width` columns (from `base`, rows `stride` floats
-   * apart) into token blocks at buffer `target` (the layout of `projectBlocks`: 8 tokens a block,
-   * Wp rows of 8 floats each), zeros past them and for the padding tokens up to a multiple of 8.
+   * The n rows of `width` floats at buffer `raw` into token blocks at buffer `target` (the layout of
+   * `projectBlocks`: 8 tokens a block, Wp rows of 8 floats each), zeros past `width` and for the
+   * padding tokens up to a multiple of 8. Each block is a transpose of its 8 rows.
    */
-  private loadTokenBlocks(
-    source: Float32Array,
-    base: number,
-    stride: number,
-    width: number,
-    t0: number,
-    n: number,
-    target: string,
-  ): void {
+  private loadTokenBlocks(raw: string, n: number, width: number, target: string): void {
     this.views();
-    const f = this.f32;
-    const Wp = this.buffers.Wp!;
-    const blocks = this.buffers[target]! >> 2;
-    for (let t = 0; t < n; t++) {
-      const src = base + (t0 + t) * stride;
-      const at = blocks + (t >> 3) * Wp * 8 + (t & 7);
-      for (let c = 0; c < width; c++) f[at + c * 8] = source[src + c]!;
-      for (let c = width; c < Wp; c++) f[at + c * 8] = 0;
-    }
-    for (let t = n; t < roundUp(n, 8); t++) {
-      const at = blocks + (t >> 3) * Wp * 8 + (t & 7);
-      for (let c = 0; c < Wp; c++) f[at + c * 8] = 0;
+    const b = this.buffers;
+    const Wp = b.Wp!;
+    for (let t0 = 0; t0 < n; t0 += 8) {
+      const block = b[target]! + t0 * Wp * 4;
+      this.ex.transposeScaled(b[raw]! + t0 * width * 4, Math.min(8, n - t0), width, b.ones!, block, 8, 8);
+      this.f32.fill(0, (block >> 2) + width * 8, (block >> 2) + Wp * 8);
     }
   }
 
@@ -404,7 +395,10 @@ export class BackwardEngine {
       this.zero('bT', D * C);
       if (fromState) {
         // dO's columns only (gT rows past Dv are 0): S's denominator column drops out of P.
-        this.loadTokenBlocks(head.dOut, head.dOutBase, Dv, Dv, i0, nq, 'gBlocks');
+        this.views();
+        const dOutRows = head.dOutBase + i0 * Dv;
+        this.f32.set(head.dOut.subarray(dOutRows, dOutRows + nq * Dv), b.rawD! >> 2);
+        this.loadTokenBlocks('rawD', nq, Dv, 'gBlocks');
         for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
           const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
           ex.features(b.xT!, C, nq4, b.table!, f0, f0 + nf, b.uq!, C);
@@ -541,7 +535,8 @@ export class BackwardEngine {
           const nk = Math.min(KEY_CHUNK, stateEnd - k0);
           const nk4 = Math.ceil(nk / 4);
           this.loadKeys(head, k0, nk);
-          this.loadTokenBlocks(head.v, head.vBase, Dv, Dv, k0, nk, 'vBlocks');
+          // loadKeys left these keys' v rows in rawV.
+          this.loadTokenBlocks('rawV', nk, Dv, 'vBlocks');
           this.zero('dvRows', keyLd * Wp);
           this.zero('dyT', D * keyLd);
           for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
