@@ -14,8 +14,9 @@
  *     dz_i = α_i (A_i - β_i B_i),  A_i = ∇_z Σ_f φ_f(z_i) P_fi,  B_i = ∇_z Σ_f φ_f(z_i) z_f
  *
  * (plus the direct blocks' terms). None of den, β den, A, B needs α or β, and each is a sum over
- * features: so `gradients` runs over one share of the features (and of the direct blocks) and the
- * caller adds the shares and forms α, β, dz and g. `keyGradients` then needs g: with the reverse
+ * features: so `gradients` runs over one share of the features (and of the direct blocks), and
+ * `keyGradients` adds the shares' den and β·den to form g as it loads each query block (pass 3,
+ * worker.ts, adds the shares' A and B into dz afterwards). `keyGradients` needs g: with the reverse
  * moments R_f = a_l w_m Σ_i φ_f(z_i) g_i over the queries that see key j through the state,
  * dv_j = Σ_f φ_f(y_j) R_f[:Dv] and dy_j = ∇_y Σ_f φ_f(y_j) (R_f·[v_j | 1]), again a sum over the
  * features of the share; the direct blocks are evaluated pair by pair, each query block by one share.
