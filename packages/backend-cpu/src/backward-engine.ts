@@ -53,15 +53,17 @@ export interface BackwardHead {
    * g = [α dO | -αβ] ...
    */
   readonly firstRowBase: number;
-  /** ... adds the direct blocks' dz to the rows of the query blocks this share owns ... */
+  /** ... writes the direct blocks' dz (0 where none) to the rows of the query blocks this share owns ... */
   readonly dz: Float64Array;
   readonly dzBase: number;
-  /** ... and accumulates this share's dy (M×D) and dv (M×Dv). */
+  /** ... and writes this share's dy (M×D) and dv (M×Dv), every key row. */
   readonly dy: Float64Array;
   readonly dyBase: number;
   readonly dv: Float64Array;
   readonly dvBase: number;
   readonly rows: number;
+  /** M, the keys of the kv head (padded ones included), and the valid ones among them. */
+  readonly keys: number;
   readonly valid: number;
   readonly causal: boolean;
   readonly causalShift: number;
@@ -453,12 +455,14 @@ export class BackwardEngine {
       const stateBetaDen = b.betaDen! >> 2;
       const blockDen = b.den! >> 2;
       const dOutRows = head.dOut;
+      // Without direct keys in this share the oq rows are zeros.
+      const direct = directEnd > stateKeyEnd;
       for (let r = 0; r < nq; r++) {
         const row = i0 + r;
         const dOut = head.dOutBase + row * Dv;
         const o = oq + r * Wp;
         let betaDen = f[stateBetaDen + r]!;
-        for (let col = 0; col < Dv; col++) betaDen += dOutRows[dOut + col]! * f[o + col]!;
+        if (direct) for (let col = 0; col < Dv; col++) betaDen += dOutRows[dOut + col]! * f[o + col]!;
         head.den[head.rowBase + row] = f[blockDen + r]!;
         head.betaDen[head.rowBase + row] = betaDen;
       }
@@ -495,6 +499,17 @@ export class BackwardEngine {
     // g's last column, -αβ, as `moments`' token weights: R's last column goes to rz, a vector,
     // rather than a ninth panel of eight (seven of them zeros) in both products with R.
     const gLast = b.gT! + Dv * C * 4;
+
+    // The state part writes dy and dv of the keys it reaches, [0, the last chunk's state end); the
+    // rest (the last chunk's own keys, padded keys, all keys without a state part) start at 0
+    // here, since the direct blocks add to them.
+    const stateChunks = head.schedule.length / 4;
+    const stateKeys =
+      head.path === 'factorized' && fStart < fEnd && stateChunks > 0
+        ? Math.min(head.schedule[4 * (stateChunks - 1) + 2]!, head.valid)
+        : 0;
+    head.dy.fill(0, head.dyBase + stateKeys * D, head.dyBase + head.keys * D);
+    head.dv.fill(0, head.dvBase + stateKeys * Dv, head.dvBase + head.keys * Dv);
 
     if (head.path === 'factorized' && fStart < fEnd) {
       this.zero('r', F * Wp);
@@ -587,8 +602,12 @@ export class BackwardEngine {
     }
 
     this.forEachBlock(head, (i0, nq, stateKeyEnd, owned) => {
+      if (!owned) return;
       const directEnd = this.limitOf(head, i0 + nq - 1);
-      if (!owned || directEnd <= stateKeyEnd) return;
+      if (directEnd <= stateKeyEnd) {
+        head.dz.fill(0, head.dzBase + i0 * D, head.dzBase + (i0 + nq) * D);
+        return;
+      }
       const nq4 = Math.ceil(nq / 4);
       this.loadQueries(head, i0, nq);
       this.loadGradients(head, i0, nq);
@@ -639,7 +658,7 @@ export class BackwardEngine {
       for (let r = 0; r < nq; r++) {
         const target = head.dzBase + (i0 + r) * D;
         const source = dxRows + r * Dp;
-        for (let d = 0; d < D; d++) dz[target + d]! += f[source + d]!;
+        for (let d = 0; d < D; d++) dz[target + d] = f[source + d]!;
       }
     });
   }

@@ -121,7 +121,7 @@ export async function cpuBackward(
     gradB: stagedF32(staging, 'gradB', slots * N * D),
     den: stagedF64(staging, 'den', slots * N),
     betaDen: stagedF64(staging, 'betaDen', slots * N),
-    // Pass 2's sums, cleared by `beforeSecondPass`.
+    // Written in full by pass 2.
     dz: stagedF64(staging, 'dz', heads * N * D),
     dy: stagedF64(staging, 'dy', slots * M * D),
     dv: stagedF64(staging, 'dv', slots * M * Dv),
@@ -148,13 +148,10 @@ export async function cpuBackward(
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) for (let s = 0; s < shares; s++) units.push({ head, share: s });
   // The result arrays, allocated and every page of them touched (first-touch page faults cost 12 to
-  // 20 ms per 4 MiB on the VMs we measure on), and what the rest accumulates into cleared: work
-  // that does not depend on pass 1, done in this thread while the workers run it.
+  // 20 ms per 4 MiB on the VMs we measure on): work that does not depend on pass 1, done in this
+  // thread while the workers run it.
   const results: { dq?: Float32Array; dk?: Float32Array; dv?: Float32Array } = {};
-  const beforeSecondPass = (): void => {
-    first.dz.fill(0);
-    first.dy.fill(0);
-    first.dv.fill(0);
+  const allocateResults = (): void => {
     results.dq = touchedFloat32(heads * N * D);
     results.dk = touchedFloat32(B * Hkv * M * D);
     results.dv = touchedFloat32(B * Hkv * M * Dv);
@@ -170,7 +167,7 @@ export async function cpuBackward(
       alongside?.();
     }
   };
-  await runPass(first, beforeSecondPass);
+  await runPass(first, allocateResults);
   await runPass(second);
   // Pass 3: the shares' sums and ∂L/∂x, ∂L/∂σ, over ranges of query and key rows.
   const finishRanges = pool === null ? 1 : pool.size;

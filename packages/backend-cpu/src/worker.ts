@@ -39,8 +39,8 @@ export interface BackwardJob {
   readonly den: Float64Array;
   readonly betaDen: Float64Array;
   /**
-   * B×H×N×D, cleared by the caller: pass 2 adds the direct blocks' dz to it, pass 3 adds the
-   * state's and turns it into ∂L/∂x = σ·dz in place.
+   * B×H×N×D: pass 2 writes the direct blocks' dz (0 where there are none), pass 3 adds the state's
+   * and turns it into ∂L/∂x = σ·dz in place.
    */
   readonly dz: Float64Array;
   /** Pass 2 output: dy, slots×M×D, and dv, slots×M×Dv (pass 3 sums each head's into its first slot). */
@@ -183,6 +183,7 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
     dv: job.dv,
     dvBase: slot * M * Dv,
     rows: N,
+    keys: M,
     valid: job.validKeys[b]!,
     causal: job.causal,
     causalShift: M - N,

@@ -210,6 +210,39 @@ describe('threads', () => {
     await serial.dispose();
   });
 
+  it('gives the same backward on staging reused from other calls as a fresh backend', async () => {
+    // The staged arrays are not cleared between calls: every pass writes each row it owns, and pass
+    // 2 zeroes the key rows its state part does not reach. Calls of other shapes first leave other
+    // values there (causal, key padding, non-causal, the direct path, a second head).
+    const calls: [FastmaxOptions, Shape4, Shape4, number][] = [
+      [{ order: 2, causal: true, path: 'factorized', chunkSize: 16 }, [1, 1, 90, 32], [1, 1, 90, 32], 40],
+      [{ order: 2, causal: false, path: 'factorized', keyLengths: [61] }, [1, 1, 50, 32], [1, 1, 80, 32], 40],
+      [
+        { order: 2, causal: true, path: 'factorized', keyLengths: [47], chunkSize: 16 },
+        [1, 1, 90, 32],
+        [1, 1, 70, 32],
+        40,
+      ],
+      [{ order: 1, causal: true, path: 'direct' }, [1, 2, 40, 32], [1, 2, 40, 32], 40],
+    ];
+    const reused = await createFastmax({ backend });
+    for (const [index, [options, qShape, kShape, Dv]] of [...calls, ...calls.slice().reverse()].entries()) {
+      const q = tensor(qShape, 31 + index);
+      const k = tensor(kShape, 32 + index);
+      const v = tensor([kShape[0], kShape[1], kShape[2], Dv], 33 + index);
+      const dOut = tensor([qShape[0], qShape[1], qShape[2], Dv], 34 + index);
+      const fresh = await createFastmax({ backend: cpuBackend({ threads: 2, parallelThreshold: 0 }) });
+      const want = await fresh.backward(q, k, v, dOut, options);
+      await fresh.dispose();
+      const got = await reused.backward(q, k, v, dOut, options);
+      for (const name of ['dq', 'dk', 'dv'] as const) {
+        expect(Array.from((got[name] as HostTensor).data), `${name} of call ${index}`).toEqual(
+          Array.from((want[name] as HostTensor).data),
+        );
+      }
+    }
+  });
+
   // The backend declares checksFiniteInputs: core leaves the scan to it, and it scans in the calling
   // thread while the workers compute. The error must be core's, the call must not settle before
   // the workers are done with the staged memory, and the pool must be usable right after.
