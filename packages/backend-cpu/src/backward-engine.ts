@@ -79,6 +79,13 @@ export interface BackwardHead {
   readonly schedule: Int32Array;
 }
 
+/**
+ * Floats added to each row of the feature blocks (φ of queries or keys, and their projections h):
+ * rows of 128 or 256 floats are a power-of-two number of bytes apart, so the readout, which reads
+ * one feature after another down a column, met them in a few L1 sets only.
+ */
+const FEATURE_ROW_PAD = 4;
+
 interface Buffers {
   readonly [name: string]: number;
 }
@@ -139,9 +146,9 @@ export class BackwardEngine {
         vT: Wp * keyLd,
         vBlocks: Wp * keyLd,
         vPanels: Wp * keyLd,
-        uq: FEATURE_BLOCK * C,
-        uk: FEATURE_BLOCK * keyLd,
-        h: FEATURE_BLOCK * keyLd,
+        uq: FEATURE_BLOCK * (C + FEATURE_ROW_PAD),
+        uk: FEATURE_BLOCK * (keyLd + FEATURE_ROW_PAD),
+        h: FEATURE_BLOCK * (keyLd + FEATURE_ROW_PAD),
         oq: C * Wp,
         den: keyLd,
         betaDen: C,
@@ -333,6 +340,8 @@ export class BackwardEngine {
     const C = b.C!;
     const Wp = b.Wp!;
     const keyLd = b.keyLd!;
+    const uqLd = C + FEATURE_ROW_PAD;
+    const ukLd = keyLd + FEATURE_ROW_PAD;
     const F = setup.paddedFeatures;
     const D = head.headDim;
     const Dv = head.valueDim;
@@ -353,11 +362,11 @@ export class BackwardEngine {
         this.loadKeys(head, stateKeys, nk);
         for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
           const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-          ex.features(b.yT!, keyLd, Math.ceil(nk / 4), b.table!, f0, f0 + nf, b.uk!, keyLd);
+          ex.features(b.yT!, keyLd, Math.ceil(nk / 4), b.table!, f0, f0 + nf, b.uk!, ukLd);
           // S's value columns only: its denominator column is z, which moments keeps anyway.
           ex.moments(
             b.uk!,
-            keyLd,
+            ukLd,
             nf,
             b.vPanels!,
             keyLd * 32,
@@ -404,8 +413,8 @@ export class BackwardEngine {
         this.loadTokenBlocks('rawD', nq, Dv, 'gBlocks');
         for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
           const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-          ex.features(b.xT!, C, nq4, b.table!, f0, f0 + nf, b.uq!, C);
-          ex.readout(b.uq!, C, nf, b.s! + f0 * 32, sPanel, b.z! + f0 * 4, nq4, 0, b.oq!, Wp, b.den!);
+          ex.features(b.xT!, C, nq4, b.table!, f0, f0 + nf, b.uq!, uqLd);
+          ex.readout(b.uq!, uqLd, nf, b.s! + f0 * 32, sPanel, b.z! + f0 * 4, nq4, 0, b.oq!, Wp, b.den!);
           ex.projectBlocks(
             b.s! + f0 * 32,
             sPanel,
@@ -415,11 +424,11 @@ export class BackwardEngine {
             Wp * 32,
             Math.ceil(nq / 8),
             b.h!,
-            C,
+            uqLd,
             0,
           );
-          ex.dotFeatures(b.uq!, C, b.h!, C, nf, nq4, b.betaDen!);
-          ex.featureGradient(b.h!, C, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.dxT!);
+          ex.dotFeatures(b.uq!, uqLd, b.h!, uqLd, nf, nq4, b.betaDen!);
+          ex.featureGradient(b.h!, uqLd, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.dxT!);
           ex.featureGradientConstant(b.z!, b.table!, f0, f0 + nf, b.xT!, C, nq4, b.bT!);
         }
       }
@@ -488,6 +497,8 @@ export class BackwardEngine {
     const Wp = b.Wp!;
     const Dp = b.Dp!;
     const keyLd = b.keyLd!;
+    const uqLd = C + FEATURE_ROW_PAD;
+    const ukLd = keyLd + FEATURE_ROW_PAD;
     const F = setup.paddedFeatures;
     const D = head.headDim;
     const Dv = head.valueDim;
@@ -528,10 +539,10 @@ export class BackwardEngine {
           this.loadGradients(head, i0, nq);
           for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
             const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-            ex.features(b.xT!, C, Math.ceil(nq / 4), b.table!, f0, f0 + nf, b.uq!, C);
+            ex.features(b.xT!, C, Math.ceil(nq / 4), b.table!, f0, f0 + nf, b.uq!, uqLd);
             ex.moments(
               b.uq!,
-              C,
+              uqLd,
               nf,
               b.gPanels!,
               C * 32,
@@ -557,10 +568,10 @@ export class BackwardEngine {
           this.zero('dyT', D * keyLd);
           for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
             const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-            ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, keyLd);
+            ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, ukLd);
             ex.readout(
               b.uk!,
-              keyLd,
+              ukLd,
               nf,
               b.r! + f0 * 32,
               sPanel,
@@ -581,10 +592,10 @@ export class BackwardEngine {
               Wp * 32,
               Math.ceil(nk / 8),
               b.h!,
-              keyLd,
+              ukLd,
               b.rz! + f0 * 4,
             );
-            ex.featureGradient(b.h!, keyLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
+            ex.featureGradient(b.h!, ukLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
           }
           // The state reaches each key once, before the direct blocks add theirs: its part is
           // written (converted to float64 by `set`), not added.
