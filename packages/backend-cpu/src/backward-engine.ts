@@ -24,7 +24,7 @@
  * that enter the state just before it).
  */
 
-import { FEATURE_BLOCK, KEY_CHUNK, type KernelSetup, MAX_CHUNK, roundUp } from './engine.js';
+import { FEATURE_BLOCK, FEATURE_ROW_PAD, KEY_CHUNK, type KernelSetup, MAX_CHUNK, roundUp } from './engine.js';
 import type { BackwardKernelExports } from './kernel-types.js';
 
 export interface BackwardHead {
@@ -78,13 +78,6 @@ export interface BackwardHead {
   readonly path: 'factorized' | 'direct';
   readonly schedule: Int32Array;
 }
-
-/**
- * Floats added to each row of the feature blocks (φ of queries or keys, and their projections h):
- * rows of 128 or 256 floats are a power-of-two number of bytes apart, so the readout, which reads
- * one feature after another down a column, met them in a few L1 sets only.
- */
-const FEATURE_ROW_PAD = 4;
 
 interface Buffers {
   readonly [name: string]: number;

@@ -109,6 +109,12 @@ export const MAX_CHUNK = 512;
 export const KEY_CHUNK = 256;
 /** Feature rows per block: the slice of φ built at a time, sized so S's slice and φ stay in L2. */
 export const FEATURE_BLOCK = 128;
+/**
+ * Floats added to each row of a feature block (φ of queries or keys, and the backward's
+ * projections h): rows of 128 or 256 floats are a power-of-two number of bytes apart, so the
+ * readout, which reads one feature after another down a column, met them in a few L1 sets only.
+ */
+export const FEATURE_ROW_PAD = 4;
 
 export const roundUp = (value: number, multiple: number): number => Math.ceil(value / multiple) * multiple;
 
@@ -334,8 +340,8 @@ export class Engine {
     const xT = take(D * C * 4);
     const yT = take(D * keyLd * 4);
     const vPanels = take(W * keyLd * 4);
-    const uq = take(FEATURE_BLOCK * C * 4);
-    const uk = take(FEATURE_BLOCK * keyLd * 4);
+    const uq = take(FEATURE_BLOCK * (C + FEATURE_ROW_PAD) * 4);
+    const uk = take(FEATURE_BLOCK * (keyLd + FEATURE_ROW_PAD) * 4);
     const o = take(C * W * 4);
     const den = take(C * 4);
     const w = take(C * KEY_CHUNK * 4);
@@ -629,10 +635,10 @@ export class Engine {
         loadKeys(start, stop);
         for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
           const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-          ex.features(b.yT, keyLd, Math.ceil(count / 4), b.table, f0, f0 + nf, b.uk, keyLd);
+          ex.features(b.yT, keyLd, Math.ceil(count / 4), b.table, f0, f0 + nf, b.uk, keyLd + FEATURE_ROW_PAD);
           ex.moments(
             b.uk,
-            keyLd,
+            keyLd + FEATURE_ROW_PAD,
             nf,
             b.vPanels,
             vPanel,
@@ -708,8 +714,20 @@ export class Engine {
           if (state.keys > 0) {
             for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
               const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-              ex.features(b.xT, C, nq4, b.table, f0, f0 + nf, b.uq, C);
-              ex.readout(b.uq, C, nf, sPtr + f0 * 32, sPanel, zPtr + f0 * 4, nq4, W, b.o, W, b.den);
+              ex.features(b.xT, C, nq4, b.table, f0, f0 + nf, b.uq, C + FEATURE_ROW_PAD);
+              ex.readout(
+                b.uq,
+                C + FEATURE_ROW_PAD,
+                nf,
+                sPtr + f0 * 32,
+                sPanel,
+                zPtr + f0 * 4,
+                nq4,
+                W,
+                b.o,
+                W,
+                b.den,
+              );
             }
           }
         }
