@@ -369,7 +369,7 @@ export function polynomial(
 
 /**
  * O[i][c] += Σ_j W[i][j] · V[j][c] for j < nk (c < nc, a multiple of 8; V in panels as in
- * `moments`), den[i] += Σ_j W[i][j],
+ * `moments`), den[i] += Σ_j W[i][j] (skipped when den is 0),
  * for i < 4·nq4. Columns of W at or past nk are ignored; bounded != 0: so are those at or past the
  * tile's `tileKeyEnd`.
  */
@@ -395,12 +395,45 @@ export function weighted(
       tile4x8(a0, a0 + wRow, a0 + 2 * wRow, a0 + 3 * wRow, 4, v + <usize>(c >> 3) * <usize>vPanel, 32, end);
       addTile(o + ((<usize>i * <usize>ldO + <usize>c) << 2), ldO);
     }
+    if (den == 0) continue;
     for (let r = 0; r < 4; r++) {
       const row = a0 + <usize>r * wRow;
       let total: f32 = 0;
       for (let j = 0; j < end; j++) total += load<f32>(row + (<usize>j << 2));
       const dp = den + (<usize>(i + r) << 2);
       store<f32>(dp, load<f32>(dp) + total);
+    }
+  }
+}
+
+/**
+ * The transposed product: O[j][c] += Σ_{i < nq} W[i][j] · X[i][c] for j < 4·nk4 (c < nc, a multiple
+ * of 8; X in panels as in `moments`, one row per i). bounded != 0 (causal blocks, where `limits`
+ * never decreases with i): a tile of keys j..j+3 starts at the first row whose limit passes j, the
+ * rows before it seeing none of them; the entries it still reads past a row's limit must be 0.
+ */
+export function weightedTransposed(
+  w: usize,
+  ldW: i32,
+  nq: i32,
+  nk4: i32,
+  x: usize,
+  xPanel: i32,
+  nc: i32,
+  o: usize,
+  ldO: i32,
+  limits: usize,
+  bounded: i32,
+): void {
+  const wRow = <usize>ldW << 2;
+  let start = 0;
+  for (let j = 0; j < nk4 << 2; j += 4) {
+    if (bounded) while (start < nq && load<i32>(limits + (<usize>start << 2)) <= j) start++;
+    const a0 = w + <usize>start * wRow + (<usize>j << 2);
+    for (let c = 0; c < nc; c += 8) {
+      const b = x + <usize>(c >> 3) * <usize>xPanel + (<usize>start << 5);
+      tile4x8(a0, a0 + 4, a0 + 8, a0 + 12, wRow, b, 32, nq - start);
+      addTile(o + ((<usize>j * <usize>ldO + <usize>c) << 2), ldO);
     }
   }
 }

@@ -27,6 +27,12 @@
 import { FEATURE_BLOCK, FEATURE_ROW_PAD, KEY_CHUNK, type KernelSetup, MAX_CHUNK, roundUp } from './engine.js';
 import type { BackwardKernelExports } from './kernel-types.js';
 
+/**
+ * Row stride of the direct blocks' score buffers: KEY_CHUNK keys plus FEATURE_ROW_PAD, off a power
+ * of two for the same reason (`weightedTransposed` walks down their columns).
+ */
+const SCORE_LD = KEY_CHUNK + FEATURE_ROW_PAD;
+
 export interface BackwardHead {
   /** z = σx rows of this query head, N×D, from `zBase`. */
   readonly z: Float32Array;
@@ -151,11 +157,10 @@ export class BackwardEngine {
         dyT: D * keyLd,
         dyRows: keyLd * Dp,
         dvRows: keyLd * Wp,
-        sc: C * KEY_CHUNK,
-        wf: C * KEY_CHUNK,
-        wd: C * KEY_CHUNK,
-        gg: C * KEY_CHUNK,
-        trans: keyLd * C,
+        sc: C * SCORE_LD,
+        wf: C * SCORE_LD,
+        wd: C * SCORE_LD,
+        gg: C * SCORE_LD,
         s: F * Wp,
         sComp: F * Wp,
         r: F * Wp,
@@ -432,12 +437,12 @@ export class BackwardEngine {
         this.setLimits(head, i0, nq, k0, nk);
         const bounded = head.causal ? 1 : 0;
         const nk8 = Math.ceil(nk / 8);
-        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.wf!, KEY_CHUNK, b.limits!, bounded);
-        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, setup.order, bounded);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.wf!, SCORE_LD, b.limits!, bounded);
+        ex.polynomial(b.wf!, SCORE_LD, nq, nk8, b.limits!, b.coefficients!, setup.order, bounded);
         // dO·o needs o's value columns only; den comes from `weighted` itself.
         ex.weighted(
           b.wf!,
-          KEY_CHUNK,
+          SCORE_LD,
           nq4,
           nk,
           b.vPanels!,
@@ -622,20 +627,22 @@ export class BackwardEngine {
         const nk8 = Math.ceil(nk / 8);
         this.loadKeys(head, k0, nk);
         this.setLimits(head, i0, nq, k0, nk);
-        // Causal blocks skip the masked triangle; the transposed products below read every entry,
-        // so the skipped ones are written as zeros (bounded = 2).
+        // Causal blocks skip the masked triangle: the rows' products stop at each tile's last key,
+        // the transposed ones start at each key tile's first row, and the skipped entries inside
+        // the tiles they do read are written as zeros (bounded = 2).
         const bounded = head.causal ? 2 : 0;
-        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, KEY_CHUNK, b.limits!, bounded);
-        this.copy('sc', 'wf', C * KEY_CHUNK);
-        this.copy('sc', 'wd', C * KEY_CHUNK);
-        ex.polynomial(b.wf!, KEY_CHUNK, nq, nk8, b.limits!, b.coefficients!, order, bounded);
-        ex.polynomial(b.wd!, KEY_CHUNK, nq, nk8, b.limits!, b.derivative!, order - 1, bounded);
+        ex.scores(b.xT!, C, nq4, b.yT!, keyLd, nk8, D, b.sc!, SCORE_LD, b.limits!, bounded);
+        this.copy('sc', 'wf', C * SCORE_LD);
+        this.copy('sc', 'wd', C * SCORE_LD);
+        ex.polynomial(b.wf!, SCORE_LD, nq, nk8, b.limits!, b.coefficients!, order, bounded);
+        ex.polynomial(b.wd!, SCORE_LD, nq, nk8, b.limits!, b.derivative!, order - 1, bounded);
         // G = g·[v | 1]: Dv + 1 terms (the rows of gT and vT past them are zeros).
-        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Dv + 1, b.gg!, KEY_CHUNK, b.limits!, bounded);
-        ex.hadamard(b.wd!, b.gg!, (C * KEY_CHUNK) / 4);
+        ex.scores(b.gT!, C, nq4, b.vT!, keyLd, nk8, Dv + 1, b.gg!, SCORE_LD, b.limits!, bounded);
+        ex.hadamard(b.wd!, b.gg!, (C * SCORE_LD) / 4);
+        // The row sums `weighted` can add to den are not needed here (den: 0).
         ex.weighted(
           b.wd!,
-          KEY_CHUNK,
+          SCORE_LD,
           nq4,
           nk,
           b.yPanels!,
@@ -643,16 +650,39 @@ export class BackwardEngine {
           Dp,
           b.dxRows!,
           Dp,
-          b.den!,
+          0,
           b.limits!,
           bounded,
         );
-        ex.transpose(b.wd!, KEY_CHUNK, nq, nk, b.trans!, C);
+        const fromFirstRow = head.causal ? 1 : 0;
         this.zero('dyRows', keyLd * Dp);
-        ex.weighted(b.trans!, C, nk4, nq, b.xPanels!, C * 32, Dp, b.dyRows!, Dp, b.den!, 0, 0);
-        ex.transpose(b.wf!, KEY_CHUNK, nq, nk, b.trans!, C);
+        ex.weightedTransposed(
+          b.wd!,
+          SCORE_LD,
+          nq,
+          nk4,
+          b.xPanels!,
+          C * 32,
+          Dp,
+          b.dyRows!,
+          Dp,
+          b.limits!,
+          fromFirstRow,
+        );
         this.zero('dvRows', keyLd * Wp);
-        ex.weighted(b.trans!, C, nk4, nq, b.gPanels!, C * 32, valuePanels, b.dvRows!, Wp, b.den!, 0, 0);
+        ex.weightedTransposed(
+          b.wf!,
+          SCORE_LD,
+          nq,
+          nk4,
+          b.gPanels!,
+          C * 32,
+          valuePanels,
+          b.dvRows!,
+          Wp,
+          b.limits!,
+          fromFirstRow,
+        );
         this.addKeyRows(head, k0, nk);
       }
       this.views();

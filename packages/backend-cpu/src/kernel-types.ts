@@ -75,6 +75,7 @@ export interface KernelExports {
     nc: number,
     o: number,
     ldO: number,
+    /** 0: no row sums. */
     den: number,
     limits: number,
     bounded: number,
@@ -141,4 +142,17 @@ export interface BackwardKernelExports extends KernelExports {
   dotFeatures(u: number, ldU: number, h: number, ldH: number, nf: number, n4: number, out: number): void;
   hadamard(a: number, b: number, n4: number): void;
   transpose(src: number, ldSrc: number, rows: number, cols: number, dst: number, ldDst: number): void;
+  weightedTransposed(
+    w: number,
+    ldW: number,
+    nq: number,
+    nk4: number,
+    x: number,
+    xPanel: number,
+    nc: number,
+    o: number,
+    ldO: number,
+    limits: number,
+    bounded: number,
+  ): void;
 }
