@@ -156,6 +156,7 @@ export class BackwardEngine {
         dxRows: C * Dp,
         dyT: D * keyLd,
         dyRows: keyLd * Dp,
+        // dv rows of the key block, roundUp(Dv, 8) floats apart (contiguous when Dv is a multiple of 8).
         dvRows: keyLd * Wp,
         sc: C * SCORE_LD,
         wf: C * SCORE_LD,
@@ -562,7 +563,7 @@ export class BackwardEngine {
           this.loadKeys(head, k0, nk);
           // loadKeys left these keys' v rows in rawV.
           this.loadTokenBlocks('rawV', nk, Dv, 'vBlocks');
-          this.zero('dvRows', keyLd * Wp);
+          this.zero('dvRows', keyLd * valuePanels);
           this.zero('dyT', D * keyLd);
           for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
             const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
@@ -575,9 +576,9 @@ export class BackwardEngine {
               sPanel,
               b.z! + f0 * 4,
               nk4,
-              roundUp(Dv, 8),
+              valuePanels,
               b.dvRows!,
-              Wp,
+              valuePanels,
               b.den!,
             );
             // h = R·[v | 1]: the ones column is rz, added as the bias.
@@ -602,9 +603,14 @@ export class BackwardEngine {
           const f = this.f32;
           const dyRows = b.rawY! >> 2;
           head.dy.set(f.subarray(dyRows, dyRows + nk * D), head.dyBase + k0 * D);
-          for (let t = 0; t < nk; t++) {
-            const row = (b.dvRows! >> 2) + t * Wp;
-            head.dv.set(f.subarray(row, row + Dv), head.dvBase + (k0 + t) * Dv);
+          const dvRows = b.dvRows! >> 2;
+          if (valuePanels === Dv) {
+            head.dv.set(f.subarray(dvRows, dvRows + nk * Dv), head.dvBase + k0 * Dv);
+          } else {
+            for (let t = 0; t < nk; t++) {
+              const row = dvRows + t * valuePanels;
+              head.dv.set(f.subarray(row, row + Dv), head.dvBase + (k0 + t) * Dv);
+            }
           }
         }
       }
@@ -669,7 +675,7 @@ export class BackwardEngine {
           b.limits!,
           fromFirstRow,
         );
-        this.zero('dvRows', keyLd * Wp);
+        this.zero('dvRows', keyLd * valuePanels);
         ex.weightedTransposed(
           b.wf!,
           SCORE_LD,
@@ -679,7 +685,7 @@ export class BackwardEngine {
           C * 32,
           valuePanels,
           b.dvRows!,
-          Wp,
+          valuePanels,
           b.limits!,
           fromFirstRow,
         );
@@ -714,7 +720,7 @@ export class BackwardEngine {
     const dyRows = b.dyRows! >> 2;
     const dvRows = b.dvRows! >> 2;
     const Dp = b.Dp!;
-    const Wp = b.Wp!;
+    const dvLd = roundUp(Dv, 8);
     const dyShare = head.dy;
     const dvShare = head.dv;
     for (let t = 0; t < nk; t++) {
@@ -722,7 +728,7 @@ export class BackwardEngine {
       const dyFrom = dyRows + t * Dp;
       for (let d = 0; d < D; d++) dyShare[dy + d]! += f[dyFrom + d]!;
       const dv = head.dvBase + (k0 + t) * Dv;
-      const dvFrom = dvRows + t * Wp;
+      const dvFrom = dvRows + t * dvLd;
       for (let col = 0; col < Dv; col++) dvShare[dv + col]! += f[dvFrom + col]!;
     }
   }
