@@ -562,22 +562,7 @@ export function featureGradient(
   n4: i32,
   out: usize,
 ): void {
-  const rowBytes = <usize>ldSrc << 2;
-  const hRow = <usize>ldH << 2;
-  for (let f = f0; f < f1; f++) {
-    const degree = load<i32>(table + (<usize>f << 3));
-    if (degree == 0) continue;
-    const packed = load<u32>(table + (<usize>f << 3), 4);
-    const hp = h + <usize>(f - f0) * hRow;
-    const o0 = <usize>(packed & 255) * rowBytes;
-    const o1 = <usize>((packed >> 8) & 255) * rowBytes;
-    const o2 = <usize>((packed >> 16) & 255) * rowBytes;
-    const o3 = <usize>(packed >> 24) * rowBytes;
-    for (let j = 0; j < n4; j++) {
-      const c = <usize>j << 4;
-      addMonomialGradient(degree, o0, o1, o2, o3, src, out, c, v128.load(hp + c));
-    }
-  }
+  gradientOfFeatures(h, <usize>ldH << 2, 0, table, f0, f1, src, <usize>ldSrc << 2, n4, out);
 }
 
 /**
@@ -594,17 +579,152 @@ export function featureGradientConstant(
   n4: i32,
   out: usize,
 ): void {
-  const rowBytes = <usize>ldSrc << 2;
-  for (let f = f0; f < f1; f++) {
+  gradientOfFeatures(0, 0, weights, table, f0, f1, src, <usize>ldSrc << 2, n4, out);
+}
+
+/**
+ * Both gradients: H[f] from row f - f0 of h (hRow bytes apart) or, when `constant` is not 0, the
+ * value constant[f] for every token. A run of degree-2 features sharing their first factor a (core's
+ * layout lists x_a·x_b for b ≥ a in order) keeps out[a] in registers over the run, four token
+ * groups at a time: per feature and token group, three loads and a store (two and a store for a
+ * constant H) instead of five loads and two stores. Each out row gets the same additions in the
+ * same order as one feature at a time, so the results are the same.
+ */
+@inline
+function gradientOfFeatures(
+  h: usize,
+  hRow: usize,
+  constant: usize,
+  table: usize,
+  f0: i32,
+  f1: i32,
+  src: usize,
+  rowBytes: usize,
+  n4: i32,
+  out: usize,
+): void {
+  let f = f0;
+  while (f < f1) {
     const degree = load<i32>(table + (<usize>f << 3));
-    if (degree == 0) continue;
     const packed = load<u32>(table + (<usize>f << 3), 4);
-    const hv = f32x4.splat(load<f32>(weights + (<usize>f << 2)));
-    const o0 = <usize>(packed & 255) * rowBytes;
-    const o1 = <usize>((packed >> 8) & 255) * rowBytes;
-    const o2 = <usize>((packed >> 16) & 255) * rowBytes;
-    const o3 = <usize>(packed >> 24) * rowBytes;
-    for (let j = 0; j < n4; j++) addMonomialGradient(degree, o0, o1, o2, o3, src, out, <usize>j << 4, hv);
+    if (degree == 2) {
+      const a = packed & 255;
+      let end = f + 1;
+      while (
+        end < f1 &&
+        load<i32>(table + (<usize>end << 3)) == 2 &&
+        (load<u32>(table + (<usize>end << 3), 4) & 255) == a
+      )
+        end++;
+      quadraticRun(h + <usize>(f - f0) * hRow, hRow, constant, table, f, end, src, rowBytes, n4, out, <usize>a * rowBytes);
+      f = end;
+      continue;
+    }
+    if (degree != 0) {
+      const hp = h + <usize>(f - f0) * hRow;
+      const o0 = <usize>(packed & 255) * rowBytes;
+      const o1 = <usize>((packed >> 8) & 255) * rowBytes;
+      const o2 = <usize>((packed >> 16) & 255) * rowBytes;
+      const o3 = <usize>(packed >> 24) * rowBytes;
+      const fixed = constant != 0 ? f32x4.splat(load<f32>(constant + (<usize>f << 2))) : f32x4.splat(0);
+      for (let j = 0; j < n4; j++) {
+        const c = <usize>j << 4;
+        addMonomialGradient(degree, o0, o1, o2, o3, src, out, c, constant != 0 ? fixed : v128.load(hp + c));
+      }
+    }
+    f++;
+  }
+}
+
+/**
+ * The features [f, end), all x_a·x_b with the same a (row offset oa) and b ≥ a, of
+ * `gradientOfFeatures`; H rows from hp, hRow bytes apart, or constant[g]. out[a] accumulates in
+ * registers; x_a·x_a adds h·x_a to it twice, as ∂/∂x_a of its two factors.
+ */
+@inline
+function quadraticRun(
+  hp: usize,
+  hRow: usize,
+  constant: usize,
+  table: usize,
+  f: i32,
+  end: i32,
+  src: usize,
+  rowBytes: usize,
+  n4: i32,
+  out: usize,
+  oa: usize,
+): void {
+  let j = 0;
+  for (; j + 4 <= n4; j += 4) {
+    const c = <usize>j << 4;
+    const xa0 = v128.load(src + oa + c);
+    const xa1 = v128.load(src + oa + c, 16);
+    const xa2 = v128.load(src + oa + c, 32);
+    const xa3 = v128.load(src + oa + c, 48);
+    let acc0 = v128.load(out + oa + c);
+    let acc1 = v128.load(out + oa + c, 16);
+    let acc2 = v128.load(out + oa + c, 32);
+    let acc3 = v128.load(out + oa + c, 48);
+    let row = hp + c;
+    for (let g = f; g < end; g++) {
+      const ob = <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes;
+      let h0: v128;
+      let h1: v128;
+      let h2: v128;
+      let h3: v128;
+      if (constant != 0) {
+        h0 = f32x4.splat(load<f32>(constant + (<usize>g << 2)));
+        h1 = h0;
+        h2 = h0;
+        h3 = h0;
+      } else {
+        h0 = v128.load(row);
+        h1 = v128.load(row, 16);
+        h2 = v128.load(row, 32);
+        h3 = v128.load(row, 48);
+      }
+      if (ob == oa) {
+        acc0 = madd(h0, xa0, madd(h0, xa0, acc0));
+        acc1 = madd(h1, xa1, madd(h1, xa1, acc1));
+        acc2 = madd(h2, xa2, madd(h2, xa2, acc2));
+        acc3 = madd(h3, xa3, madd(h3, xa3, acc3));
+      } else {
+        const xb = src + ob + c;
+        const yb = out + ob + c;
+        acc0 = madd(h0, v128.load(xb), acc0);
+        acc1 = madd(h1, v128.load(xb, 16), acc1);
+        acc2 = madd(h2, v128.load(xb, 32), acc2);
+        acc3 = madd(h3, v128.load(xb, 48), acc3);
+        v128.store(yb, madd(h0, xa0, v128.load(yb)));
+        v128.store(yb, madd(h1, xa1, v128.load(yb, 16)), 16);
+        v128.store(yb, madd(h2, xa2, v128.load(yb, 32)), 32);
+        v128.store(yb, madd(h3, xa3, v128.load(yb, 48)), 48);
+      }
+      row += hRow;
+    }
+    v128.store(out + oa + c, acc0);
+    v128.store(out + oa + c, acc1, 16);
+    v128.store(out + oa + c, acc2, 32);
+    v128.store(out + oa + c, acc3, 48);
+  }
+  for (; j < n4; j++) {
+    const c = <usize>j << 4;
+    const xa = v128.load(src + oa + c);
+    let acc = v128.load(out + oa + c);
+    let row = hp + c;
+    for (let g = f; g < end; g++) {
+      const ob = <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes;
+      const hv = constant != 0 ? f32x4.splat(load<f32>(constant + (<usize>g << 2))) : v128.load(row);
+      if (ob == oa) {
+        acc = madd(hv, xa, madd(hv, xa, acc));
+      } else {
+        acc = madd(hv, v128.load(src + ob + c), acc);
+        v128.store(out + ob + c, madd(hv, xa, v128.load(out + ob + c)));
+      }
+      row += hRow;
+    }
+    v128.store(out + oa + c, acc);
   }
 }
 
