@@ -140,10 +140,44 @@ export function features(
         v128.store(dst + o, v128.load(r0 + o));
       }
     } else if (degree == 2) {
-      for (let j = 0; j < n4; j++) {
+      // A run of x_a·x_b sharing a (core's layout lists b ≥ a in order): x_a loaded once per run.
+      const a = packed & 255;
+      let end = f + 1;
+      while (
+        end < f1 &&
+        load<i32>(table + (<usize>end << 3)) == 2 &&
+        (load<u32>(table + (<usize>end << 3), 4) & 255) == a
+      )
+        end++;
+      const outRow = <usize>ldOut << 2;
+      let j = 0;
+      for (; j + 4 <= n4; j += 4) {
         const o = <usize>j << 4;
-        v128.store(dst + o, f32x4.mul(v128.load(r0 + o), v128.load(r1 + o)));
+        const xa0 = v128.load(r0 + o);
+        const xa1 = v128.load(r0 + o, 16);
+        const xa2 = v128.load(r0 + o, 32);
+        const xa3 = v128.load(r0 + o, 48);
+        let to = dst + o;
+        for (let g = f; g < end; g++) {
+          const rb = src + <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes + o;
+          v128.store(to, f32x4.mul(xa0, v128.load(rb)));
+          v128.store(to, f32x4.mul(xa1, v128.load(rb, 16)), 16);
+          v128.store(to, f32x4.mul(xa2, v128.load(rb, 32)), 32);
+          v128.store(to, f32x4.mul(xa3, v128.load(rb, 48)), 48);
+          to += outRow;
+        }
       }
+      for (; j < n4; j++) {
+        const o = <usize>j << 4;
+        const xa = v128.load(r0 + o);
+        let to = dst + o;
+        for (let g = f; g < end; g++) {
+          const rb = src + <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes + o;
+          v128.store(to, f32x4.mul(xa, v128.load(rb)));
+          to += outRow;
+        }
+      }
+      f = end - 1;
     } else if (degree == 3) {
       for (let j = 0; j < n4; j++) {
         const o = <usize>j << 4;
