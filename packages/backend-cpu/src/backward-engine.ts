@@ -695,10 +695,15 @@ export class BackwardEngine {
       const f = this.f32;
       const dz = head.dz;
       const dxRows = b.dxRows! >> 2;
-      for (let r = 0; r < nq; r++) {
-        const target = head.dzBase + (i0 + r) * D;
-        const source = dxRows + r * Dp;
-        for (let d = 0; d < D; d++) dz[target + d] = f[source + d]!;
+      // One conversion by `set` when the rows are contiguous (D a multiple of 8).
+      if (Dp === D) {
+        dz.set(f.subarray(dxRows, dxRows + nq * D), head.dzBase + i0 * D);
+      } else {
+        for (let r = 0; r < nq; r++) {
+          const target = head.dzBase + (i0 + r) * D;
+          const source = dxRows + r * Dp;
+          for (let d = 0; d < D; d++) dz[target + d] = f[source + d]!;
+        }
       }
     });
   }
