@@ -89,6 +89,16 @@ interface Buffers {
   readonly [name: string]: number;
 }
 
+/**
+ * Pass 1's den or β·den of one query row summed over the shares (their slots `stride` apart, from
+ * `first`), in share order: pass 2 (forming g) and pass 3 (forming dz) must get the same α and β.
+ */
+export function sumOverShares(values: Float64Array, first: number, shares: number, stride: number): number {
+  let sum = 0;
+  for (let s = 0; s < shares; s++) sum += values[first + s * stride]!;
+  return sum;
+}
+
 export class BackwardEngine {
   private readonly ex: BackwardKernelExports;
   private f32: Float32Array;
@@ -236,12 +246,8 @@ export class BackwardEngine {
     const rows = b.rawG! >> 2;
     for (let r = 0; r < nq; r++) {
       const row = head.firstRowBase + i0 + r;
-      let den = 0;
-      let betaDen = 0;
-      for (let s = 0; s < head.shares; s++) {
-        den += head.den[row + s * N]!;
-        betaDen += head.betaDen[row + s * N]!;
-      }
+      const den = sumOverShares(head.den, row, head.shares, N);
+      const betaDen = sumOverShares(head.betaDen, row, head.shares, N);
       const at = rows + r * Wp;
       if (!(den > 0)) {
         f.fill(0, at, at + Wp);

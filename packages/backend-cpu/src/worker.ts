@@ -4,7 +4,7 @@
  * src/generated/kernels.ts (WORKER_SOURCE), wrapped in a few lines of glue that connect it to the
  * platform's message port; it imports nothing else at run time.
  */
-import { BackwardEngine, type BackwardHead } from './backward-engine.js';
+import { BackwardEngine, type BackwardHead, sumOverShares } from './backward-engine.js';
 import {
   type AttentionJob,
   combineShares,
@@ -20,7 +20,7 @@ import {
  * A backward call's data, for one of its three passes (backward-engine.ts). In passes 1 and 2 each
  * head is split into `shares` (a share: a range of the features and every shares-th query block);
  * outputs are written per (query head, share) slot, slot = head·shares + share, so no two units
- * write the same memory (except dz, where each share adds only the rows of its own query blocks).
+ * write the same memory (dz has no slots: each share writes the rows of its own query blocks).
  * Pass 3 sums the shares, row range by row range.
  */
 export interface BackwardJob {
@@ -96,12 +96,8 @@ export function finishQueryRows(job: BackwardJob, rows: RowRange): void {
   for (let row = rows.start; row < rows.end; row++) {
     const head = Math.floor(row / N);
     const firstSlotRow = row + head * (shares - 1) * N;
-    let den = 0;
-    let betaDen = 0;
-    for (let s = 0; s < shares; s++) {
-      den += job.den[firstSlotRow + s * N]!;
-      betaDen += job.betaDen[firstSlotRow + s * N]!;
-    }
+    const den = sumOverShares(job.den, firstSlotRow, shares, N);
+    const betaDen = sumOverShares(job.betaDen, firstSlotRow, shares, N);
     const base = row * D;
     const scale = sigma[row]!;
     let dot = 0;
