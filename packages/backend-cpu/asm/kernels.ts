@@ -109,6 +109,29 @@ export function heapBase(): usize {
 }
 
 /**
+ * The end of the run of degree-2 features x_a·x_b that starts at f (first factor a), before f1:
+ * core's layout lists them with b ≥ a in order, so that the kernels below keep x_a (or its
+ * gradient row) in registers over the run.
+ */
+@inline
+function quadraticRunEnd(table: usize, f: i32, f1: i32, a: u32): i32 {
+  let end = f + 1;
+  while (
+    end < f1 &&
+    load<i32>(table + (<usize>end << 3)) == 2 &&
+    (load<u32>(table + (<usize>end << 3), 4) & 255) == a
+  )
+    end++;
+  return end;
+}
+
+/** The second factor's coordinate of feature g (its packed indices, one per byte). */
+@inline
+function secondFactor(table: usize, g: i32): usize {
+  return <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255);
+}
+
+/**
  * Monomial features, feature-major: out[f - f0][j] = Π_t src[idx_t(f)][j] for j < 4·n4, where the
  * table holds (degree, packed indices) per feature, one index per byte, degree 0 giving 1.
  */
@@ -142,13 +165,7 @@ export function features(
     } else if (degree == 2) {
       // A run of x_a·x_b sharing a (core's layout lists b ≥ a in order): x_a loaded once per run.
       const a = packed & 255;
-      let end = f + 1;
-      while (
-        end < f1 &&
-        load<i32>(table + (<usize>end << 3)) == 2 &&
-        (load<u32>(table + (<usize>end << 3), 4) & 255) == a
-      )
-        end++;
+      const end = quadraticRunEnd(table, f, f1, a);
       const outRow = <usize>ldOut << 2;
       let j = 0;
       for (; j + 4 <= n4; j += 4) {
@@ -159,7 +176,7 @@ export function features(
         const xa3 = v128.load(r0 + o, 48);
         let to = dst + o;
         for (let g = f; g < end; g++) {
-          const rb = src + <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes + o;
+          const rb = src + secondFactor(table, g) * rowBytes + o;
           v128.store(to, f32x4.mul(xa0, v128.load(rb)));
           v128.store(to, f32x4.mul(xa1, v128.load(rb, 16)), 16);
           v128.store(to, f32x4.mul(xa2, v128.load(rb, 32)), 32);
@@ -172,7 +189,7 @@ export function features(
         const xa = v128.load(r0 + o);
         let to = dst + o;
         for (let g = f; g < end; g++) {
-          const rb = src + <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes + o;
+          const rb = src + secondFactor(table, g) * rowBytes + o;
           v128.store(to, f32x4.mul(xa, v128.load(rb)));
           to += outRow;
         }
@@ -643,13 +660,7 @@ function gradientOfFeatures(
     const packed = load<u32>(table + (<usize>f << 3), 4);
     if (degree == 2) {
       const a = packed & 255;
-      let end = f + 1;
-      while (
-        end < f1 &&
-        load<i32>(table + (<usize>end << 3)) == 2 &&
-        (load<u32>(table + (<usize>end << 3), 4) & 255) == a
-      )
-        end++;
+      const end = quadraticRunEnd(table, f, f1, a);
       quadraticRun(h + <usize>(f - f0) * hRow, hRow, constant, table, f, end, src, rowBytes, n4, out, <usize>a * rowBytes);
       f = end;
       continue;
@@ -702,7 +713,7 @@ function quadraticRun(
     let acc3 = v128.load(out + oa + c, 48);
     let row = hp + c;
     for (let g = f; g < end; g++) {
-      const ob = <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes;
+      const ob = secondFactor(table, g) * rowBytes;
       let h0: v128;
       let h1: v128;
       let h2: v128;
@@ -748,7 +759,7 @@ function quadraticRun(
     let acc = v128.load(out + oa + c);
     let row = hp + c;
     for (let g = f; g < end; g++) {
-      const ob = <usize>((load<u32>(table + (<usize>g << 3), 4) >> 8) & 255) * rowBytes;
+      const ob = secondFactor(table, g) * rowBytes;
       const hv = constant != 0 ? f32x4.splat(load<f32>(constant + (<usize>g << 2))) : v128.load(row);
       if (ob == oa) {
         acc = madd(hv, xa, madd(hv, xa, acc));

@@ -17,8 +17,8 @@ import { type BackwardJob, backwardHead, backwardUnit, type FinishRange } from '
 /**
  * The call's arrays in the backend's reused shared staging (staging.ts: fresh memory costs page
  * faults on first touch, more than the arithmetic done on it). Float64 arrays are views of float32
- * staging of twice the length. They hold the previous call's values: whatever is accumulated into
- * is cleared explicitly.
+ * staging of twice the length. They hold the previous call's values: each pass writes every element
+ * of what it produces (backward-engine.ts, worker.ts), so nothing is cleared.
  */
 function stagedF32(staging: SharedStaging, role: string, length: number): Float32Array {
   return staging.take(`backward.${role}`, length);
