@@ -811,11 +811,14 @@ export function transpose(src: usize, ldSrc: i32, rows: i32, cols: i32, dst: usi
 
 /**
  * Rows [0, n) of a row-major n × d block (rows d floats apart): subtracts each row's mean in place
- * when `centered`, and writes the row's (centered) Euclidean norm to norms[t].
+ * when `centered`, and writes the row's (centered) Euclidean norm to norms[t]. Returns the number
+ * of rows whose norm is not finite: every row holding a NaN or an infinity (the input check the
+ * engine does for free), and finite rows whose squared norm overflows.
  */
-export function centerRows(src: usize, n: i32, d: i32, centered: i32, norms: usize): void {
+export function centerRows(src: usize, n: i32, d: i32, centered: i32, norms: usize): i32 {
   const d4 = d & ~3;
   const rowBytes = <usize>d << 2;
+  let nonFinite = 0;
   for (let t = 0; t < n; t++) {
     const row = src + <usize>t * rowBytes;
     if (centered) {
@@ -846,8 +849,11 @@ export function centerRows(src: usize, n: i32, d: i32, centered: i32, norms: usi
       const x = load<f32>(row + (<usize>k << 2));
       total += x * x;
     }
-    store<f32>(norms + (<usize>t << 2), Mathf.sqrt(total));
+    const norm = Mathf.sqrt(total);
+    if (!(norm < Infinity)) nonFinite++;
+    store<f32>(norms + (<usize>t << 2), norm);
   }
+  return nonFinite;
 }
 
 /**
@@ -904,10 +910,13 @@ export function transposeScaled(src: usize, n: i32, d: i32, factors: usize, dst:
 /**
  * Value rows into 8-column panels: panel p row t = src[t][c0 + 8p .. c0 + 8p + 8), zero past c1.
  * src rows are dv floats apart; panels are panelFloats floats apart; nc (a multiple of 8) columns.
+ * Returns 1 when a packed value is NaN or infinite (x − x is 0 for every finite x), else 0.
  */
-export function packPanels(src: usize, n: i32, dv: i32, c0: i32, c1: i32, nc: i32, dst: usize, panelFloats: i32): void {
+export function packPanels(src: usize, n: i32, dv: i32, c0: i32, c1: i32, nc: i32, dst: usize, panelFloats: i32): i32 {
   const rowBytes = <usize>dv << 2;
   const panelBytes = <usize>panelFloats << 2;
+  let check = f32x4.splat(0);
+  let checkTail: f32 = 0;
   for (let c = 0; c < nc; c += 8) {
     const panel = dst + <usize>(c >> 3) * panelBytes;
     const first = c0 + c;
@@ -915,8 +924,11 @@ export function packPanels(src: usize, n: i32, dv: i32, c0: i32, c1: i32, nc: i3
       for (let t = 0; t < n; t++) {
         const from = src + <usize>t * rowBytes + (<usize>first << 2);
         const to = panel + (<usize>t << 5);
-        v128.store(to, v128.load(from));
-        v128.store(to, v128.load(from, 16), 16);
+        const a = v128.load(from);
+        const b = v128.load(from, 16);
+        check = f32x4.add(check, f32x4.add(f32x4.sub(a, a), f32x4.sub(b, b)));
+        v128.store(to, a);
+        v128.store(to, b, 16);
       }
     } else {
       for (let t = 0; t < n; t++) {
@@ -924,11 +936,14 @@ export function packPanels(src: usize, n: i32, dv: i32, c0: i32, c1: i32, nc: i3
         const to = panel + (<usize>t << 5);
         for (let lane = 0; lane < 8; lane++) {
           const col = first + lane;
-          store<f32>(to + (<usize>lane << 2), col < c1 ? load<f32>(from + (<usize>col << 2)) : 0);
+          const x: f32 = col < c1 ? load<f32>(from + (<usize>col << 2)) : 0;
+          checkTail += x - x;
+          store<f32>(to + (<usize>lane << 2), x);
         }
       }
     }
   }
+  return v128.any_true(f32x4.ne(check, f32x4.splat(0))) || checkTail != 0 ? 1 : 0;
 }
 
 /**

@@ -1,4 +1,5 @@
 import {
+  type AttentionShape,
   type Availability,
   type BackendCapabilities,
   type BackendState,
@@ -29,6 +30,7 @@ import {
   Engine,
   type HeadState,
   kvHeadSlot,
+  MAX_CHUNK,
   type NormalizationSpec,
   type RowRange,
   type WorkUnit,
@@ -36,7 +38,7 @@ import {
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
 import { WorkerPool, workerFactory } from './pool.js';
 import { kernelSetup } from './setup.js';
-import { SharedStaging, touchedFloat32 } from './staging.js';
+import { FLOATS_PER_PAGE, firstTouchMs, SharedStaging, touchedFloat32, touchPages } from './staging.js';
 
 /** The CPU backend: a `FastmaxBackend` that can also say how many threads it computes with. */
 export interface CpuBackend extends FastmaxBackend {
@@ -155,12 +157,15 @@ const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
 /**
  * Splits the (batch, head) pairs into work units, grouped in a few batches per thread so idle
  * workers keep finding work. With fewer pairs than threads, each head is split into `shares` units
- * by features (see AttentionJob.shares).
+ * (see AttentionJob.shares). `skipLast`: the last share of head 0 is left out (the calling thread
+ * runs it).
  */
-function planUnits(heads: number, threads: number, shares: number): WorkUnit[][] {
+function planUnits(heads: number, threads: number, shares: number, skipLast = false): WorkUnit[][] {
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) {
-    for (let share = 0; share < shares; share++) units.push({ head, share });
+    for (let share = 0; share < shares; share++) {
+      if (!(skipLast && head === 0 && share === shares - 1)) units.push({ head, share });
+    }
   }
   const batchCount = Math.min(units.length, threads * 4);
   const size = Math.ceil(units.length / Math.max(1, batchCount));
@@ -195,9 +200,36 @@ const MIN_FEATURES_FOR_FEATURE_SPLIT = 256;
 const PREPARATION_COST = 40;
 
 /**
+ * Cost of one float of the calling thread's own work in a split by queries, in the same units:
+ * copying an output row the workers wrote into the caller's array runs at about 0.45 ns a float on
+ * the machine that measured PREPARATION_COST, where a multiply-add of the p = 1 forward costs about
+ * 0.04 ns.
+ */
+const CALLER_FLOAT_COST = 10;
+
+/**
+ * A worker's share runs this much slower than the same work in the calling thread, which reads the
+ * caller's arrays where the worker reads staged shared copies that another core just wrote
+ * (measured on the p = 1 causal forward at N = 16384: 0.85 against 0.76 µs a query row).
+ */
+const STAGED_SLOWDOWN = 1.12;
+
+/** One unit of the cost model above in nanoseconds, on the machine that measured it. */
+const COST_UNIT_NS = 0.042;
+
+/**
+ * Pages of a new output timed on first touch (firstTouchMs), and the time per page above which
+ * some are fresh from the system and the calling thread touches them all up front.
+ */
+const PROBED_PAGES = 32;
+const FRESH_PAGE_MS = 0.002;
+
+/**
  * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
  * `prefixCost` per key before its first query (building the state it starts from) plus `queryCost`
- * per query it answers; the boundaries make those totals equal.
+ * per query it answers, the last share `lastShareExtra` more (the calling thread's own duties)
+ * and the others `workerFactor` times their cost (see STAGED_SLOWDOWN); the boundaries make those
+ * totals equal.
  */
 function sequenceBounds(
   rows: number,
@@ -205,17 +237,22 @@ function sequenceBounds(
   chunk: number,
   queryCost: number,
   prefixCost: number,
+  lastShareExtra: number,
+  workerFactor: number,
 ): Int32Array {
   const endFor = (budget: number): number[] => {
     const bounds = [0];
     for (let s = 0; s < shares; s++) {
       const start = bounds[s]!;
-      bounds.push(start + Math.max(0, budget - prefixCost * start) / queryCost);
+      const last = s === shares - 1;
+      const factor = last ? 1 : workerFactor;
+      const extra = last ? lastShareExtra : 0;
+      bounds.push(start + Math.max(0, budget / factor - extra - prefixCost * start) / queryCost);
     }
     return bounds;
   };
   let low = 0;
-  let high = queryCost * rows;
+  let high = ((queryCost + prefixCost) * rows + lastShareExtra) * Math.max(1, workerFactor);
   for (let step = 0; step < 60; step++) {
     const middle = (low + high) / 2;
     if (endFor(middle)[shares]! < rows) low = middle;
@@ -291,7 +328,13 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     if (disposed) throw new FastmaxError('DISPOSED', 'the CPU backend was disposed', { argument: 'backend' });
   };
 
-  const backend: CpuBackend & { readonly poolForTesting: () => Promise<WorkerPool | null> } = {
+  // Tests replace the first-touch probe to take both sides of the decision it feeds.
+  let probeFirstTouch = (array: Float32Array): number => firstTouchMs(array, PROBED_PAGES);
+
+  const backend: CpuBackend & {
+    readonly poolForTesting: () => Promise<WorkerPool | null>;
+    readonly setFirstTouchProbeForTesting: (probe: (array: Float32Array) => number) => void;
+  } = {
     name: 'cpu',
     specVersion: SPEC_VERSION,
     capabilities: CAPABILITIES,
@@ -339,19 +382,38 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const shares =
         workers !== null && factorized ? featureShares(heads, threadCount, setup.paddedFeatures) : 1;
       const D = shape.headDim;
-      const queryBounds =
-        shares > 1 && resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT
-          ? sequenceBounds(
-              N,
-              shares,
-              chunkSize,
-              2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv),
-              plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv),
-            )
-          : null;
+      const bySequence = shares > 1 && resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
+      // With one head split by queries, the calling thread answers the last share itself: from the
+      // caller's arrays into the caller's output, so only the rows before that share are staged for
+      // the workers. Its other duties (scanning the inputs, copying the workers' rows out) count
+      // against that share.
+      const callerShare = bySequence && heads === 1;
+      const outLength = B * H * N * Dv;
+      const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
+      // The caller's output, allocated first when the calling thread takes a share: whether its
+      // pages are fresh from the system (a page fault each on first touch, 11 µs on the VMs we
+      // measure: 13 ms for 4 MiB, as much as the rest of a p = 1 call) decides how much of the
+      // work that thread can take, so a few pages are timed and all of them priced alike.
+      const callerOutput = callerShare && stagedOutput ? allocate(() => new Float32Array(outLength)) : null;
+      const probeMs = callerOutput === null ? 0 : probeFirstTouch(callerOutput);
+      const untouchedPages = Math.ceil(outLength / FLOATS_PER_PAGE);
+      const callerExtra = callerShare
+        ? (CALLER_FLOAT_COST * N * Dv * (shares - 1)) / shares +
+          (untouchedPages * probeMs * 1e6) / COST_UNIT_NS
+        : 0;
+      const queryBounds = bySequence
+        ? sequenceBounds(
+            N,
+            shares,
+            chunkSize,
+            2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv),
+            plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv),
+            callerExtra,
+            callerShare ? STAGED_SLOWDOWN : 1,
+          )
+        : null;
       // Feature shares leave partial sums to be combined; query shares write finished rows.
       const combined = shares > 1 && queryBounds === null;
-      const outLength = B * H * N * Dv;
       const common = {
         batch: B,
         heads: H,
@@ -369,15 +431,18 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         chunkSize,
         setup,
       };
-      const scanInputs = (): void => {
+      // The kernels flag the rows they load that hold a NaN or an infinity (Engine.nonFiniteInputs):
+      // a call fails after its run when they flagged one, or when a key row no query reads (past
+      // a batch's valid length) holds one; core's checkFinite then names the first bad value.
+      const failOnNonFinite = (flaggedRows: number): void => {
         if (!resolved.checkFinite) return;
+        if (flaggedRows === 0 && !unreadKeysNonFinite(k.data, v.data, shape, validKeys)) return;
         checkFinite(q, 'q');
         checkFinite(k, 'k');
         checkFinite(v, 'v');
       };
       // A single unit runs in the calling thread, without copies to shared memory.
       if (workers === null || heads * shares === 1) {
-        scanInputs();
         const job: AttentionJob = {
           ...common,
           ...allocate(() => ({ q: q.data, k: k.data, v: v.data, out: new Float32Array(outLength) })),
@@ -388,24 +453,35 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         };
         const local = await engine();
         let degenerateRows = 0;
+        local.nonFiniteInputs = 0;
         try {
           for (let head = 0; head < heads; head++) degenerateRows += local.runUnit(job, { head });
         } catch (error) {
           throw wrapEngineError(error);
         }
+        failOnNonFinite(local.nonFiniteInputs);
         return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
       }
       return staging.exclusive(async () => {
         // Everything the workers touch lives in the reused staging; the caller's output is a plain
         // array filled by one copy at the end. Fresh shared memory would save that copy but costs
         // its page faults on every call, where freed plain arrays are recycled.
-        const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
+        // Rows the workers answer when the calling thread takes the last share (the queries before
+        // it), and the rows they read: those queries, and the keys they see plus a scan window
+        // (prefix-max-norm reads key norms a block ahead); max-norm's whole-head maxima read all.
+        const workerRows = callerShare ? queryBounds![shares - 1]! : N;
+        // Floats of q, and rows of k and v, to stage (callerShare means one head; else everything).
+        const readsAll = workerRows === N || resolved.normalization.kind === 'max-norm';
+        const stagedQueries = readsAll ? q.data.length : workerRows * D;
+        const stagedKeys = readsAll
+          ? shape.keyLength * shape.kvHeads * B
+          : Math.min(shape.keyLength, workerRows + Math.max(0, shape.keyLength - N) + MAX_CHUNK);
         const job: AttentionJob = {
           ...common,
           ...allocate(() => ({
-            q: staging.input('q', q.data),
-            k: staging.input('k', k.data),
-            v: staging.input('v', v.data),
+            q: staging.input('q', q.data, stagedQueries),
+            k: staging.input('k', k.data, stagedKeys * D),
+            v: staging.input('v', v.data, stagedKeys * Dv),
             out: stagedOutput
               ? staging.take('out', outLength)
               : new Float32Array(new SharedArrayBuffer(outLength * 4)),
@@ -415,16 +491,43 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           shares,
           queryBounds,
         };
-        // While the workers compute, the calling thread scans the inputs (their copies are already
-        // staged; a non-finite value fails the call when the run ends) and touches every page of
-        // the caller's output array.
+        if (callerShare) {
+          // The calling thread touches the output's pages where they are fresh, then computes the
+          // last share into the caller's array while the workers compute the others (with fresh
+          // pages that share may be empty); their rows are copied in after.
+          const local = await engine();
+          const output = callerOutput ?? job.out;
+          const callerRows = N - workerRows;
+          let callerDegenerate = 0;
+          local.nonFiniteInputs = 0;
+          const totals = await workers.run(job, planUnits(heads, threadCount, shares, true), () => {
+            if (callerOutput !== null && probeMs > FRESH_PAGE_MS) touchPages(callerOutput);
+            if (callerRows === 0) return;
+            const callerJob: AttentionJob = { ...job, q: q.data, k: k.data, v: v.data, out: output };
+            try {
+              callerDegenerate = local.runUnit(callerJob, { head: 0, share: shares - 1 });
+            } catch (error) {
+              throw wrapEngineError(error);
+            }
+          });
+          failOnNonFinite(local.nonFiniteInputs + totals.nonFiniteInputs);
+          if (output !== job.out) output.set(job.out.subarray(0, workerRows * Dv));
+          return {
+            output: { shape: [B, H, N, Dv], data: output },
+            degenerateRows: callerDegenerate + totals.degenerate,
+          };
+        }
+        // While the workers compute, the calling thread touches every page of the caller's
+        // output array.
         const prepared: { output: Float32Array | null } = { output: null };
-        let degenerateRows = await workers.run(job, planUnits(heads, threadCount, shares), () => {
-          scanInputs();
+        const totals = await workers.run(job, planUnits(heads, threadCount, shares), () => {
           if (!stagedOutput) return;
           prepared.output = allocate(() => touchedFloat32(outLength));
         });
-        if (combined) degenerateRows += await workers.combine(job, rowRanges(heads * N, threadCount));
+        failOnNonFinite(totals.nonFiniteInputs);
+        let degenerateRows = totals.degenerate;
+        if (combined)
+          degenerateRows += (await workers.combine(job, rowRanges(heads * N, threadCount))).degenerate;
         const output = prepared.output;
         if (output === null) return { output: { shape: [B, H, N, Dv], data: job.out }, degenerateRows };
         output.set(job.out);
@@ -494,6 +597,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     },
 
     poolForTesting: () => pool(),
+    setFirstTouchProbeForTesting: (probe) => {
+      probeFirstTouch = probe;
+    },
   };
   return backend;
 }
@@ -515,6 +621,34 @@ function allocate<T>(make: () => T): T {
       },
     );
   }
+}
+
+/**
+ * Whether a key or value row that no query reads (rows past a batch's valid length, which the
+ * kernels never load) holds a NaN or an infinity.
+ */
+function unreadKeysNonFinite(
+  k: Float32Array,
+  v: Float32Array,
+  shape: AttentionShape,
+  validKeys: Int32Array,
+): boolean {
+  const { keyLength: M, kvHeads, headDim: D, valueDim: Dv } = shape;
+  for (let b = 0; b < shape.batch; b++) {
+    if (validKeys[b]! >= M) continue;
+    for (let h = 0; h < kvHeads; h++) {
+      const head = b * kvHeads + h;
+      for (const [data, width] of [
+        [k, D],
+        [v, Dv],
+      ] as const) {
+        for (let i = (head * M + validKeys[b]!) * width; i < (head + 1) * M * width; i++) {
+          if (data[i]! - data[i]! !== 0) return true;
+        }
+      }
+    }
+  }
+  return false;
 }
 
 function wrapEngineError(error: unknown): FastmaxError {

@@ -266,6 +266,12 @@ export interface PartialTarget {
 }
 
 export class Engine {
+  /**
+   * Input rows loaded since this was last set to 0 whose values include a NaN or an infinity (query
+   * and key rows whose norm is not finite, value blocks the packing found one in): the non-finite
+   * check costs the kernels next to nothing; the caller names the bad value (core's checkFinite).
+   */
+  nonFiniteInputs = 0;
   private readonly exports: KernelExports;
   private layout: Layout | null = null;
   private buffers: Buffers | null = null;
@@ -539,7 +545,7 @@ export class Engine {
   ): Float32Array {
     this.refreshViews();
     this.f32.set(data.subarray(base + first * dim, base + (first + n) * dim), raw >> 2);
-    this.exports.centerRows(raw, n, dim, centered ? 1 : 0, norms);
+    this.nonFiniteInputs += this.exports.centerRows(raw, n, dim, centered ? 1 : 0, norms);
     return this.f32;
   }
 
@@ -623,7 +629,7 @@ export class Engine {
       ex.transposeScaled(raw, count, D, b.kFactors, b.yT, keyLd, roundUp(count, 8));
       const Dv = view.valueDim;
       f32.set(view.v.subarray(view.vBase + local * Dv, view.vBase + (local + count) * Dv), b.vRaw >> 2);
-      ex.packPanels(b.vRaw, count, Dv, 0, Dv, W, b.vPanels, vPanel >> 2);
+      this.nonFiniteInputs += ex.packPanels(b.vRaw, count, Dv, 0, Dv, W, b.vPanels, vPanel >> 2);
     };
 
     // Adds keys [state.keys, end) to the moment state.

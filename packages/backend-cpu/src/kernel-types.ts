@@ -80,7 +80,8 @@ export interface KernelExports {
     limits: number,
     bounded: number,
   ): void;
-  centerRows(src: number, n: number, d: number, centered: number, norms: number): void;
+  /** Returns the rows whose norm is not finite (a NaN or an infinity in the row, or overflow). */
+  centerRows(src: number, n: number, d: number, centered: number, norms: number): number;
   transposeScaled(
     src: number,
     n: number,
@@ -99,7 +100,7 @@ export interface KernelExports {
     nc: number,
     dst: number,
     panelFloats: number,
-  ): void;
+  ): number;
   normalizeRows(o: number, ldO: number, den: number, rows: number, width: number, dst: number): number;
 }
 

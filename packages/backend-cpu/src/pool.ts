@@ -20,10 +20,16 @@ interface WorkerEvents {
 
 type WorkerFactory = (events: WorkerEvents) => PortableWorker;
 
+/** What a run's units report, summed: degenerate rows, and input rows with NaN or infinite values. */
+export interface RunTotals {
+  readonly degenerate: number;
+  readonly nonFiniteInputs: number;
+}
+
 interface Slot {
   worker: PortableWorker;
   /** Resolves or rejects the unit batch in flight, if any. */
-  task: { resolve: (degenerate: number) => void; reject: (error: Error) => void } | null;
+  task: { resolve: (totals: RunTotals) => void; reject: (error: Error) => void } | null;
   /** Bumped when the worker is replaced, so events of a dead worker are ignored. */
   generation: number;
 }
@@ -122,7 +128,7 @@ export class WorkerPool {
               },
             ),
           );
-        } else task.resolve(reply.degenerate);
+        } else task.resolve({ degenerate: reply.degenerate, nonFiniteInputs: reply.nonFiniteInputs });
       },
       died: (reason) => {
         if (slot.generation !== generation) return;
@@ -143,12 +149,16 @@ export class WorkerPool {
    * otherwise leave a core idle before or after them); if it throws, the run still finishes (the
    * workers are using the job's memory) and then rejects with that error.
    */
-  run(job: AttentionJob, batches: readonly (readonly WorkUnit[])[], alongside?: () => void): Promise<number> {
+  run(
+    job: AttentionJob,
+    batches: readonly (readonly WorkUnit[])[],
+    alongside?: () => void,
+  ): Promise<RunTotals> {
     return this.enqueue((id, units) => ({ type: 'run', id, job, units }), batches, alongside);
   }
 
   /** Finishes a feature-split forward (`combineShares`), one range of rows per worker. */
-  combine(job: AttentionJob, ranges: readonly RowRange[]): Promise<number> {
+  combine(job: AttentionJob, ranges: readonly RowRange[]): Promise<RunTotals> {
     return this.enqueue(
       (id, units) => ({ type: 'combine', id, job, units }),
       ranges.map((range) => [range]),
@@ -160,7 +170,7 @@ export class WorkerPool {
     job: BackwardJob,
     batches: readonly (readonly BackwardUnit[])[],
     alongside?: () => void,
-  ): Promise<number> {
+  ): Promise<RunTotals> {
     return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches, alongside);
   }
 
@@ -168,7 +178,7 @@ export class WorkerPool {
     request: (id: number, units: readonly Unit[]) => WorkerRequest,
     batches: readonly (readonly Unit[])[],
     alongside?: () => void,
-  ): Promise<number> {
+  ): Promise<RunTotals> {
     const result = this.tail.then(() => this.execute(request, batches, alongside));
     this.tail = result.catch(() => {});
     return result;
@@ -178,19 +188,20 @@ export class WorkerPool {
     request: (id: number, units: readonly Unit[]) => WorkerRequest,
     batches: readonly (readonly Unit[])[],
     alongside?: () => void,
-  ): Promise<number> {
+  ): Promise<RunTotals> {
     if (this.disposed) return Promise.reject(new FastmaxError('DISPOSED', 'the CPU backend was disposed'));
     return new Promise((resolve, reject) => {
       let next = 0;
       let pending = 0;
-      let total = 0;
+      let degenerate = 0;
+      let nonFiniteInputs = 0;
       let failed = false;
       // Settling waits for `alongside` too, whose error (if any) wins over the workers' result.
       let alongsideDone = false;
       let alongsideError: { error: unknown } | null = null;
       const settleIfDone = (): void => {
         if (failed || pending !== 0 || next < batches.length || !alongsideDone) return;
-        if (alongsideError === null) resolve(total);
+        if (alongsideError === null) resolve({ degenerate, nonFiniteInputs });
         else reject(alongsideError.error);
       };
       const feed = (slot: Slot): void => {
@@ -202,9 +213,10 @@ export class WorkerPool {
         const id = this.nextId++;
         pending++;
         slot.task = {
-          resolve: (degenerate) => {
+          resolve: (totals) => {
             pending--;
-            total += degenerate;
+            degenerate += totals.degenerate;
+            nonFiniteInputs += totals.nonFiniteInputs;
             feed(slot);
           },
           reject: (error) => {

@@ -218,9 +218,12 @@ export type WorkerRequest =
       readonly units: readonly BackwardUnit[];
     };
 
-/** Replies of a worker: degenerate rows of the units, or why they failed. */
+/**
+ * Replies of a worker: degenerate rows of the units and the input rows the kernels found NaN or
+ * infinite values in (forward runs; see Engine.nonFiniteInputs), or why they failed.
+ */
 export type WorkerReply =
-  | { readonly id: number; readonly degenerate: number }
+  | { readonly id: number; readonly degenerate: number; readonly nonFiniteInputs: number }
   | { readonly id: number; readonly error: string; readonly memory: boolean };
 
 export function serveWorker(post: (reply: WorkerReply) => void): (request: WorkerRequest) => void {
@@ -235,9 +238,12 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
     try {
       if (module === null) throw new Error('worker used before init');
       let degenerate = 0;
+      let nonFiniteInputs = 0;
       if (request.type === 'run') {
         forward ??= new Engine(module);
+        forward.nonFiniteInputs = 0;
         for (const unit of request.units) degenerate += forward.runUnit(request.job, unit);
+        nonFiniteInputs = forward.nonFiniteInputs;
       } else if (request.type === 'combine') {
         for (const rows of request.units) degenerate += combineShares(request.job, rows);
       } else {
@@ -246,7 +252,7 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
         backward.prepare(job.setup, job.valueDim, job.chunkSize);
         for (const unit of request.units) backwardUnit(backward, job, unit);
       }
-      post({ id: request.id, degenerate });
+      post({ id: request.id, degenerate, nonFiniteInputs });
     } catch (error) {
       const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
       post({ id: request.id, error: text, memory: error instanceof RangeError });

@@ -153,6 +153,42 @@ describe('threads', () => {
     });
   }
 
+  // One head split by queries: the calling thread answers the last share from the caller's arrays
+  // and only the rows before it are staged for the workers, so staging left over from an earlier,
+  // larger call holds stale rows past them, which no worker may read. With fresh output pages (the
+  // probe says 1 ms a page) the calling thread takes no rows at all.
+  for (const normalization of ['prefix-max-norm', 'max-norm', 'l2', { scale: 0.3 }] as const) {
+    for (const probe of ['recycled', 'fresh'] as const) {
+      const label = typeof normalization === 'string' ? normalization : 'scale';
+      it(`answers the last query share in the calling thread over stale staging (${label}, ${probe} output pages)`, async () => {
+        const split = cpuBackend({ threads: 2, parallelThreshold: 0 });
+        (
+          split as typeof split & { setFirstTouchProbeForTesting(p: () => number): void }
+        ).setFirstTouchProbeForTesting(() => (probe === 'fresh' ? 1 : 0));
+        const parallel = await createFastmax({ backend: split });
+        const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+        const options: FastmaxOptions = { order: 1, causal: true, chunkSize: 16, normalization };
+        const large = tensor([1, 1, 900, 16], 51, 40);
+        await parallel.attention(large, large, large, options);
+        const N = 700;
+        const q = tensor([1, 1, N, 16], 52);
+        const k = tensor([1, 1, N + 9, 16], 53);
+        const v = tensor([1, 1, N + 9, 12], 54);
+        const a = await parallel.attention(q, k, v, options);
+        const b = await serial.attention(q, k, v, options);
+        const x = (a.output as HostTensor).data;
+        const y = (b.output as HostTensor).data;
+        let error = 0;
+        for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
+        expect(error).toBeLessThan(1e-5);
+        const reference = referenceAttention(q, k, v, options);
+        expect(relativeError(x, reference.output)).toBeLessThan(1e-5);
+        await serial.dispose();
+        await parallel.dispose();
+      });
+    }
+  }
+
   it('hands an output above 64 MiB over in the shared memory the workers wrote, equal to one thread', async () => {
     // 240000 × 72 floats = 69 MB: staged, it would be copied out and doubled; small D keeps it fast.
     const N = 240000;
@@ -276,6 +312,52 @@ describe('threads', () => {
     const unchecked = await fm.attention(q, k, v, { order: 2, causal: true, checkFinite: false });
     expect(unchecked.output.shape).toEqual([1, 2, 600, 16]);
   });
+
+  // The kernels flag the rows they load that hold a NaN or an infinity; core's checkFinite then
+  // names the value. Every way a call is laid out loads every row once at least: one thread, whole
+  // heads, one head split by features, one head split by queries (a worker's rows and the calling
+  // thread's). Key rows past a batch's valid length are never loaded and are scanned apart.
+  const layouts: [string, ReturnType<typeof cpuBackend>, FastmaxOptions, Shape4][] = [
+    ['one thread', cpuBackend({ threads: 1 }), { order: 1, causal: true }, [1, 1, 300, 16]],
+    ['whole heads', backend, { order: 2, causal: false }, [1, 2, 300, 16]],
+    ['split by features', backend, { order: 2, causal: true, path: 'factorized' }, [1, 1, 300, 32]],
+    ['split by queries', backend, { order: 1, causal: true, chunkSize: 16 }, [1, 1, 300, 16]],
+    ['padded keys', backend, { order: 1, causal: false, keyLengths: [250] }, [1, 1, 300, 16]],
+  ];
+  for (const [layout, owner, options, shape] of layouts) {
+    it(`refuses NaN and infinities the kernels meet, naming the value (${layout})`, async () => {
+      const fm = await createFastmax({ backend: owner });
+      const q = tensor(shape, 61);
+      const k = tensor(shape, 62);
+      const v = tensor(shape, 63);
+      const row = shape[3];
+      const last = q.data.length - 1;
+      const cases: [HostTensor, number, string, number][] = [
+        [q, 3 * row + 2, 'q', Number.NaN],
+        [q, last, 'q', Number.POSITIVE_INFINITY],
+        [k, 5, 'k', Number.NEGATIVE_INFINITY],
+        [k, last - row, 'k', Number.NaN],
+        [v, 0, 'v', Number.NaN],
+        [v, last, 'v', Number.POSITIVE_INFINITY],
+      ];
+      for (const [target, index, name, bad] of cases) {
+        const saved = target.data[index]!;
+        target.data[index] = bad;
+        const error = await fm.attention(q, k, v, options).then(
+          () => null,
+          (e: unknown) => e,
+        );
+        target.data[index] = saved;
+        expect(isFastmaxError(error, 'NON_FINITE_INPUT'), `${name}[${index}] = ${bad}`).toBe(true);
+        expect((error as { argument?: string }).argument).toBe(`${name}.data[${index}]`);
+      }
+      // Finite values whose squared norm overflows float32 make the kernels flag their row; core's
+      // scan then finds nothing to name, and the call goes on.
+      const huge = tensor(shape, 64, 1e25);
+      await expect(fm.attention(huge, k, v, options)).resolves.toBeDefined();
+      if (owner !== backend) await owner.dispose();
+    });
+  }
 
   it('reports a crashed worker as BACKEND_ERROR and recovers', async () => {
     const pool = await (
