@@ -76,7 +76,17 @@ export interface AttentionJob {
    * would have built), and writes finished rows. Null: the feature split.
    */
   readonly queryBounds: Int32Array | null;
+  /**
+   * Staging that goes on while the workers run (one head): [QUERY_ROWS] query rows and [KEY_ROWS]
+   * key and value rows copied so far, raised by the calling thread with Atomics.notify; a worker
+   * waits (Atomics.wait) before it reads past them. Null: everything was staged before the run.
+   */
+  readonly stagedRows: Int32Array | null;
 }
+
+/** Cells of AttentionJob.stagedRows. */
+export const QUERY_ROWS = 0;
+export const KEY_ROWS = 1;
 
 /**
  * One piece of work: a (batch, head) pair, and which of the head's shares it is when a head is
@@ -273,6 +283,8 @@ export class Engine {
    */
   nonFiniteInputs = 0;
   private readonly exports: KernelExports;
+  /** The running call's AttentionJob.stagedRows. */
+  private stagedRows: Int32Array | null = null;
   private layout: Layout | null = null;
   private buffers: Buffers | null = null;
   private setup: KernelSetup | null = null;
@@ -411,6 +423,7 @@ export class Engine {
     const kvHead = kvHeadSlot(unit.head, H, Hkv);
     this.prepare(job.setup, Dv, job.chunkSize, 1, Dv);
     this.clearState(0);
+    this.stagedRows = job.stagedRows;
     const share = unit.share ?? 0;
     const bySequence = job.queryBounds !== null;
     // Feature shares of this unit: all of them when the head is split by queries.
@@ -466,7 +479,7 @@ export class Engine {
       // prefix-max-norm's running query maximum over the rows before this share's first chunk;
       // the key maximum and the state catch up by themselves (keyMaxUpTo and advance start at 0).
       if (job.normalization.kind === 'prefix-max-norm' && schedule.length > 0)
-        state.queryMax = this.maxCenteredNorm(view.q, view.qBase, schedule[0]!, D);
+        state.queryMax = this.maxCenteredNorm(view.q, view.qBase, schedule[0]!, D, QUERY_ROWS);
     }
     return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
   }
@@ -483,6 +496,7 @@ export class Engine {
     state: HeadState,
     slot: number,
   ): number {
+    this.stagedRows = null;
     return this.runHead(
       view,
       schedule,
@@ -505,8 +519,8 @@ export class Engine {
     view: HeadView,
   ): { queryDivisor: number; keyDivisor: number } | null {
     if (job.normalization.kind !== 'max-norm') return null;
-    const queryMax = this.maxCenteredNorm(view.q, view.qBase, view.rows, view.headDim);
-    const keyMax = this.maxCenteredNorm(view.k, view.kBase, view.valid, view.headDim);
+    const queryMax = this.maxCenteredNorm(view.q, view.qBase, view.rows, view.headDim, QUERY_ROWS);
+    const keyMax = this.maxCenteredNorm(view.k, view.kBase, view.valid, view.headDim, KEY_ROWS);
     return { queryDivisor: queryMax > 0 ? queryMax : 1, keyDivisor: keyMax > 0 ? keyMax : 1 };
   }
 
@@ -515,13 +529,19 @@ export class Engine {
    * the raw key buffer, written to the buffer at byte offset `norms` (the last block's) and reduced to
    * their maximum.
    */
-  private maxCenteredNorm(data: Float32Array, base: number, rows: number, dim: number): number {
+  private maxCenteredNorm(
+    data: Float32Array,
+    base: number,
+    rows: number,
+    dim: number,
+    cell: typeof QUERY_ROWS | typeof KEY_ROWS,
+  ): number {
     const b = this.buffers!;
     const block = Math.max(KEY_CHUNK, this.layout!.chunk);
     let max = 0;
     for (let r0 = 0; r0 < rows; r0 += block) {
       const n = Math.min(block, rows - r0);
-      const f32 = this.loadRows(data, base, r0, n, dim, b.kRaw, true, b.scanNorms);
+      const f32 = this.loadRows(data, base, r0, n, dim, b.kRaw, true, b.scanNorms, cell);
       const at = b.scanNorms >> 2;
       for (let t = 0; t < n; t++) if (f32[at + t]! > max) max = f32[at + t]!;
     }
@@ -531,7 +551,8 @@ export class Engine {
   /**
    * Copies rows [first, first + n) of `data` (rows `dim` floats apart from `base`) into WebAssembly
    * memory at byte offset `raw`, centers them there unless `centered` is false, and writes their
-   * norms at byte offset `norms`. Returns the float view of the memory.
+   * norms at byte offset `norms`. Returns the float view of the memory. `cell`: which count of
+   * AttentionJob.stagedRows the rows are staged under.
    */
   private loadRows(
     data: Float32Array,
@@ -542,11 +563,21 @@ export class Engine {
     raw: number,
     centered: boolean,
     norms: number,
+    cell: typeof QUERY_ROWS | typeof KEY_ROWS,
   ): Float32Array {
+    this.awaitStaged(cell, first + n);
     this.refreshViews();
     this.f32.set(data.subarray(base + first * dim, base + (first + n) * dim), raw >> 2);
     this.nonFiniteInputs += this.exports.centerRows(raw, n, dim, centered ? 1 : 0, norms);
     return this.f32;
+  }
+
+  /** Waits until the calling thread has staged `rows` rows under `cell` (AttentionJob.stagedRows). */
+  private awaitStaged(cell: typeof QUERY_ROWS | typeof KEY_ROWS, rows: number): void {
+    const staged = this.stagedRows;
+    if (staged === null) return;
+    for (let done = Atomics.load(staged, cell); done < rows; done = Atomics.load(staged, cell))
+      Atomics.wait(staged, cell, done);
   }
 
   private runHead(
@@ -614,7 +645,7 @@ export class Engine {
       const scanned = kind === 'prefix-max-norm' && start >= scanStart && end <= scanEnd;
       const raw = scanned ? b.scanRaw + (start - scanStart) * D * 4 : b.kRaw;
       if (scanned) this.refreshViews();
-      else this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms);
+      else this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms, KEY_ROWS);
       const f32 = this.f32;
       const norms = b.kNorms >> 2;
       const factors = b.kFactors >> 2;
@@ -668,7 +699,17 @@ export class Engine {
       for (; keysScanned < limit; keysScanned++) {
         if (keysScanned >= scanEnd) {
           const n = Math.min(keyLd, view.valid - keysScanned);
-          this.loadRows(view.k, view.kBase, keysScanned - view.keyOffset, n, D, b.scanRaw, true, b.scanNorms);
+          this.loadRows(
+            view.k,
+            view.kBase,
+            keysScanned - view.keyOffset,
+            n,
+            D,
+            b.scanRaw,
+            true,
+            b.scanNorms,
+            KEY_ROWS,
+          );
           scanStart = keysScanned;
           scanEnd = keysScanned + n;
         }
@@ -686,7 +727,7 @@ export class Engine {
         const nq = Math.min(C, chunkEnd - i0);
         const nq4 = Math.ceil(nq / 4);
         // Queries: z_i = σ_i · x_i, transposed to D × C.
-        const f32 = this.loadRows(view.q, view.qBase, i0, nq, D, b.qRaw, centered, b.qNorms);
+        const f32 = this.loadRows(view.q, view.qBase, i0, nq, D, b.qRaw, centered, b.qNorms, QUERY_ROWS);
         const norms = b.qNorms >> 2;
         const factors = b.qFactors >> 2;
         for (let r = 0; r < nq; r++) {

@@ -7,6 +7,7 @@
  */
 export class SharedStaging {
   private readonly buffers = new Map<string, Float32Array>();
+  private readonly counters = new Map<string, Int32Array>();
   /** Serializes the calls that use the staging: each one writes the same buffers. */
   private tail: Promise<unknown> = Promise.resolve();
 
@@ -28,15 +29,21 @@ export class SharedStaging {
     return created;
   }
 
-  /**
-   * `data` where the workers can read it: itself when already shared, else its first `floats`
-   * values (all by default) copied into `role`; the rest of the copy is whatever the last call left.
-   */
-  input(role: string, data: Float32Array, floats = data.length): Float32Array {
+  /** `data` where the workers can read it: itself when already shared, else copied into `role`. */
+  input(role: string, data: Float32Array): Float32Array {
     if (data.buffer instanceof SharedArrayBuffer) return data;
     const staged = this.take(role, data.length);
-    staged.set(floats >= data.length ? data : data.subarray(0, floats));
+    staged.set(data);
     return staged;
+  }
+
+  /** A shared Int32Array of `length` counters for `role` (see ProgressiveStaging), kept like the buffers. */
+  takeCounters(role: string, length: number): Int32Array {
+    const current = this.counters.get(role);
+    if (current !== undefined && current.length >= length) return current;
+    const created = new Int32Array(new SharedArrayBuffer(length * 4));
+    this.counters.set(role, created);
+    return created;
   }
 
   private trim(): void {
@@ -47,6 +54,68 @@ export class SharedStaging {
 
   release(): void {
     this.buffers.clear();
+  }
+}
+
+/**
+ * Staged copies of one head's q, k and v that the calling thread fills block by block after the
+ * workers have started (AttentionJob.stagedRows): `rows` counts the query rows and the key and
+ * value rows copied so far, and workers wait on it (Atomics.wait) before reading past them.
+ * Inputs already in shared memory are used as they are, counted as staged from the start.
+ */
+export class ProgressiveStaging {
+  readonly q: Float32Array;
+  readonly k: Float32Array;
+  readonly v: Float32Array;
+  readonly rows: Int32Array;
+
+  constructor(
+    staging: SharedStaging,
+    private readonly sourceQ: Float32Array,
+    private readonly sourceK: Float32Array,
+    private readonly sourceV: Float32Array,
+    private readonly headDim: number,
+    private readonly valueDim: number,
+  ) {
+    const shared = (data: Float32Array): boolean => data.buffer instanceof SharedArrayBuffer;
+    this.q = shared(sourceQ) ? sourceQ : staging.take('q', sourceQ.length);
+    this.k = shared(sourceK) ? sourceK : staging.take('k', sourceK.length);
+    this.v = shared(sourceV) ? sourceV : staging.take('v', sourceV.length);
+    this.rows = staging.takeCounters('rows', 2);
+    Atomics.store(this.rows, 0, 0);
+    Atomics.store(this.rows, 1, 0);
+  }
+
+  /** Copies rows [from, to) (up to `queryRows` of q and `keyRows` of k and v) and counts them. */
+  stage(from: number, to: number, queryRows: number, keyRows: number): void {
+    const copy = (target: Float32Array, source: Float32Array, width: number, limit: number): void => {
+      const end = Math.min(to, limit);
+      if (target !== source && from < end)
+        target.set(source.subarray(from * width, end * width), from * width);
+    };
+    copy(this.q, this.sourceQ, this.headDim, queryRows);
+    copy(this.k, this.sourceK, this.headDim, keyRows);
+    copy(this.v, this.sourceV, this.valueDim, keyRows);
+    Atomics.store(this.rows, 0, Math.min(to, queryRows));
+    Atomics.store(this.rows, 1, Math.min(to, keyRows));
+    Atomics.notify(this.rows, 0);
+    Atomics.notify(this.rows, 1);
+  }
+
+  /**
+   * Stages the rows after the first block, then lets the counts run to their largest value, so
+   * that no worker can wait for ever (if this throws, or a worker reads past what it needs).
+   */
+  finish(block: number, queryRows: number, keyRows: number): void {
+    try {
+      for (let from = block; from < Math.max(queryRows, keyRows); from += block)
+        this.stage(from, from + block, queryRows, keyRows);
+    } finally {
+      Atomics.store(this.rows, 0, 0x7fffffff);
+      Atomics.store(this.rows, 1, 0x7fffffff);
+      Atomics.notify(this.rows, 0);
+      Atomics.notify(this.rows, 1);
+    }
   }
 }
 

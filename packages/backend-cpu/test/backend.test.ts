@@ -154,9 +154,9 @@ describe('threads', () => {
   }
 
   // One head split by queries: the calling thread answers the last share from the caller's arrays
-  // and only the rows before it are staged for the workers, so staging left over from an earlier,
-  // larger call holds stale rows past them, which no worker may read. With fresh output pages (the
-  // probe says 1 ms a page) the calling thread takes no rows at all.
+  // and only the rows before it are staged for the workers, block by block while they run, so
+  // staging left over from an earlier, larger call holds stale rows past them, which no worker may
+  // read. With fresh output pages (the probe says 1 ms a page) the calling thread takes no rows.
   for (const normalization of ['prefix-max-norm', 'max-norm', 'l2', { scale: 0.3 }] as const) {
     for (const probe of ['recycled', 'fresh'] as const) {
       const label = typeof normalization === 'string' ? normalization : 'scale';
@@ -168,9 +168,10 @@ describe('threads', () => {
         const parallel = await createFastmax({ backend: split });
         const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
         const options: FastmaxOptions = { order: 1, causal: true, chunkSize: 16, normalization };
-        const large = tensor([1, 1, 900, 16], 51, 40);
+        const large = tensor([1, 1, 3200, 16], 51, 40);
         await parallel.attention(large, large, large, options);
-        const N = 700;
+        // Past STAGE_BLOCK_ROWS (1024): the workers start while the calling thread stages the rest.
+        const N = 2600;
         const q = tensor([1, 1, N, 16], 52);
         const k = tensor([1, 1, N + 9, 16], 53);
         const v = tensor([1, 1, N + 9, 12], 54);
