@@ -35,10 +35,11 @@ export interface BackendCapabilities {
   readonly deviceTensors: boolean;
   /**
    * `forward` checks q, k and v for NaN and ±Infinity itself when `request.options.checkFinite`
-   * is true, with core's `checkFinite` (so the errors are the same), and core skips its own scan
-   * before the call. This lets a backend overlap the scan with its compute instead of paying for
-   * it before the compute starts. Default false: core scans. `backward` and decoding inputs are
-   * always scanned by core.
+   * is true and throws core's error (core's `checkFinite` on q, k, v in that order, at least when
+   * one holds such a value), and core skips its own scan before the call. This lets a backend fold
+   * the check into work it does anyway (the CPU kernels flag the rows they load) instead of paying
+   * for a scan before the compute starts. Default false: core scans. `backward` and decoding
+   * inputs are always scanned by core.
    */
   readonly checksFiniteInputs?: boolean;
 }
