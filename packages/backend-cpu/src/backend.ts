@@ -37,7 +37,7 @@ import {
 } from './engine.js';
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
 import { WorkerPool, workerFactory } from './pool.js';
-import { kernelSetup } from './setup.js';
+import { kernelSetup, packedSchedule } from './setup.js';
 import {
   FLOATS_PER_PAGE,
   firstTouchMs,
@@ -208,9 +208,9 @@ const PREPARATION_COST = 40;
 
 /**
  * Cost of one float of the calling thread's own work in a split by queries, in the same units:
- * copying an output row the workers wrote into the caller's array runs at about 0.45 ns a float on
- * the machine that measured PREPARATION_COST, where a multiply-add of the p = 1 forward costs about
- * 0.04 ns.
+ * staging an input row for the workers, or copying an output row they wrote into the caller's
+ * array, runs at about 0.45 ns a float on the machine that measured PREPARATION_COST, where a
+ * multiply-add of the p = 1 forward costs about 0.04 ns.
  */
 const CALLER_FLOAT_COST = 10;
 
@@ -373,16 +373,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const schedules: Int32Array[] = [];
       for (let b = 0; b < B; b++) {
         validKeys[b] = validKeyCount(b, shape, resolved);
-        schedules.push(
-          Int32Array.from(
-            querySchedule(b, shape, resolved, plan.path, plan.chunkSize).flatMap((c) => [
-              c.queryStart,
-              c.queryEnd,
-              c.stateKeyEnd,
-              c.directKeyEnd,
-            ]),
-          ),
-        );
+        schedules.push(packedSchedule(querySchedule(b, shape, resolved, plan.path, plan.chunkSize)));
       }
       const heads = B * H;
       const work = (factorized ? plan.cost.factorized : plan.cost.direct) * heads;
@@ -408,8 +399,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const callerOutput = callerShare && stagedOutput ? allocate(() => new Float32Array(outLength)) : null;
       const probeMs = callerOutput === null ? 0 : probeFirstTouch(callerOutput);
       const untouchedPages = Math.ceil(outLength / FLOATS_PER_PAGE);
+      // Its duties: staging the workers' rows (after the first block) and copying their output
+      // rows out, about (shares − 1)/shares of each, and the output's first touch.
       const callerExtra = callerShare
-        ? (CALLER_FLOAT_COST * N * Dv * (shares - 1)) / shares +
+        ? (CALLER_FLOAT_COST * N * (2 * D + 2 * Dv) * (shares - 1)) / shares +
           (untouchedPages * probeMs * 1e6) / COST_UNIT_NS
         : 0;
       const queryBounds = bySequence
@@ -726,14 +719,7 @@ class CpuState implements BackendState {
     const T = q.shape[2];
     const n = this.count;
     const chunk = chooseChunkSize(D, Dv, resolved.order, Math.max(T, 1));
-    const schedule = Int32Array.from(
-      chunkRanges(T, n + T, chunk, n + T).flatMap((c) => [
-        c.queryStart,
-        c.queryEnd,
-        c.stateKeyEnd,
-        c.directKeyEnd,
-      ]),
-    );
+    const schedule = packedSchedule(chunkRanges(T, n + T, chunk, n + T));
     const out = new Float32Array(B * H * T * Dv);
     const normalization = normalizationSpec(resolved);
     let degenerateRows = 0;

@@ -10,7 +10,7 @@ import {
 import type { BackwardEngine } from './backward-engine.js';
 import type { WorkUnit } from './engine.js';
 import type { WorkerPool } from './pool.js';
-import { kernelSetup } from './setup.js';
+import { kernelSetup, packedSchedule } from './setup.js';
 import { type SharedStaging, touchedFloat32 } from './staging.js';
 import { type BackwardJob, backwardHead, backwardUnit, type FinishRange } from './worker.js';
 
@@ -100,16 +100,7 @@ export async function cpuBackward(
   const schedules: Int32Array[] = [];
   for (let b = 0; b < B; b++) {
     validKeys[b] = options.keyLengths === null ? M : options.keyLengths[b]!;
-    schedules.push(
-      Int32Array.from(
-        querySchedule(b, shape, options, plan.path, scheduleChunk).flatMap((c) => [
-          c.queryStart,
-          c.queryEnd,
-          c.stateKeyEnd,
-          c.directKeyEnd,
-        ]),
-      ),
-    );
+    schedules.push(packedSchedule(querySchedule(b, shape, options, plan.path, scheduleChunk)));
   }
   const first: BackwardJob = {
     pass: 1,

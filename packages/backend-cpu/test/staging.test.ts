@@ -10,7 +10,7 @@ import {
 import { expect, it } from 'vitest';
 import { type AttentionJob, Engine, KEY_ROWS, QUERY_ROWS } from '../src/engine.js';
 import { KERNELS_SIMD } from '../src/generated/kernels.js';
-import { kernelSetup } from '../src/setup.js';
+import { kernelSetup, packedSchedule } from '../src/setup.js';
 
 function tensor(shape: Shape4, seed: number): HostTensor {
   let state = seed >>> 0 || 1;
@@ -35,14 +35,7 @@ it('an engine waits for rows staged while it runs, and gives what it gives on da
   const resolved = resolveOptions({ order: 1, causal: true, chunkSize: 32 });
   const shape = validateAttentionInputs(q, k, v, resolved);
   const plan = planAttention(shape, resolved, ['factorized']);
-  const schedule = Int32Array.from(
-    querySchedule(0, shape, resolved, 'factorized', plan.chunkSize).flatMap((c) => [
-      c.queryStart,
-      c.queryEnd,
-      c.stateKeyEnd,
-      c.directKeyEnd,
-    ]),
-  );
+  const schedule = packedSchedule(querySchedule(0, shape, resolved, 'factorized', plan.chunkSize));
   const binary = Uint8Array.from(atob(KERNELS_SIMD), (c) => c.charCodeAt(0));
   const engine = new Engine(await WebAssembly.compile(binary));
   const job = (inputs: Float32Array[], stagedRows: Int32Array | null): AttentionJob => ({

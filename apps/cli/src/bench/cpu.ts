@@ -292,7 +292,7 @@ async function timeBesideSoftmax(
   context: BenchContext,
   fastmaxCalls: readonly (() => Promise<unknown>)[],
   fastmaxWarmup: number,
-): Promise<{ softmax: SoftmaxTiming; fastmax: number[] }> {
+): Promise<{ softmax: SoftmaxTiming; fastmax: number[]; fastmaxRuns: (readonly number[])[] }> {
   const sessions = await softmaxSessions(ort, inputs, causal, threads);
   let softmax: { kind: SoftmaxTiming['kind']; ms: number }[];
   try {
@@ -317,6 +317,7 @@ async function timeBesideSoftmax(
   return {
     softmax: { ...best, all: Object.fromEntries(softmax.map((t) => [t.kind, t.ms])) },
     fastmax: fastmax.map((m) => m.median),
+    fastmaxRuns: fastmax.map((m) => m.runs),
   };
 }
 
@@ -421,6 +422,7 @@ export async function run(context: BenchContext): Promise<number> {
   const {
     softmax: ortCausal16,
     fastmax: [causal16, p1],
+    fastmaxRuns: causalRuns16,
   } = await timeBesideSoftmax(
     ort,
     in16,
@@ -438,6 +440,9 @@ export async function run(context: BenchContext): Promise<number> {
   } = await timeBesideSoftmax(ort, in16, false, threads, context, [attend(fm, in16, plain2)], timing.warmup);
   progress.tick();
   details.onnxruntime = { [`causal N=${n16}`]: ortCausal16.all, [`non-causal N=${n16}`]: ortPlain16.all };
+  // Every timed call of the causal pair, in order: the medians hide how a call's time depends on
+  // whether its output's pages come fresh from the system (docs/benchmarks.md).
+  details.causalRuns = { [`p=2 N=${n16}`]: causalRuns16[0], [`p=1 N=${n16}`]: causalRuns16[1] };
   rows.push(versusOnnxruntime('p=2 causal forward', in16, causal2, causal16!, ortCausal16, 3));
   rows.push(versusOnnxruntime('p=2 non-causal forward', in16, plain2, plain16!, ortPlain16, 'faster'));
   rows.push(versusOnnxruntime('p=1 causal forward', in16, causal1, p1!, ortCausal16, 30));
