@@ -72,6 +72,13 @@ export interface CpuBackendOptions {
   readonly parallelThreshold?: number;
   /** Use relaxed-SIMD fused multiply-add where the engine supports it. Default true. */
   readonly relaxedSimd?: boolean;
+  /**
+   * Let the calling thread compute a share of a call it would otherwise only wait for (one head
+   * split by queries: causal, p = 1): faster, since that share needs no staged copy of its inputs
+   * and no copy of its output rows, but the calling thread is busy for part of the call. Pass
+   * false on a browser's main thread to keep it free for rendering. Default true.
+   */
+  readonly shareCallingThread?: boolean;
 }
 
 /** Largest moment state (S, its compensation and z) one thread may hold, in bytes. */
@@ -389,7 +396,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // caller's arrays into the caller's output, so only the rows before that share are staged for
       // the workers. Its other duties (scanning the inputs, copying the workers' rows out) count
       // against that share.
-      const callerShare = bySequence && heads === 1;
+      const callerShare = bySequence && heads === 1 && options.shareCallingThread !== false;
       const outLength = B * H * N * Dv;
       const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
       // The caller's output, allocated first when the calling thread takes a share: whether its

@@ -158,10 +158,15 @@ describe('threads', () => {
   // staging left over from an earlier, larger call holds stale rows past them, which no worker may
   // read. With fresh output pages (the probe says 1 ms a page) the calling thread takes no rows.
   for (const normalization of ['prefix-max-norm', 'max-norm', 'l2', { scale: 0.3 }] as const) {
-    for (const probe of ['recycled', 'fresh'] as const) {
+    for (const probe of ['recycled', 'fresh', 'no calling thread'] as const) {
       const label = typeof normalization === 'string' ? normalization : 'scale';
-      it(`answers the last query share in the calling thread over stale staging (${label}, ${probe} output pages)`, async () => {
-        const split = cpuBackend({ threads: 2, parallelThreshold: 0 });
+      const setting = probe === 'no calling thread' ? 'shareCallingThread: false' : `${probe} output pages`;
+      it(`splits one head by queries over stale staging (${label}, ${setting})`, async () => {
+        const split = cpuBackend({
+          threads: 2,
+          parallelThreshold: 0,
+          shareCallingThread: probe !== 'no calling thread',
+        });
         (
           split as typeof split & { setFirstTouchProbeForTesting(p: () => number): void }
         ).setFirstTouchProbeForTesting(() => (probe === 'fresh' ? 1 : 0));
