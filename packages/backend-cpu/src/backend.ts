@@ -394,8 +394,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const bySequence = shares > 1 && resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
       // With one head split by queries, the calling thread answers the last share itself: from the
       // caller's arrays into the caller's output, so only the rows before that share are staged for
-      // the workers. Its other duties (scanning the inputs, copying the workers' rows out) count
-      // against that share.
+      // the workers. Its other duties count against that share (callerExtra).
       const callerShare = bySequence && heads === 1 && options.shareCallingThread !== false;
       const outLength = B * H * N * Dv;
       const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
@@ -405,12 +404,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // work that thread can take, so a few pages are timed and all of them priced alike.
       const callerOutput = callerShare && stagedOutput ? allocate(() => new Float32Array(outLength)) : null;
       const probeMs = callerOutput === null ? 0 : probeFirstTouch(callerOutput);
-      const untouchedPages = Math.ceil(outLength / FLOATS_PER_PAGE);
+      const outputPages = Math.ceil(outLength / FLOATS_PER_PAGE);
       // Its duties: staging the workers' rows (after the first block) and copying their output
       // rows out, about (shares − 1)/shares of each, and the output's first touch.
       const callerExtra = callerShare
         ? (CALLER_FLOAT_COST * N * (2 * D + 2 * Dv) * (shares - 1)) / shares +
-          (untouchedPages * probeMs * 1e6) / COST_UNIT_NS
+          (outputPages * probeMs * 1e6) / COST_UNIT_NS
         : 0;
       const queryBounds = bySequence
         ? sequenceBounds(
