@@ -1,3 +1,5 @@
+import { KEY_ROWS, QUERY_ROWS } from './engine.js';
+
 /**
  * SharedArrayBuffer scratch that the workers read and write, kept from one call to the next. Fresh
  * memory is paid for in page faults on first touch, which on this kind of machine cost as much as
@@ -61,7 +63,7 @@ export class SharedStaging {
  * Staged copies of one head's q, k and v that the calling thread fills block by block after the
  * workers have started (AttentionJob.stagedRows): `rows` counts the query rows and the key and
  * value rows copied so far, and workers wait on it (Atomics.wait) before reading past them.
- * Inputs already in shared memory are used as they are, counted as staged from the start.
+ * Inputs already in shared memory are used as they are (nothing to copy; counted with the rest).
  */
 export class ProgressiveStaging {
   readonly q: Float32Array;
@@ -82,8 +84,8 @@ export class ProgressiveStaging {
     this.k = shared(sourceK) ? sourceK : staging.take('k', sourceK.length);
     this.v = shared(sourceV) ? sourceV : staging.take('v', sourceV.length);
     this.rows = staging.takeCounters('rows', 2);
-    Atomics.store(this.rows, 0, 0);
-    Atomics.store(this.rows, 1, 0);
+    Atomics.store(this.rows, QUERY_ROWS, 0);
+    Atomics.store(this.rows, KEY_ROWS, 0);
   }
 
   /** Copies rows [from, to) (up to `queryRows` of q and `keyRows` of k and v) and counts them. */
@@ -96,10 +98,10 @@ export class ProgressiveStaging {
     copy(this.q, this.sourceQ, this.headDim, queryRows);
     copy(this.k, this.sourceK, this.headDim, keyRows);
     copy(this.v, this.sourceV, this.valueDim, keyRows);
-    Atomics.store(this.rows, 0, Math.min(to, queryRows));
-    Atomics.store(this.rows, 1, Math.min(to, keyRows));
-    Atomics.notify(this.rows, 0);
-    Atomics.notify(this.rows, 1);
+    Atomics.store(this.rows, QUERY_ROWS, Math.min(to, queryRows));
+    Atomics.store(this.rows, KEY_ROWS, Math.min(to, keyRows));
+    Atomics.notify(this.rows, QUERY_ROWS);
+    Atomics.notify(this.rows, KEY_ROWS);
   }
 
   /**
@@ -111,10 +113,10 @@ export class ProgressiveStaging {
       for (let from = block; from < Math.max(queryRows, keyRows); from += block)
         this.stage(from, from + block, queryRows, keyRows);
     } finally {
-      Atomics.store(this.rows, 0, 0x7fffffff);
-      Atomics.store(this.rows, 1, 0x7fffffff);
-      Atomics.notify(this.rows, 0);
-      Atomics.notify(this.rows, 1);
+      Atomics.store(this.rows, QUERY_ROWS, 0x7fffffff);
+      Atomics.store(this.rows, KEY_ROWS, 0x7fffffff);
+      Atomics.notify(this.rows, QUERY_ROWS);
+      Atomics.notify(this.rows, KEY_ROWS);
     }
   }
 }
