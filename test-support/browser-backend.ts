@@ -71,8 +71,10 @@ export function backendPageHtml(script: BackendPageScript): string {
     },
     async forward(r) {
       try {
-        const result = await backend().forward({ ...r, q: tensor(r.q), k: tensor(r.k), v: tensor(r.v), options: resolved(r.options), keepOnDevice: false });
-        return { output: plain(result.output), degenerateRows: result.degenerateRows };
+        // The caller's options.out, as the page's own array prefilled with NaN like the suite's.
+        const out = r.outLength === undefined ? undefined : new Float32Array(r.outLength).fill(NaN);
+        const result = await backend().forward({ ...r, q: tensor(r.q), k: tensor(r.k), v: tensor(r.v), options: resolved(r.options), keepOnDevice: false, ...(out === undefined ? {} : { out }) });
+        return { output: plain(result.output), degenerateRows: result.degenerateRows, intoOut: out !== undefined && result.output.data === out };
       } catch (error) { return fail(error); }
     },
     async backward(r) {
@@ -182,8 +184,19 @@ export function proxyBackend(
         shape: request.shape,
         plan: request.plan,
         options: plainOptions(request.options),
+        ...(request.out === undefined ? {} : { outLength: request.out.length }),
       });
-      return { output: host(reply.output), degenerateRows: reply.degenerateRows as number };
+      const output = host(reply.output);
+      // What the page's backend wrote into its own caller array comes back into the caller's, and
+      // is returned as that array only when the page's backend returned its array too.
+      if (request.out === undefined || reply.intoOut !== true) {
+        return { output, degenerateRows: reply.degenerateRows as number };
+      }
+      request.out.set(output.data);
+      return {
+        output: { shape: output.shape, data: request.out },
+        degenerateRows: reply.degenerateRows as number,
+      };
     },
     async backward(request) {
       const reply = await call('backward', {

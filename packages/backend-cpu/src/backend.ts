@@ -99,6 +99,7 @@ const CAPABILITIES: BackendCapabilities = {
   deviceTensors: false,
   // Flagged by the kernels as they load rows; core's scan names the value (see forward).
   checksFiniteInputs: true,
+  writesIntoOut: true,
 };
 
 function decodeBase64(text: string): Uint8Array<ArrayBuffer> {
@@ -402,7 +403,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // pages are fresh from the system (a page fault each on first touch, 11 µs on the VMs we
       // measure: 13 ms for 4 MiB, as much as the rest of a p = 1 call) decides how much of the
       // work that thread can take, so a few pages are timed and all of them priced alike.
-      const callerOutput = callerShare && stagedOutput ? allocate(() => new Float32Array(outLength)) : null;
+      const callerOutput =
+        callerShare && stagedOutput ? (request.out ?? allocate(() => new Float32Array(outLength))) : null;
       const probeMs = callerOutput === null ? 0 : probeFirstTouch(callerOutput);
       const outputPages = Math.ceil(outLength / FLOATS_PER_PAGE);
       // Its duties: staging the workers' rows (after the first block) and copying their output
@@ -455,7 +457,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       if (workers === null || heads * shares === 1) {
         const job: AttentionJob = {
           ...common,
-          ...allocate(() => ({ q: q.data, k: k.data, v: v.data, out: new Float32Array(outLength) })),
+          ...allocate(() => ({
+            q: q.data,
+            k: k.data,
+            v: v.data,
+            out: request.out ?? new Float32Array(outLength),
+          })),
           shares: 1,
           partialOut: null,
           partialDen: null,
@@ -543,11 +550,11 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             degenerateRows: callerDegenerate + totals.degenerate,
           };
         }
-        // While the workers compute, the calling thread touches every page of the caller's
-        // output array.
-        const prepared: { output: Float32Array | null } = { output: null };
+        // While the workers compute, the calling thread allocates the caller's output array and
+        // touches every page of it (unless the caller gave one).
+        const prepared: { output: Float32Array | null } = { output: request.out ?? null };
         const totals = await workers.run(job, planUnits(heads, threadCount, shares), () => {
-          if (!stagedOutput) return;
+          if (!stagedOutput || prepared.output !== null) return;
           prepared.output = allocate(() => touchedFloat32(outLength));
         });
         failOnNonFinite(totals.nonFiniteInputs);

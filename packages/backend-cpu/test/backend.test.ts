@@ -195,6 +195,63 @@ describe('threads', () => {
     }
   }
 
+  // options.out arrives prefilled with NaN: every path must write every element of it, the zero
+  // rows of batches without keys and of queries before the first key included.
+  const outPaths: {
+    label: string;
+    threads: number;
+    heads: number;
+    order: 1 | 2;
+    probe?: number;
+    share?: boolean;
+  }[] = [
+    { label: 'one unit in the calling thread', threads: 1, heads: 2, order: 2 },
+    { label: 'whole heads on workers', threads: 2, heads: 2, order: 2 },
+    { label: 'one head split by features', threads: 2, heads: 1, order: 2 },
+    { label: 'split by queries, recycled pages', threads: 2, heads: 1, order: 1, probe: 0 },
+    { label: 'split by queries, fresh pages', threads: 2, heads: 1, order: 1, probe: 1 },
+    { label: 'split by queries, no calling thread', threads: 2, heads: 1, order: 1, share: false },
+  ];
+  for (const { label, threads, heads, order, probe, share } of outPaths) {
+    it(`writes every element of options.out (${label})`, async () => {
+      const tested = cpuBackend({ threads, parallelThreshold: 0, shareCallingThread: share !== false });
+      if (probe !== undefined) {
+        (
+          tested as typeof tested & { setFirstTouchProbeForTesting(p: () => number): void }
+        ).setFirstTouchProbeForTesting(() => probe);
+      }
+      const fm = await createFastmax({ backend: tested });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const batch = heads === 1 ? 1 : 2;
+      const N = 1500;
+      // At p = 2, D = 32 has F = 561 features, enough for a split by features (16 would not be).
+      const D = order === 2 ? 32 : 16;
+      const q = tensor([batch, heads, N, D], 61);
+      // Fewer keys than queries: causal rows before the first key see none and are zero.
+      const k = tensor([batch, heads, N - 20, D], 62);
+      const v = tensor([batch, heads, N - 20, 12], 63);
+      const options: FastmaxOptions = {
+        order,
+        causal: true,
+        chunkSize: 16,
+        ...(batch === 2 ? { keyLengths: [N - 20, 0] } : {}),
+      };
+      const expected = await serial.attention(q, k, v, options);
+      const out = new Float32Array(batch * heads * N * 12).fill(Number.NaN);
+      const result = await fm.attention(q, k, v, { ...options, out });
+      expect((result.output as HostTensor).data).toBe(out);
+      expect(result.degenerateRows).toBe(expected.degenerateRows);
+      expect(result.degenerateRows).toBeGreaterThan(0);
+      const y = (expected.output as HostTensor).data;
+      let error = 0;
+      for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(out[i]! - y[i]!));
+      expect(out.every(Number.isFinite)).toBe(true);
+      expect(error).toBeLessThan(1e-5);
+      await serial.dispose();
+      await fm.dispose();
+    });
+  }
+
   it('hands an output above 64 MiB over in the shared memory the workers wrote, equal to one thread', async () => {
     // 240000 × 72 floats = 69 MB: staged, it would be copied out and doubled; small D keeps it fast.
     const N = 240000;
@@ -210,6 +267,11 @@ describe('threads', () => {
     expect(b.data.buffer).not.toBeInstanceOf(SharedArrayBuffer);
     // The query split builds the second share's state in other blocks than one thread does.
     expect(relativeError(a.data, b.data)).toBeLessThan(1e-5);
+    // Given options.out, the shared memory is copied into it instead.
+    const out = new Float32Array(N * 72).fill(Number.NaN);
+    const c = (await parallel.attention(q, k, v, { ...options, out })).output as HostTensor;
+    expect(c.data).toBe(out);
+    expect(relativeError(out, a.data)).toBe(0);
     await serial.dispose();
   });
 

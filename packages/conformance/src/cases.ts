@@ -34,6 +34,7 @@ export type CaseGroup =
   | 'forward'
   | 'shapes'
   | 'large'
+  | 'output buffer'
   | 'backward'
   | 'finite differences'
   | 'key padding'
@@ -67,6 +68,12 @@ export interface ForwardCase extends CaseBase {
   readonly kind: 'forward';
   readonly spec: AttentionSpec;
   readonly strictPath?: boolean;
+  /**
+   * Run with `options.out`: a caller array prefilled with NaN, which must come back as
+   * `output.data` with every element written (a backend declaring `writesIntoOut` must return that
+   * very array from `forward`, not leave core to copy its result in).
+   */
+  readonly intoOut?: boolean;
 }
 export interface BackwardCase extends CaseBase {
   readonly kind: 'backward';
@@ -559,6 +566,50 @@ function largeSpecs(): AttentionSpec[] {
   return specs;
 }
 
+/**
+ * Specs for `options.out`: each order once with every feature and rows that must be exactly 0 (a
+ * batch without keys, causal queries before the first key), a plain one every backend runs, and the
+ * long ones where a backend splits one head over threads.
+ */
+function outputBufferSpecs(): AttentionSpec[] {
+  const specs = ORDERS.map((order, o) =>
+    buildSpec({
+      order,
+      normalization: NORMALIZATIONS[o]!,
+      causal: true,
+      padded: true,
+      keyLengths: [6, 0],
+      gqa: true,
+      cross: true,
+      queryLength: 9,
+      keyLength: 7,
+      headDim: 5,
+      valueDim: 3,
+      path: o % 2 === 0 ? 'factorized' : 'direct',
+      seed: 9100 + o,
+    }),
+  );
+  specs.push(
+    buildSpec({ order: 2, normalization: 'max-norm', queryLength: 9, headDim: 4, valueDim: 6, seed: 9110 }),
+  );
+  for (const order of [1, 2] as const) {
+    specs.push(
+      buildSpec({
+        order,
+        normalization: 'prefix-max-norm',
+        causal: true,
+        heads: 1,
+        queryLength: 4096,
+        keyLength: 4090,
+        headDim: 16,
+        valueDim: 16,
+        seed: 9120 + order,
+      }),
+    );
+  }
+  return specs;
+}
+
 function fdSpecs(): AttentionSpec[] {
   const orders: Order[] = [2, 3, 1, 4, 3, 2, 4, 1];
   return orders.map((order, i) =>
@@ -920,6 +971,15 @@ export function conformanceCases(
       name: `large: ${describeSpec(spec)}`,
       spec,
       strictPath: true,
+    });
+  }
+  for (const spec of outputBufferSpecs()) {
+    cases.push({
+      kind: 'forward',
+      group: 'output buffer',
+      name: `into options.out: ${describeSpec(spec)}`,
+      spec,
+      intoOut: true,
     });
   }
   for (const { spec, r, row } of matrix) {

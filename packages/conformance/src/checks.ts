@@ -1,11 +1,15 @@
 import {
   type BackendCapabilities,
+  createFastmax,
   type Fastmax,
+  type FastmaxBackend,
   type FastmaxOptions,
+  type ForwardRequest,
   type HostTensor,
   isDeviceTensor,
   type Shape4,
   type StateOptions,
+  shapeSize,
   type Tensor,
   toHost,
 } from '@fastmax/core';
@@ -235,6 +239,46 @@ async function checkForward(ctx: CheckContext, spec: AttentionSpec): Promise<Che
     report,
     'output',
     output,
+    result.degenerateRows,
+    ctx.reference(spec, inputs),
+    spec,
+    ctx.settings.tolerance,
+  );
+  return report.done();
+}
+
+async function checkForwardIntoOut(ctx: CheckContext, spec: AttentionSpec): Promise<CheckReport> {
+  const report = new Report();
+  const inputs = caseInputs(spec);
+  const backend = ctx.fm.backend;
+  // The same backend seen through a wrapper that keeps what forward returned, so that a backend
+  // declaring writesIntoOut is held to it rather than rescued by core's copy.
+  let returned: Tensor | undefined;
+  const observed: FastmaxBackend = Object.create(backend, {
+    forward: {
+      value: async (request: ForwardRequest) => {
+        const result = await backend.forward(request);
+        returned = result.output;
+        return result;
+      },
+    },
+  });
+  const fm = await createFastmax({ backend: observed });
+  const out = new Float32Array(shapeSize(outputShape(spec))).fill(Number.NaN);
+  const result = await fm.attention(inputs.q, inputs.k, inputs.v, { ...spec.options, out });
+  if (isDeviceTensor(result.output) || result.output.data !== out) {
+    report.fail('attention with options.out returned another array than options.out as output.data');
+  }
+  if (
+    backend.capabilities.writesIntoOut === true &&
+    (returned === undefined || !('data' in returned) || returned.data !== out)
+  ) {
+    report.fail('capabilities.writesIntoOut is true but forward returned another array than request.out');
+  }
+  verifyOutput(
+    report,
+    'options.out',
+    { shape: result.output.shape, data: out },
     result.degenerateRows,
     ctx.reference(spec, inputs),
     spec,
@@ -927,8 +971,10 @@ async function checkContract(ctx: CheckContext, testCase: ContractCase): Promise
   ] as const) {
     if (typeof caps[flag] !== 'boolean') report.fail(`capabilities.${flag} must be a boolean`);
   }
-  if (caps.checksFiniteInputs !== undefined && typeof caps.checksFiniteInputs !== 'boolean')
-    report.fail('capabilities.checksFiniteInputs must be a boolean when present');
+  for (const flag of ['checksFiniteInputs', 'writesIntoOut'] as const) {
+    if (caps[flag] !== undefined && typeof caps[flag] !== 'boolean')
+      report.fail(`capabilities.${flag} must be a boolean when present`);
+  }
   if (caps.state && typeof backend.createState !== 'function')
     report.fail('capabilities.state is true but createState is missing');
   const declared = Object.entries(caps)
@@ -946,7 +992,9 @@ export async function checkCase(ctx: CheckContext, original: ConformanceCase): P
       case 'contract':
         return await checkContract(ctx, testCase);
       case 'forward':
-        return await checkForward(ctx, testCase.spec);
+        return testCase.intoOut === true
+          ? await checkForwardIntoOut(ctx, testCase.spec)
+          : await checkForward(ctx, testCase.spec);
       case 'backward':
         return await checkBackward(ctx, testCase.spec);
       case 'gradient-fd':

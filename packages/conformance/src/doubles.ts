@@ -25,6 +25,8 @@ import { toHost } from '@fastmax/core';
  * - `'mutates-inputs'`: writes into the caller's q ('forward').
  * - `'skips-finite-check'`: declares `checksFiniteInputs` (so core leaves the scan to it) and never
  *   scans ('invalid input', the NON_FINITE_INPUT cases of `attention`).
+ * - `'skips-zero-rows-of-out'`: declares `writesIntoOut` and writes `request.out` except its rows
+ *   that should be 0, as if every caller array came zero-filled ('output buffer').
  */
 export type BackendFault =
   | 'leaks-padded-keys'
@@ -36,7 +38,8 @@ export type BackendFault =
   | 'forgetful-state'
   | 'hangs-on-non-finite'
   | 'mutates-inputs'
-  | 'skips-finite-check';
+  | 'skips-finite-check'
+  | 'skips-zero-rows-of-out';
 
 export const BACKEND_FAULTS: readonly BackendFault[] = [
   'leaks-padded-keys',
@@ -49,6 +52,7 @@ export const BACKEND_FAULTS: readonly BackendFault[] = [
   'hangs-on-non-finite',
   'mutates-inputs',
   'skips-finite-check',
+  'skips-zero-rows-of-out',
 ];
 
 /** Keeps the top 11 significant bits of a float32, like a float16 intermediate would. */
@@ -94,6 +98,16 @@ function permuteHeads(tensor: HostTensor, slotOf: readonly number[], inverse: bo
   return { shape: [B, H, L, D] as Shape4, data };
 }
 
+/** Copies the nonzero rows of `tensor` into `out`, leaving the rest as they were. */
+function withoutZeroRows(tensor: HostTensor, out: Float32Array): Float32Array {
+  const width = tensor.shape[3];
+  for (let row = 0; row < tensor.data.length / width; row++) {
+    const values = tensor.data.subarray(row * width, (row + 1) * width);
+    if (values.some((value) => value !== 0)) out.set(values, row * width);
+  }
+  return out;
+}
+
 function hasNonFinite(tensors: readonly Tensor[]): boolean {
   return tensors.some((tensor) => 'data' in tensor && tensor.data.some((value) => !Number.isFinite(value)));
 }
@@ -126,7 +140,9 @@ export function brokenBackend(inner: FastmaxBackend, fault: BackendFault): Fastm
     capabilities:
       fault === 'skips-finite-check'
         ? { ...inner.capabilities, checksFiniteInputs: true }
-        : inner.capabilities,
+        : fault === 'skips-zero-rows-of-out'
+          ? { ...inner.capabilities, writesIntoOut: true }
+          : inner.capabilities,
     isAvailable: () => inner.isAvailable(),
     async forward(request) {
       if (fault === 'hangs-on-non-finite' && hasNonFinite([request.q, request.k, request.v])) {
@@ -139,6 +155,9 @@ export function brokenBackend(inner: FastmaxBackend, fault: BackendFault): Fastm
       const result = await inner.forward({ ...mapped, keepOnDevice: false });
       let output = unmapHeads(await toHost(result.output), request);
       if (fault === 'low-precision') output = roundTo11Bits(output);
+      if (fault === 'skips-zero-rows-of-out' && request.out !== undefined) {
+        output = { shape: output.shape, data: withoutZeroRows(output, request.out) };
+      }
       return { output, degenerateRows: fault === 'uncounted-degenerate-rows' ? 0 : result.degenerateRows };
     },
     async backward(request) {

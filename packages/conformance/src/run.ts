@@ -38,6 +38,7 @@ const GROUP_ORDER: readonly CaseGroup[] = [
   'forward',
   'shapes',
   'large',
+  'output buffer',
   'backward',
   'finite differences',
   'key padding',

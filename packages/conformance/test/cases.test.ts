@@ -147,8 +147,9 @@ describe('conformanceCases', () => {
     const limited = conformanceCases(full, 'full', { maxQueryLength: 64 });
     const skipped = limited.filter((c) => c.skip?.includes('maxQueryLength'));
     expect(skipped.map((c) => ('spec' in c ? c.spec.queryLength : 0)).every((n) => n > 64)).toBe(true);
-    // N = 65 and N = 300 on two paths, forward and backward, and the four N = 4096 cases.
-    expect(skipped.length).toBe(2 * 2 * 2 + 4);
+    // N = 65 and N = 300 on two paths, forward and backward, the four N = 4096 cases and the two
+    // N = 4096 cases of options.out.
+    expect(skipped.length).toBe(2 * 2 * 2 + 4 + 2);
   });
 });
 

@@ -37,6 +37,9 @@ const targets: Record<BackendFault, ConformanceCase[]> = {
   'forgetful-state': cases.filter((c) => c.kind === 'state'),
   'hangs-on-non-finite': cases.filter((c) => c.kind === 'non-finite'),
   'mutates-inputs': plainForward.slice(0, 4),
+  'skips-zero-rows-of-out': cases.filter(
+    (c) => c.kind === 'forward' && c.intoOut === true && c.spec.options.keyLengths !== undefined,
+  ),
   'skips-finite-check': cases.filter(
     (c) => c.kind === 'invalid-input' && c.code === 'NON_FINITE_INPUT' && c.call === 'attention',
   ),

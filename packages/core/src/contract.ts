@@ -42,6 +42,13 @@ export interface BackendCapabilities {
    * inputs are always scanned by core.
    */
   readonly checksFiniteInputs?: boolean;
+  /**
+   * `forward` writes the output into `request.out` when the caller gave one (every element of it)
+   * and returns that array as `output.data`, so a caller that reuses one array across calls
+   * allocates nothing per call. Default false: core copies the backend's result into the caller's
+   * array instead, so `options.out` works on every backend.
+   */
+  readonly writesIntoOut?: boolean;
 }
 
 export type Availability =
@@ -57,6 +64,12 @@ export interface ForwardRequest {
   readonly plan: AttentionPlan;
   /** Return the output as a device tensor when the backend has them. */
   readonly keepOnDevice: boolean;
+  /**
+   * The caller's output array (B·H·N·Dv floats, validated by core: it shares no memory with q, k or
+   * v, and `keepOnDevice` is false), only for backends that declare `writesIntoOut`. Its contents
+   * on entry are arbitrary.
+   */
+  readonly out?: Float32Array;
 }
 
 export interface ForwardResult {

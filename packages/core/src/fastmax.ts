@@ -12,11 +12,23 @@ import { resolveOptions } from './options.js';
 import { type AttentionPlan, planAttention } from './planner.js';
 import { resolveStateOptions, validateStepInputs } from './state.js';
 import { isDeviceTensor, type Tensor, toHost } from './tensor.js';
-import { type AttentionShape, validateAttentionInputs, validateOutputGradient } from './validate.js';
+import {
+  type AttentionShape,
+  validateAttentionInputs,
+  validateOutputBuffer,
+  validateOutputGradient,
+} from './validate.js';
 
 export interface CallOptions extends FastmaxOptions {
   /** Where results go: `'device'` keeps them on a backend with device tensors. Default `'host'`. */
   readonly output?: 'host' | 'device';
+  /**
+   * `attention` only: a Float32Array of B·H·N·Dv floats to write the output into, returned as
+   * `output.data`. Reusing one across calls (layer after layer, step after step) saves allocating,
+   * and on first touch page-faulting, a fresh array per call. It must share no memory with q, k or
+   * v; not with `output: 'device'`.
+   */
+  readonly out?: Float32Array;
 }
 
 export interface AttentionResult {
@@ -226,6 +238,21 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         options,
         backend.capabilities.checksFiniteInputs === true,
       );
+      const onDevice = keepOnDevice(options, backend);
+      const out =
+        options?.out === undefined ? undefined : validateOutputBuffer(options.out, shape, { q, k, v });
+      if (out !== undefined && options?.output === 'device') {
+        throw new FastmaxError(
+          'INVALID_OPTION',
+          "options.out is a host array: it cannot take output: 'device'",
+          {
+            argument: 'options.out',
+            expected: "undefined with output: 'device'",
+            actual: `a Float32Array of ${out.length} values`,
+          },
+        );
+      }
+      const direct = out !== undefined && backend.capabilities.writesIntoOut === true;
       const result = await backend.forward({
         q: await adopt(q, backend),
         k: await adopt(k, backend),
@@ -233,10 +260,16 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         shape,
         options: resolved,
         plan,
-        keepOnDevice: keepOnDevice(options, backend),
+        keepOnDevice: onDevice,
+        ...(direct ? { out } : {}),
       });
       assertDegenerateRowsAllowed(result.degenerateRows, resolved);
-      return { output: result.output, degenerateRows: result.degenerateRows, plan, backend: backend.name };
+      let output = result.output;
+      if (out !== undefined && (isDeviceTensor(output) || output.data !== out)) {
+        out.set((await toHost(output)).data);
+        output = { shape: output.shape, data: out };
+      }
+      return { output, degenerateRows: result.degenerateRows, plan, backend: backend.name };
     },
     async backward(q, k, v, dOut, options) {
       const { resolved, shape, plan } = prepare(q, k, v, options);

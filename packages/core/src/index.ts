@@ -93,6 +93,7 @@ export {
   keyLimit,
   kvHeadOf,
   validateAttentionInputs,
+  validateOutputBuffer,
   validateOutputGradient,
   validKeyCount,
 } from './validate.js';

@@ -169,6 +169,52 @@ export function validateOutputGradient(dOut: Tensor, shape: AttentionShape, opti
   if (options.checkFinite) checkFinite(dOut, 'dOut');
 }
 
+/**
+ * A caller's output array (`options.out`): a Float32Array of B·H·N·Dv floats that shares no memory
+ * with q, k or v. Backends write output rows while they still read inputs (a calling thread computes
+ * its share into the caller's array while workers read staged copies), so an overlap would feed
+ * results back in as inputs.
+ */
+export function validateOutputBuffer(
+  out: unknown,
+  shape: AttentionShape,
+  inputs: { readonly q: Tensor; readonly k: Tensor; readonly v: Tensor },
+): Float32Array {
+  const length = shape.batch * shape.heads * shape.queryLength * shape.valueDim;
+  if (!(out instanceof Float32Array)) {
+    throw new FastmaxError('INVALID_OPTION', 'options.out must be a Float32Array', {
+      argument: 'options.out',
+      expected: `a Float32Array of B·H·N·Dv = ${length} values`,
+      actual: out === null || typeof out !== 'object' ? describeValue(out) : (out as object).constructor.name,
+    });
+  }
+  if (out.length !== length) {
+    throw new FastmaxError('INVALID_SHAPE', 'options.out does not fit the output', {
+      argument: 'options.out',
+      expected: `${length} values (B·H·N·Dv for [${shape.batch}, ${shape.heads}, ${shape.queryLength}, ${shape.valueDim}])`,
+      actual: `${out.length} values`,
+    });
+  }
+  for (const name of ['q', 'k', 'v'] as const) {
+    const tensor = inputs[name];
+    if (isDeviceTensor(tensor) || !overlaps(out, tensor.data)) continue;
+    throw new FastmaxError('INVALID_OPTION', `options.out shares memory with ${name}.data`, {
+      argument: 'options.out',
+      expected: 'an array that shares no memory with q, k or v',
+      actual: `bytes [${out.byteOffset}, ${out.byteOffset + out.byteLength}) of the buffer that holds ${name}.data at [${tensor.data.byteOffset}, ${tensor.data.byteOffset + tensor.data.byteLength})`,
+    });
+  }
+  return out;
+}
+
+function overlaps(a: Float32Array, b: Float32Array): boolean {
+  return (
+    a.buffer === b.buffer &&
+    a.byteOffset < b.byteOffset + b.byteLength &&
+    b.byteOffset < a.byteOffset + a.byteLength
+  );
+}
+
 /** The key/value head that query head h reads: consecutive query heads share one (GQA/MQA). */
 export function kvHeadOf(head: number, shape: AttentionShape): number {
   return Math.floor(head / (shape.heads / shape.kvHeads));
