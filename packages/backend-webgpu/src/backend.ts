@@ -117,6 +117,8 @@ export const WEBGPU_CAPABILITIES: BackendCapabilities = {
   dtypes: ['float32', 'float16'],
   paths: ['factorized', 'direct'],
   deviceTensors: true,
+  // Host outputs are read back pass by pass into the caller's options.out when given.
+  writesIntoOut: true,
 };
 
 interface Slice {
@@ -966,13 +968,14 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     return { buffer, size: bytes };
   };
 
-  /** Output assembly: a device tensor filled pass by pass, or a host array. */
+  /** Output assembly: a device tensor filled pass by pass, or a host array (the caller's `out`). */
   const makeSink = (
     runtime: Runtime,
     shape: Shape4,
     perBlock: number,
     keepOnDevice: boolean,
     dtype: 'float32' | 'float16',
+    out?: Float32Array,
   ) => {
     const total = shape[0] * shape[1] * shape[2] * shape[3];
     const bytesPer = dtype === 'float16' ? 2 : 4;
@@ -994,7 +997,7 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
           dtype,
         )
       : undefined;
-    const host = keepOnDevice ? undefined : new Float32Array(total);
+    const host = keepOnDevice ? undefined : (out ?? new Float32Array(total));
     return {
       record(encoder: GPUCommandEncoder, source: Slice, first: number, temporaries: GPUBuffer[]): void {
         if (device !== undefined && dtype === 'float16') {
@@ -1041,7 +1044,7 @@ export function webgpuBackend(options: WebGpuBackendOptions = {}): WebGpuBackend
     if (plan.path === 'factorized') perUnit.push(F * (Dv + 1) * 4);
     const passes = planPasses(runtime, U, G, [N * D * 4, N * (Dv + 1) * 4], perUnit);
     const dtype = request.q instanceof WebGpuTensor ? request.q.dtype : 'float32';
-    const sink = makeSink(runtime, [batch, heads, N, Dv], N * Dv, request.keepOnDevice, dtype);
+    const sink = makeSink(runtime, [batch, heads, N, Dv], N * Dv, request.keepOnDevice, dtype, request.out);
     let degenerateRows = 0;
     let complete = false;
     try {

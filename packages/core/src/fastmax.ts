@@ -26,7 +26,7 @@ export interface CallOptions extends FastmaxOptions {
    * `attention` only: a Float32Array of B·H·N·Dv floats to write the output into, returned as
    * `output.data`. Reusing one across calls (layer after layer, step after step) saves allocating,
    * and on first touch page-faulting, a fresh array per call. It must share no memory with q, k or
-   * v; not with `output: 'device'`.
+   * v; not with `output: 'device'`. When the call fails, its contents are unspecified.
    */
   readonly out?: Float32Array;
 }
