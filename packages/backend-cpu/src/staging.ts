@@ -31,11 +31,15 @@ export class SharedStaging {
     return created;
   }
 
+  /** Where the workers read `data`: itself when already shared, else the buffer for `role` (unfilled). */
+  place(role: string, data: Float32Array): Float32Array {
+    return data.buffer instanceof SharedArrayBuffer ? data : this.take(role, data.length);
+  }
+
   /** `data` where the workers can read it: itself when already shared, else copied into `role`. */
   input(role: string, data: Float32Array): Float32Array {
-    if (data.buffer instanceof SharedArrayBuffer) return data;
-    const staged = this.take(role, data.length);
-    staged.set(data);
+    const staged = this.place(role, data);
+    if (staged !== data) staged.set(data);
     return staged;
   }
 
@@ -79,10 +83,9 @@ export class ProgressiveStaging {
     private readonly headDim: number,
     private readonly valueDim: number,
   ) {
-    const shared = (data: Float32Array): boolean => data.buffer instanceof SharedArrayBuffer;
-    this.q = shared(sourceQ) ? sourceQ : staging.take('q', sourceQ.length);
-    this.k = shared(sourceK) ? sourceK : staging.take('k', sourceK.length);
-    this.v = shared(sourceV) ? sourceV : staging.take('v', sourceV.length);
+    this.q = staging.place('q', sourceQ);
+    this.k = staging.place('k', sourceK);
+    this.v = staging.place('v', sourceV);
     this.rows = staging.takeCounters('rows', 2);
     Atomics.store(this.rows, QUERY_ROWS, 0);
     Atomics.store(this.rows, KEY_ROWS, 0);

@@ -266,7 +266,8 @@ async function softmaxSessions(
     k: new ort.Tensor('float32', inputs.k.data, dims),
     v: new ort.Tensor('float32', inputs.v.data, dims),
   };
-  const output = new ort.Tensor('float32', new Float32Array(N * HEAD_DIM), dims);
+  // One reused output array, viewed with each graph's output shape.
+  const outputData = preallocated ? new Float32Array(N * HEAD_DIM) : null;
   const sessions: SoftmaxSession[] = [
     {
       kind: 'MultiHeadAttention',
@@ -276,7 +277,8 @@ async function softmaxSessions(
     },
   ];
   const released = async (): Promise<void> => {};
-  if (preallocated) {
+  if (outputData !== null) {
+    const output = new ort.Tensor('float32', outputData, dims);
     sessions.push({
       kind: 'MultiHeadAttention',
       preallocated: true,
@@ -302,8 +304,8 @@ async function softmaxSessions(
       run: () => plain.run(feeds),
       release: () => plain.release(),
     });
-    if (preallocated) {
-      const matrixOutput = new ort.Tensor('float32', output.data as Float32Array, [N, HEAD_DIM]);
+    if (outputData !== null) {
+      const matrixOutput = new ort.Tensor('float32', outputData, [N, HEAD_DIM]);
       sessions.push({
         kind: 'plain graph',
         preallocated: true,
