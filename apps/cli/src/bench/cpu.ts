@@ -18,8 +18,10 @@ import {
   collectGarbage,
   createProgressBar,
   formatBenchTable,
+  formatDuration,
   measure,
   measureInterleaved,
+  median,
   writeJsonResult,
 } from '../report.js';
 import { randomTensor } from '../workload.js';
@@ -397,6 +399,25 @@ function usefulFlops(
   return 2 * heads * (plan.path === 'factorized' ? plan.cost.factorized : plan.cost.direct);
 }
 
+/**
+ * Microseconds per 4 KiB page for the first write to memory the system has just handed out: the
+ * cost every new output array pays when the allocator takes it fresh from the system rather than
+ * recycling freed memory (docs/benchmarks.md, "What limits"). A 64 MiB buffer is above glibc's
+ * largest mmap threshold (32 MiB), so it is always a fresh mapping; median of three.
+ */
+function firstTouchMicrosPerPage(): number {
+  const bytes = 64 * 2 ** 20;
+  const page = 4096;
+  const times: number[] = [];
+  for (let round = 0; round < 3; round++) {
+    const memory = new Uint8Array(bytes);
+    const start = performance.now();
+    for (let offset = 0; offset < bytes; offset += page) memory[offset] = 1;
+    times.push(((performance.now() - start) * 1000) / (bytes / page));
+  }
+  return median(times);
+}
+
 async function tfjsMatMulGflops(context: BenchContext): Promise<number> {
   const tf = await import('@tensorflow/tfjs-core');
   await import('@tensorflow/tfjs-backend-wasm');
@@ -467,6 +488,8 @@ export async function run(context: BenchContext): Promise<number> {
   progress.update('tfjs-wasm matMul 1024³');
   const tfjsGflops = await tfjsMatMulGflops(context);
   details.tfjsMatMulGflops = tfjsGflops;
+  const pageMicros = firstTouchMicrosPerPage();
+  details.firstTouchMicrosPerPage = pageMicros;
   progress.tick();
 
   const attend = (instance: Fastmax, inputs: ReturnType<typeof inputsOf>, options: FastmaxOptions) => () =>
@@ -687,7 +710,9 @@ export async function run(context: BenchContext): Promise<number> {
   println(
     io.stdout,
     `CPU backend: ${threads} thread${threads === 1 ? '' : 's'}; onnxruntime-node intra-op threads: ${threads}; ` +
-      `tfjs-wasm matMul 1024³: ${tfjsGflops.toFixed(1)} GFLOP/s; D = Dv = ${HEAD_DIM}, B = H = 1 unless stated`,
+      `tfjs-wasm matMul 1024³: ${tfjsGflops.toFixed(1)} GFLOP/s; first touch of new memory: ` +
+      `${pageMicros.toFixed(1)} µs per 4 KiB page (${formatDuration((pageMicros * n16 * HEAD_DIM) / 1024 / 1000)} ` +
+      `for an N = ${n16} output); D = Dv = ${HEAD_DIM}, B = H = 1 unless stated`,
   );
   println(io.stdout, formatBenchTable(rows));
   if (context.json) {
