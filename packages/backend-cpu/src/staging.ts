@@ -101,10 +101,7 @@ export class ProgressiveStaging {
     copy(this.q, this.sourceQ, this.headDim, queryRows);
     copy(this.k, this.sourceK, this.headDim, keyRows);
     copy(this.v, this.sourceV, this.valueDim, keyRows);
-    Atomics.store(this.rows, QUERY_ROWS, Math.min(to, queryRows));
-    Atomics.store(this.rows, KEY_ROWS, Math.min(to, keyRows));
-    Atomics.notify(this.rows, QUERY_ROWS);
-    Atomics.notify(this.rows, KEY_ROWS);
+    this.publish(Math.min(to, queryRows), Math.min(to, keyRows));
   }
 
   /**
@@ -116,11 +113,16 @@ export class ProgressiveStaging {
       for (let from = block; from < Math.max(queryRows, keyRows); from += block)
         this.stage(from, from + block, queryRows, keyRows);
     } finally {
-      Atomics.store(this.rows, QUERY_ROWS, 0x7fffffff);
-      Atomics.store(this.rows, KEY_ROWS, 0x7fffffff);
-      Atomics.notify(this.rows, QUERY_ROWS);
-      Atomics.notify(this.rows, KEY_ROWS);
+      this.publish(0x7fffffff, 0x7fffffff);
     }
+  }
+
+  /** Sets the two counts and wakes the workers waiting on them. */
+  private publish(queryRows: number, keyRows: number): void {
+    Atomics.store(this.rows, QUERY_ROWS, queryRows);
+    Atomics.store(this.rows, KEY_ROWS, keyRows);
+    Atomics.notify(this.rows, QUERY_ROWS);
+    Atomics.notify(this.rows, KEY_ROWS);
   }
 }
 

@@ -399,6 +399,9 @@ function usefulFlops(
   return 2 * heads * (plan.path === 'factorized' ? plan.cost.factorized : plan.cost.direct);
 }
 
+/** The unit of first-touch page faults. */
+const PAGE_BYTES = 4096;
+
 /**
  * Microseconds per 4 KiB page for the first write to memory the system has just handed out: the
  * cost every new output array pays when the allocator takes it fresh from the system rather than
@@ -407,13 +410,12 @@ function usefulFlops(
  */
 function firstTouchMicrosPerPage(): number {
   const bytes = 64 * 2 ** 20;
-  const page = 4096;
   const times: number[] = [];
   for (let round = 0; round < 3; round++) {
     const memory = new Uint8Array(bytes);
     const start = performance.now();
-    for (let offset = 0; offset < bytes; offset += page) memory[offset] = 1;
-    times.push(((performance.now() - start) * 1000) / (bytes / page));
+    for (let offset = 0; offset < bytes; offset += PAGE_BYTES) memory[offset] = 1;
+    times.push(((performance.now() - start) * 1000) / (bytes / PAGE_BYTES));
   }
   return median(times);
 }
@@ -489,6 +491,7 @@ export async function run(context: BenchContext): Promise<number> {
   const tfjsGflops = await tfjsMatMulGflops(context);
   details.tfjsMatMulGflops = tfjsGflops;
   const pageMicros = firstTouchMicrosPerPage();
+  const outputPages16 = (n16 * HEAD_DIM * 4) / PAGE_BYTES;
   details.firstTouchMicrosPerPage = pageMicros;
   progress.tick();
 
@@ -711,7 +714,7 @@ export async function run(context: BenchContext): Promise<number> {
     io.stdout,
     `CPU backend: ${threads} thread${threads === 1 ? '' : 's'}; onnxruntime-node intra-op threads: ${threads}; ` +
       `tfjs-wasm matMul 1024³: ${tfjsGflops.toFixed(1)} GFLOP/s; first touch of new memory: ` +
-      `${pageMicros.toFixed(1)} µs per 4 KiB page (${formatDuration((pageMicros * n16 * HEAD_DIM) / 1024 / 1000)} ` +
+      `${pageMicros.toFixed(1)} µs per 4 KiB page (${formatDuration((pageMicros * outputPages16) / 1000)} ` +
       `for an N = ${n16} output); D = Dv = ${HEAD_DIM}, B = H = 1 unless stated`,
   );
   println(io.stdout, formatBenchTable(rows));
