@@ -25,9 +25,11 @@ import {
 } from '@fastmax/core';
 import { cpuBackward } from './backward.js';
 import { BackwardEngine } from './backward-engine.js';
+import { balancedFeatureBounds, updatedSpeeds } from './balance.js';
 import {
   type AttentionJob,
   Engine,
+  featureShare,
   type HeadState,
   kvHeadSlot,
   MAX_CHUNK,
@@ -79,6 +81,13 @@ export interface CpuBackendOptions {
    * false on a browser's main thread to keep it free for rendering. Default true.
    */
   readonly shareCallingThread?: boolean;
+  /**
+   * Size the feature shares of a head split over workers by each worker's speed, measured on the
+   * calls before (see src/balance.ts), instead of equal shares: for hybrid CPUs with fast and slow
+   * cores, and virtual machines whose cores slow down unevenly. Speeds within 8% of each other keep
+   * equal shares. Default true.
+   */
+  readonly balanceShares?: boolean;
 }
 
 /** Largest moment state (S, its compensation and z) one thread may hold, in bytes. */
@@ -314,6 +323,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   let poolPromise: Promise<WorkerPool | null> | null = null;
   const staging = new SharedStaging(KEEP_STAGING_BYTES);
   let disposed = false;
+  // Relative speeds of the pool's workers (balance.ts), from the last feature-split forwards.
+  let workerSpeeds: Float64Array | null = null;
 
   const compiled = (): Promise<WebAssembly.Module> => {
     modulePromise ??= (async () => {
@@ -353,6 +364,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   const backend: CpuBackend & {
     readonly poolForTesting: () => Promise<WorkerPool | null>;
     readonly setFirstTouchProbeForTesting: (probe: (array: Float32Array) => number) => void;
+    /** The workers' relative speeds as balance.ts keeps them; null before a balanced call. */
+    readonly workerSpeedsForTesting: () => Float64Array | null;
+    readonly setWorkerSpeedsForTesting: (speeds: Float64Array | null) => void;
   } = {
     name: 'cpu',
     specVersion: SPEC_VERSION,
@@ -426,6 +440,21 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         : null;
       // Feature shares leave partial sums to be combined; query shares write finished rows.
       const combined = shares > 1 && queryBounds === null;
+      // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run),
+      // sized to that worker's measured speed. Besides its features, each share prepares every
+      // query and key and takes every shares-th diagonal block: work that does not shrink with it.
+      const balanced = combined && heads === 1 && shares === threadCount && options.balanceShares !== false;
+      const fixedFeatures =
+        (PREPARATION_COST * (N * D + shape.keyLength * (D + Dv)) +
+          (resolved.causal ? (N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
+        ((N + shape.keyLength) * (Dv + 1));
+      const featureBounds = balanced
+        ? balancedFeatureBounds(
+            setup.paddedFeatures,
+            workerSpeeds?.subarray(0, shares) ?? null,
+            fixedFeatures,
+          )
+        : null;
       const common = {
         batch: B,
         heads: H,
@@ -464,6 +493,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             out: request.out ?? new Float32Array(outLength),
           })),
           shares: 1,
+          featureBounds: null,
           partialOut: null,
           partialDen: null,
           queryBounds: null,
@@ -510,6 +540,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             partialDen: combined ? staging.take('partialDen', heads * shares * N) : null,
           })),
           shares,
+          featureBounds,
           queryBounds,
           stagedRows: progressive?.rows ?? null,
         };
@@ -558,6 +589,16 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           prepared.output = allocate(() => touchedFloat32(outLength));
         });
         failOnNonFinite(totals.nonFiniteInputs);
+        if (balanced) {
+          const work: number[] = [];
+          const millis: number[] = [];
+          for (const { batch, slot, millis: taken } of totals.timings) {
+            const { start, end } = featureShare(setup.paddedFeatures, batch, shares, featureBounds);
+            work[slot] = end - start + fixedFeatures;
+            millis[slot] = taken;
+          }
+          workerSpeeds = updatedSpeeds(workerSpeeds, work, millis);
+        }
         let degenerateRows = totals.degenerate;
         if (combined)
           degenerateRows += (await workers.combine(job, rowRanges(heads * N, threadCount))).degenerate;
@@ -632,6 +673,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     poolForTesting: () => pool(),
     setFirstTouchProbeForTesting: (probe) => {
       probeFirstTouch = probe;
+    },
+    workerSpeedsForTesting: () => workerSpeeds?.slice() ?? null,
+    setWorkerSpeedsForTesting: (speeds) => {
+      workerSpeeds = speeds;
     },
   };
   return backend;

@@ -67,6 +67,11 @@ export interface AttentionJob {
    * (head·shares + s); a second pass sums them and divides (`combineShares`).
    */
   readonly shares: number;
+  /**
+   * Padded-feature boundaries of the feature shares (shares + 1 of them, multiples of 4) when they
+   * are sized to the workers' measured speeds (balance.ts); null: equal counts (featureShare).
+   */
+  readonly featureBounds: Int32Array | null;
   readonly partialOut: Float32Array | null;
   readonly partialDen: Float32Array | null;
   /**
@@ -98,14 +103,17 @@ export interface WorkUnit {
 }
 
 /**
- * Padded features [start, end) of share `share` of `shares`: equal counts, in groups of 4 because
- * the moment and readout kernels take features 4 at a time.
+ * Padded features [start, end) of share `share` of `shares`: from `bounds` when the shares were
+ * sized to the workers' speeds (AttentionJob.featureBounds), else equal counts; in groups of 4
+ * because the moment and readout kernels take features 4 at a time.
  */
 export function featureShare(
   paddedFeatures: number,
   share: number,
   shares: number,
+  bounds: Int32Array | null = null,
 ): { start: number; end: number } {
+  if (bounds !== null && shares > 1) return { start: bounds[share]!, end: bounds[share + 1]! };
   const groups = paddedFeatures / 4;
   return {
     start: Math.floor((groups * share) / shares) * 4,
@@ -433,6 +441,7 @@ export class Engine {
       job.setup.paddedFeatures,
       featureIndex,
       shares,
+      job.featureBounds,
     );
     let partial: PartialTarget | null = null;
     if (shares > 1) {

@@ -24,12 +24,29 @@ type WorkerFactory = (events: WorkerEvents) => PortableWorker;
 export interface RunTotals {
   readonly degenerate: number;
   readonly nonFiniteInputs: number;
+  /** How long each batch took in the worker that ran it (balance.ts), in the order they finished. */
+  readonly timings: readonly BatchTiming[];
+}
+
+export interface BatchTiming {
+  /** Index of the batch in the run's list. */
+  readonly batch: number;
+  /** Which worker ran it (0 to size − 1). */
+  readonly slot: number;
+  readonly millis: number;
+}
+
+/** What one worker reports for one batch. */
+interface BatchReport {
+  readonly degenerate: number;
+  readonly nonFiniteInputs: number;
+  readonly millis: number;
 }
 
 interface Slot {
   worker: PortableWorker;
   /** Resolves or rejects the unit batch in flight, if any. */
-  task: { resolve: (totals: RunTotals) => void; reject: (error: Error) => void } | null;
+  task: { resolve: (report: BatchReport) => void; reject: (error: Error) => void } | null;
   /** Bumped when the worker is replaced, so events of a dead worker are ignored. */
   generation: number;
 }
@@ -128,7 +145,7 @@ export class WorkerPool {
               },
             ),
           );
-        } else task.resolve({ degenerate: reply.degenerate, nonFiniteInputs: reply.nonFiniteInputs });
+        } else task.resolve(reply);
       },
       died: (reason) => {
         if (slot.generation !== generation) return;
@@ -144,7 +161,8 @@ export class WorkerPool {
   }
 
   /**
-   * Runs the forward batches on the workers; resolves with the summed degenerate rows. `alongside`
+   * Runs the forward batches on the workers; resolves with the summed degenerate rows. With every
+   * worker idle (runs go one after another), batch i < size starts on worker i. `alongside`
    * runs in the calling thread once the workers have their first batches (work that would
    * otherwise leave a core idle before or after them); if it throws, the run still finishes (the
    * workers are using the job's memory) and then rejects with that error.
@@ -195,13 +213,14 @@ export class WorkerPool {
       let pending = 0;
       let degenerate = 0;
       let nonFiniteInputs = 0;
+      const timings: BatchTiming[] = [];
       let failed = false;
       // Settling waits for `alongside` too, whose error (if any) wins over the workers' result.
       let alongsideDone = false;
       let alongsideError: { error: unknown } | null = null;
       const settleIfDone = (): void => {
         if (failed || pending !== 0 || next < batches.length || !alongsideDone) return;
-        if (alongsideError === null) resolve({ degenerate, nonFiniteInputs });
+        if (alongsideError === null) resolve({ degenerate, nonFiniteInputs, timings });
         else reject(alongsideError.error);
       };
       const feed = (slot: Slot): void => {
@@ -209,14 +228,16 @@ export class WorkerPool {
           settleIfDone();
           return;
         }
-        const units = batches[next++]!;
+        const batch = next++;
+        const units = batches[batch]!;
         const id = this.nextId++;
         pending++;
         slot.task = {
-          resolve: (totals) => {
+          resolve: (report) => {
             pending--;
-            degenerate += totals.degenerate;
-            nonFiniteInputs += totals.nonFiniteInputs;
+            degenerate += report.degenerate;
+            nonFiniteInputs += report.nonFiniteInputs;
+            timings.push({ batch, slot: this.slots.indexOf(slot), millis: report.millis });
             feed(slot);
           },
           reject: (error) => {

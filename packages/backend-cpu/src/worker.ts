@@ -219,11 +219,17 @@ export type WorkerRequest =
     };
 
 /**
- * Replies of a worker: degenerate rows of the units and the input rows the kernels found NaN or
- * infinite values in (forward runs; see Engine.nonFiniteInputs), or why they failed.
+ * Replies of a worker: degenerate rows of the units, the input rows the kernels found NaN or
+ * infinite values in (forward runs; see Engine.nonFiniteInputs) and the time the units took in the
+ * worker (balance.ts), or why they failed.
  */
 export type WorkerReply =
-  | { readonly id: number; readonly degenerate: number; readonly nonFiniteInputs: number }
+  | {
+      readonly id: number;
+      readonly degenerate: number;
+      readonly nonFiniteInputs: number;
+      readonly millis: number;
+    }
   | { readonly id: number; readonly error: string; readonly memory: boolean };
 
 export function serveWorker(post: (reply: WorkerReply) => void): (request: WorkerRequest) => void {
@@ -239,6 +245,7 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
       if (module === null) throw new Error('worker used before init');
       let degenerate = 0;
       let nonFiniteInputs = 0;
+      const start = performance.now();
       if (request.type === 'run') {
         forward ??= new Engine(module);
         forward.nonFiniteInputs = 0;
@@ -252,7 +259,7 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
         backward.prepare(job.setup, job.valueDim, job.chunkSize);
         for (const unit of request.units) backwardUnit(backward, job, unit);
       }
-      post({ id: request.id, degenerate, nonFiniteInputs });
+      post({ id: request.id, degenerate, nonFiniteInputs, millis: performance.now() - start });
     } catch (error) {
       const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
       post({ id: request.id, error: text, memory: error instanceof RangeError });

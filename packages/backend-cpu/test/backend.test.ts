@@ -153,6 +153,42 @@ describe('threads', () => {
     });
   }
 
+  // One head in two feature shares sized to the workers' speeds (balance.ts): skewed either way,
+  // the shares still cover every feature once, so the result is the equal split's to float32
+  // rounding (the partial sums are grouped differently; 1e-5 as for the splits above).
+  for (const causal of [true, false]) {
+    it(`sizes feature shares to the workers' measured speeds (${causal ? 'causal' : 'non-causal'})`, async () => {
+      type Balanced = ReturnType<typeof cpuBackend> & {
+        workerSpeedsForTesting(): Float64Array | null;
+        setWorkerSpeedsForTesting(speeds: Float64Array | null): void;
+      };
+      const balanced = cpuBackend({ threads: 2, parallelThreshold: 0 }) as Balanced;
+      const equal = cpuBackend({ threads: 2, parallelThreshold: 0, balanceShares: false }) as Balanced;
+      const q = tensor([1, 1, 75, 32], 41);
+      const k = tensor([1, 1, 75, 32], 42);
+      const v = tensor([1, 1, 75, 12], 43);
+      const options: FastmaxOptions = { order: 2, causal, chunkSize: 8, path: 'factorized' };
+      const withBalanced = await createFastmax({ backend: balanced });
+      const withEqual = await createFastmax({ backend: equal });
+      const reference = referenceAttention(q, k, v, options);
+      const expected = ((await withEqual.attention(q, k, v, options)).output as HostTensor).data;
+      expect(equal.workerSpeedsForTesting()).toBeNull();
+      for (const speeds of [null, [0.3, 1.7], [1.7, 0.3]]) {
+        balanced.setWorkerSpeedsForTesting(speeds === null ? null : Float64Array.from(speeds));
+        const result = await withBalanced.attention(q, k, v, options);
+        const data = (result.output as HostTensor).data;
+        expect(relativeError(data, reference.output)).toBeLessThan(1e-5);
+        expect(relativeError(data, expected)).toBeLessThan(1e-5);
+        // The call timed its two shares: the estimate is there, at mean 1.
+        const measured = balanced.workerSpeedsForTesting()!;
+        expect(measured).toHaveLength(2);
+        expect(measured[0]! + measured[1]!).toBeCloseTo(2, 9);
+      }
+      await withBalanced.dispose();
+      await withEqual.dispose();
+    });
+  }
+
   // One head split by queries: the calling thread answers the last share from the caller's arrays
   // and only the rows before it are staged for the workers, block by block while they run, so
   // staging left over from an earlier, larger call holds stale rows past them, which no worker may

@@ -59,6 +59,7 @@ it('an engine waits for rows staged while it runs, and gives what it gives on da
     chunkSize: plan.chunkSize,
     setup: kernelSetup(D, 1, resolved.coefficients, true),
     shares: 1,
+    featureBounds: null,
     partialOut: null,
     partialDen: null,
     queryBounds: null,

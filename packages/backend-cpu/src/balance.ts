@@ -1,0 +1,98 @@
+/**
+ * Sizing a head's feature shares to the speeds of the workers that run them.
+ *
+ * Equal shares suit equal cores. On a hybrid CPU (performance and efficiency cores), or on a
+ * virtual machine whose vCPUs lose throughput unevenly to other tenants (docs/benchmarks.md: one
+ * of two vCPUs at 20 to 34 GFLOP/s for minutes while the other ran at 45), a call split into equal
+ * shares waits for the slowest one. A feature split cannot hand out work as it goes without
+ * repeating the preparation of every token per piece, so instead each such call times its shares
+ * on the workers and the next one sizes them from those speeds.
+ */
+
+/** Weight of the newest call in a worker's speed estimate (an exponential moving average). */
+const SPEED_SMOOTHING = 0.5;
+
+/**
+ * Speeds within this factor of each other get equal shares: call-to-call noise on equal cores
+ * stays within it, and equal shares are what the split was tuned with.
+ */
+const EQUAL_WITHIN = 1.08;
+
+/** No worker is rated more than this factor faster or slower than the mean (one bad sample). */
+const SPEED_LIMIT = 4;
+
+/**
+ * Relative speeds (mean 1) of the workers after a call in which worker s did `work[s]` (any unit)
+ * in `millis[s]` ms, folded into the previous estimate. Returns `previous` unchanged when a timing
+ * is unusable (not positive or not finite).
+ */
+export function updatedSpeeds(
+  previous: Float64Array | null,
+  work: readonly number[],
+  millis: readonly number[],
+): Float64Array | null {
+  const n = work.length;
+  if (n === 0 || millis.length !== n) return previous;
+  const rates = new Float64Array(n);
+  for (let s = 0; s < n; s++) {
+    const rate = work[s]! / millis[s]!;
+    if (!(rate > 0) || !Number.isFinite(rate)) return previous;
+    rates[s] = rate;
+  }
+  const measured = normalizedSpeeds(rates);
+  if (previous === null || previous.length !== n) return measured;
+  const blended = new Float64Array(n);
+  for (let s = 0; s < n; s++)
+    blended[s] = (1 - SPEED_SMOOTHING) * previous[s]! + SPEED_SMOOTHING * measured[s]!;
+  return normalizedSpeeds(blended);
+}
+
+/** Scales `rates` to mean 1, each clamped to [1/SPEED_LIMIT, SPEED_LIMIT] of the mean. */
+function normalizedSpeeds(rates: Float64Array): Float64Array {
+  const n = rates.length;
+  let sum = 0;
+  for (const rate of rates) sum += rate;
+  const speeds = new Float64Array(n);
+  for (let s = 0; s < n; s++) {
+    speeds[s] = Math.min(SPEED_LIMIT, Math.max(1 / SPEED_LIMIT, (rates[s]! * n) / sum));
+  }
+  return speeds;
+}
+
+/**
+ * Padded-feature boundaries (speeds.length + 1 of them, multiples of 4, at least 4 features per
+ * share) such that share s, which also carries `fixedFeatures` worth of work whatever its size
+ * (preparing every token, its part of the diagonal blocks), finishes with the others when it runs
+ * at `speeds[s]`. Null when the speeds are close enough for equal shares (featureShare), or there
+ * are too few features to move.
+ */
+export function balancedFeatureBounds(
+  paddedFeatures: number,
+  speeds: Float64Array | null,
+  fixedFeatures: number,
+): Int32Array | null {
+  if (speeds === null) return null;
+  const n = speeds.length;
+  if (n < 2 || paddedFeatures < 8 * n) return null;
+  let slowest = Number.POSITIVE_INFINITY;
+  let fastest = 0;
+  let sum = 0;
+  for (const speed of speeds) {
+    slowest = Math.min(slowest, speed);
+    fastest = Math.max(fastest, speed);
+    sum += speed;
+  }
+  if (fastest < slowest * EQUAL_WITHIN) return null;
+  // Share s gets speeds[s]/sum of all the work, its fixed part included.
+  const total = paddedFeatures + n * fixedFeatures;
+  const bounds = new Int32Array(n + 1);
+  let position = 0;
+  for (let s = 1; s < n; s++) {
+    position += (speeds[s - 1]! / sum) * total - fixedFeatures;
+    const lowest = bounds[s - 1]! + 4;
+    const highest = paddedFeatures - 4 * (n - s);
+    bounds[s] = Math.min(highest, Math.max(lowest, Math.round(position / 4) * 4));
+  }
+  bounds[n] = paddedFeatures;
+  return bounds;
+}

@@ -1,0 +1,156 @@
+import {
+  type HostTensor,
+  planAttention,
+  querySchedule,
+  resolveOptions,
+  validateAttentionInputs,
+} from '@fastmax/core';
+import { describe, expect, it } from 'vitest';
+import { balancedFeatureBounds, updatedSpeeds } from '../src/balance.js';
+import { type AttentionJob, combineShares, Engine, featureShare } from '../src/engine.js';
+import { KERNELS_SIMD } from '../src/generated/kernels.js';
+import { kernelSetup, packedSchedule } from '../src/setup.js';
+
+describe('updatedSpeeds', () => {
+  it('rates workers by work per millisecond, scaled to mean 1', () => {
+    // Worker 1 did twice the work in the same time: twice as fast.
+    const speeds = updatedSpeeds(null, [100, 200], [10, 10])!;
+    expect(speeds[0]).toBeCloseTo(2 / 3, 12);
+    expect(speeds[1]).toBeCloseTo(4 / 3, 12);
+  });
+
+  it('averages a new call with the estimate before it', () => {
+    const first = updatedSpeeds(null, [100, 100], [10, 10])!;
+    expect([...first]).toEqual([1, 1]);
+    // The new call alone says 2/3 and 4/3; half of each, kept at mean 1.
+    const second = updatedSpeeds(first, [100, 200], [10, 10])!;
+    expect(second[0]).toBeCloseTo(5 / 6, 12);
+    expect(second[1]).toBeCloseTo(7 / 6, 12);
+  });
+
+  it('bounds one extreme sample', () => {
+    const speeds = updatedSpeeds(null, [1, 1000], [10, 10])!;
+    expect(speeds[0]).toBe(1 / 4);
+  });
+
+  it('keeps the estimate when a timing is unusable', () => {
+    const previous = Float64Array.of(0.8, 1.2);
+    expect(updatedSpeeds(previous, [100, 100], [10, 0])).toBe(previous);
+    expect(updatedSpeeds(previous, [100, 100], [10, Number.NaN])).toBe(previous);
+    expect(updatedSpeeds(previous, [100, 100], [10])).toBe(previous);
+    expect(updatedSpeeds(null, [], [])).toBeNull();
+  });
+});
+
+describe('balancedFeatureBounds', () => {
+  const F = 2148;
+
+  it('keeps equal shares (null) without speeds or with speeds within 8% of each other', () => {
+    expect(balancedFeatureBounds(F, null, 0)).toBeNull();
+    expect(balancedFeatureBounds(F, Float64Array.of(0.97, 1.03), 90)).toBeNull();
+  });
+
+  it('gives each worker work in proportion to its speed, its fixed part included', () => {
+    const fixed = 90;
+    const speeds = Float64Array.of(0.6, 1.4);
+    const bounds = balancedFeatureBounds(F, speeds, fixed)!;
+    expect(bounds[0]).toBe(0);
+    expect(bounds[2]).toBe(F);
+    for (const bound of bounds) expect(bound % 4).toBe(0);
+    const time = (s: number): number => (bounds[s + 1]! - bounds[s]! + fixed) / speeds[s]!;
+    // Equal to rounding to a group of 4 features.
+    expect(Math.abs(time(0) - time(1))).toBeLessThan(4 / 0.6);
+    // Equal shares would have kept the slow worker busy for much longer.
+    const equal = featureShare(F, 0, 2);
+    expect((equal.end - equal.start + fixed) / speeds[0]!).toBeGreaterThan(1.5 * time(0));
+  });
+
+  it('leaves every share at least one group of 4 features, in order', () => {
+    const bounds = balancedFeatureBounds(64, Float64Array.of(0.25, 3.5, 0.25), 200)!;
+    expect([...bounds]).toEqual([0, 4, 60, 64]);
+    expect(balancedFeatureBounds(12, Float64Array.of(0.5, 1.5), 0)).toBeNull();
+  });
+
+  it('reads back through featureShare', () => {
+    const bounds = Int32Array.of(0, 400, 2148);
+    expect(featureShare(F, 1, 2, bounds)).toEqual({ start: 400, end: 2148 });
+    expect(featureShare(F, 1, 2, null)).toEqual({ start: 1072, end: 2148 });
+    // A query split (one feature share) uses every feature whatever the bounds say.
+    expect(featureShare(F, 0, 1, bounds)).toEqual({ start: 0, end: 2148 });
+  });
+});
+
+// The engine must run exactly the features the bounds give a share: share 0's denominators cover
+// only its features (so they differ from the equal split's), and the two shares still sum to the
+// same rows.
+it('an engine runs the features featureBounds gives its share, and the shares still sum to the whole', async () => {
+  const N = 90;
+  const D = 16;
+  const tensor = (seed: number): HostTensor => {
+    let state = seed;
+    const data = new Float32Array(N * D);
+    for (let i = 0; i < data.length; i++) {
+      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+      data[i] = state / 2 ** 31 - 1;
+    }
+    return { shape: [1, 1, N, D], data };
+  };
+  const [q, k, v] = [tensor(1), tensor(2), tensor(3)];
+  const resolved = resolveOptions({ order: 2, causal: true, chunkSize: 16 });
+  const shape = validateAttentionInputs(q, k, v, resolved);
+  const plan = planAttention(shape, resolved, ['factorized']);
+  const schedule = packedSchedule(querySchedule(0, shape, resolved, 'factorized', plan.chunkSize));
+  const setup = kernelSetup(D, 2, resolved.coefficients, true);
+  const binary = Uint8Array.from(atob(KERNELS_SIMD), (c) => c.charCodeAt(0));
+  const engine = new Engine(await WebAssembly.compile(binary));
+  const run = (featureBounds: Int32Array | null): { out: Float32Array; den: Float32Array } => {
+    const job: AttentionJob = {
+      q: q.data,
+      k: k.data,
+      v: v.data,
+      out: new Float32Array(N * D),
+      batch: 1,
+      heads: 1,
+      kvHeads: 1,
+      queryLength: N,
+      keyLength: N,
+      headDim: D,
+      valueDim: D,
+      normalization: { kind: 'prefix-max-norm' },
+      temperature: resolved.temperature,
+      causal: true,
+      validKeys: Int32Array.of(N),
+      path: 'factorized',
+      schedules: [schedule],
+      chunkSize: plan.chunkSize,
+      setup,
+      shares: 2,
+      featureBounds,
+      partialOut: new Float32Array(N * D),
+      partialDen: new Float32Array(2 * N),
+      queryBounds: null,
+      stagedRows: null,
+    };
+    engine.runUnit(job, { head: 0, share: 0 });
+    const den = job.partialDen!.slice(0, N);
+    engine.runUnit(job, { head: 0, share: 1 });
+    combineShares(job, { start: 0, end: N });
+    return { out: job.out, den };
+  };
+  const equal = run(null);
+  const skewed = run(Int32Array.of(0, 8, setup.paddedFeatures));
+  // Share 0 holds 8 of the 156 padded features instead of half of them. The constant feature, in
+  // both, carries most of a denominator, so the sums move by a few percent (2.5% here), not by
+  // half; with the bounds ignored the two runs would be bit-identical.
+  let moved = 0;
+  let largest = 0;
+  for (let i = 0; i < N; i++) {
+    moved = Math.max(moved, Math.abs(skewed.den[i]! - equal.den[i]!));
+    largest = Math.max(largest, Math.abs(equal.den[i]!));
+  }
+  expect(moved).toBeGreaterThan(0.01 * largest);
+  let error = 0;
+  for (let i = 0; i < equal.out.length; i++)
+    error = Math.max(error, Math.abs(equal.out[i]! - skewed.out[i]!));
+  expect(error).toBeLessThan(1e-5);
+});
