@@ -25,7 +25,7 @@ import {
 } from '@fastmax/core';
 import { cpuBackward } from './backward.js';
 import { BackwardEngine } from './backward-engine.js';
-import { balancedFeatureBounds, updatedSpeeds } from './balance.js';
+import { balancedFeatureBounds, unevenSpeeds, updatedSpeeds } from './balance.js';
 import {
   type AttentionJob,
   Engine,
@@ -82,10 +82,12 @@ export interface CpuBackendOptions {
    */
   readonly shareCallingThread?: boolean;
   /**
-   * Size the feature shares of a head split over workers by each worker's speed, measured on the
-   * calls before (see src/balance.ts), instead of equal shares: for hybrid CPUs with fast and slow
-   * cores, and virtual machines whose cores slow down unevenly. Speeds within 8% of each other keep
-   * equal shares. Default true.
+   * Size the shares of a head split over threads (by features, or by queries with the calling
+   * thread's share) by each thread's speed, measured on the calls before (see src/balance.ts),
+   * instead of equal or modelled shares: for hybrid CPUs with fast and slow cores, and virtual
+   * machines whose cores slow down unevenly. Speeds within 8% of each other keep the usual shares.
+   * Since the split then follows timings, repeated calls can differ by float32 rounding (as results
+   * with different thread counts do); pass false for bit-identical repeated calls. Default true.
    */
   readonly balanceShares?: boolean;
 }
@@ -255,9 +257,9 @@ const FRESH_PAGE_MS = 0.002;
 /**
  * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
  * `prefixCost` per key before its first query (building the state it starts from) plus `queryCost`
- * per query it answers, the last share `lastShareExtra` more (the calling thread's own duties)
- * and the others `workerFactor` times their cost (see STAGED_SLOWDOWN); the boundaries make those
- * totals equal.
+ * per query it answers, the last share `lastShareExtra` more (the calling thread's own duties),
+ * all of it `factors[s]` times (see STAGED_SLOWDOWN, and the thread's measured speed); the
+ * boundaries make those totals equal.
  */
 function sequenceBounds(
   rows: number,
@@ -266,21 +268,21 @@ function sequenceBounds(
   queryCost: number,
   prefixCost: number,
   lastShareExtra: number,
-  workerFactor: number,
+  factors: readonly number[],
 ): Int32Array {
   const endFor = (budget: number): number[] => {
     const bounds = [0];
     for (let s = 0; s < shares; s++) {
       const start = bounds[s]!;
       const last = s === shares - 1;
-      const factor = last ? 1 : workerFactor;
+      const factor = factors[s]!;
       const extra = last ? lastShareExtra : 0;
       bounds.push(start + Math.max(0, budget / factor - extra - prefixCost * start) / queryCost);
     }
     return bounds;
   };
   let low = 0;
-  let high = ((queryCost + prefixCost) * rows + lastShareExtra) * Math.max(1, workerFactor);
+  let high = ((queryCost + prefixCost) * rows + lastShareExtra) * Math.max(1, ...factors);
   for (let step = 0; step < 60; step++) {
     const middle = (low + high) / 2;
     if (endFor(middle)[shares]! < rows) low = middle;
@@ -325,6 +327,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   let disposed = false;
   // Relative speeds of the pool's workers (balance.ts), from the last feature-split forwards.
   let workerSpeeds: Float64Array | null = null;
+  // The same for the shares of a split by queries (the last one the calling thread's, when it takes
+  // one), relative to the cost model of sequenceBounds.
+  let queryShareSpeeds: Float64Array | null = null;
 
   const compiled = (): Promise<WebAssembly.Module> => {
     modulePromise ??= (async () => {
@@ -364,9 +369,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   const backend: CpuBackend & {
     readonly poolForTesting: () => Promise<WorkerPool | null>;
     readonly setFirstTouchProbeForTesting: (probe: (array: Float32Array) => number) => void;
-    /** The workers' relative speeds as balance.ts keeps them; null before a balanced call. */
-    readonly workerSpeedsForTesting: () => Float64Array | null;
-    readonly setWorkerSpeedsForTesting: (speeds: Float64Array | null) => void;
+    /**
+     * The relative speeds balance.ts keeps for feature shares (per worker) and query shares (per
+     * share); null before a balanced call of that kind.
+     */
+    readonly speedsForTesting: (split: 'features' | 'queries') => Float64Array | null;
+    readonly setSpeedsForTesting: (split: 'features' | 'queries', speeds: Float64Array | null) => void;
   } = {
     name: 'cpu',
     specVersion: SPEC_VERSION,
@@ -427,17 +435,35 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         ? (CALLER_FLOAT_COST * N * (2 * D + 2 * Dv) * (shares - 1)) / shares +
           (outputPages * probeMs * 1e6) / COST_UNIT_NS
         : 0;
+      const queryCost =
+        2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv);
+      const prefixCost = plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
+      // The model's time factor of each query share (a worker's staged reads), divided by the
+      // thread's speed relative to the model when one head's shares are balanced (balance.ts).
+      const balancedQueries = bySequence && heads === 1 && options.balanceShares !== false;
+      const queryShareSpeedsNow = balancedQueries ? unevenSpeeds(queryShareSpeeds, shares) : null;
+      const modelFactors = Array.from({ length: shares }, (_, s) =>
+        callerShare && s < shares - 1 ? STAGED_SLOWDOWN : 1,
+      );
       const queryBounds = bySequence
         ? sequenceBounds(
             N,
             shares,
             chunkSize,
-            2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv),
-            plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv),
+            queryCost,
+            prefixCost,
             callerExtra,
-            callerShare ? STAGED_SLOWDOWN : 1,
+            modelFactors.map((factor, s) => factor / (queryShareSpeedsNow?.[s] ?? 1)),
           )
         : null;
+      // After a balanced split by queries: how fast each share ran against the model.
+      const learnQueryShareSpeeds = (millisByShare: readonly number[]): void => {
+        const modelled = modelFactors.map(
+          (factor, s) =>
+            factor * (prefixCost * queryBounds![s]! + queryCost * (queryBounds![s + 1]! - queryBounds![s]!)),
+        );
+        queryShareSpeeds = updatedSpeeds(queryShareSpeeds, modelled, millisByShare);
+      };
       // Feature shares leave partial sums to be combined; query shares write finished rows.
       const combined = shares > 1 && queryBounds === null;
       // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run),
@@ -449,11 +475,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           (resolved.causal ? (N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
         ((N + shape.keyLength) * (Dv + 1));
       const featureBounds = balanced
-        ? balancedFeatureBounds(
-            setup.paddedFeatures,
-            workerSpeeds?.subarray(0, shares) ?? null,
-            fixedFeatures,
-          )
+        ? balancedFeatureBounds(setup.paddedFeatures, unevenSpeeds(workerSpeeds, shares), fixedFeatures)
         : null;
       const common = {
         batch: B,
@@ -555,6 +577,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           const output = callerOutput ?? job.out;
           const callerRows = N - workerRows;
           let callerDegenerate = 0;
+          // Zero (unusable, balance.ts) when the calling thread answers no rows.
+          let callerMillis = 0;
           local.nonFiniteInputs = 0;
           const totals = await workers.run(job, planUnits(heads, threadCount, shares, true), () => {
             progressive!.finish(STAGE_BLOCK_ROWS, stagedQueryRows, stagedKeyRows);
@@ -568,13 +592,21 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
               out: output,
               stagedRows: null,
             };
+            const start = performance.now();
             try {
               callerDegenerate = local.runUnit(callerJob, { head: 0, share: shares - 1 });
             } catch (error) {
               throw wrapEngineError(error);
             }
+            callerMillis = performance.now() - start;
           });
           failOnNonFinite(local.nonFiniteInputs + totals.nonFiniteInputs);
+          if (balancedQueries) {
+            const millis: number[] = [];
+            for (const { batch, millis: taken } of totals.timings) millis[batch] = taken;
+            millis[shares - 1] = callerMillis;
+            learnQueryShareSpeeds(millis);
+          }
           if (output !== job.out) output.set(job.out.subarray(0, workerRows * Dv));
           return {
             output: { shape: [B, H, N, Dv], data: output },
@@ -589,6 +621,11 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           prepared.output = allocate(() => touchedFloat32(outLength));
         });
         failOnNonFinite(totals.nonFiniteInputs);
+        if (balancedQueries) {
+          const millis: number[] = [];
+          for (const { batch, millis: taken } of totals.timings) millis[batch] = taken;
+          learnQueryShareSpeeds(millis);
+        }
         if (balanced) {
           const work: number[] = [];
           const millis: number[] = [];
@@ -674,9 +711,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     setFirstTouchProbeForTesting: (probe) => {
       probeFirstTouch = probe;
     },
-    workerSpeedsForTesting: () => workerSpeeds?.slice() ?? null,
-    setWorkerSpeedsForTesting: (speeds) => {
-      workerSpeeds = speeds;
+    speedsForTesting: (split) => (split === 'features' ? workerSpeeds : queryShareSpeeds)?.slice() ?? null,
+    setSpeedsForTesting: (split, speeds) => {
+      if (split === 'features') workerSpeeds = speeds;
+      else queryShareSpeeds = speeds;
     },
   };
   return backend;

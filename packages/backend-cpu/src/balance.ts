@@ -1,12 +1,14 @@
 /**
- * Sizing a head's feature shares to the speeds of the workers that run them.
+ * Sizing the shares a head is split into to the speeds of the threads that run them.
  *
  * Equal shares suit equal cores. On a hybrid CPU (performance and efficiency cores), or on a
  * virtual machine whose vCPUs lose throughput unevenly to other tenants (docs/benchmarks.md: one
- * of two vCPUs at 20 to 34 GFLOP/s for minutes while the other ran at 45), a call split into equal
- * shares waits for the slowest one. A feature split cannot hand out work as it goes without
- * repeating the preparation of every token per piece, so instead each such call times its shares
- * on the workers and the next one sizes them from those speeds.
+ * of two vCPUs at 17 to 32 GFLOP/s for a minute while the other ran at 42 to 47), a call split
+ * into equal shares waits for the slowest one. Neither split can hand out work as it goes
+ * without repeating work per piece (a feature share prepares every token, a query share folds
+ * every key before it), so instead each call times its shares and the next one sizes them from
+ * those speeds (backend.ts: feature bounds from balancedFeatureBounds, query bounds from
+ * sequenceBounds with each share's cost divided by its speed).
  */
 
 /** Weight of the newest call in a worker's speed estimate (an exponential moving average). */
@@ -60,29 +62,38 @@ function normalizedSpeeds(rates: Float64Array): Float64Array {
 }
 
 /**
+ * The first `shares` speeds of an estimate when they differ enough to size shares by; null when
+ * there is no such estimate or the speeds are close enough for the model's shares.
+ */
+export function unevenSpeeds(speeds: Float64Array | null, shares: number): Float64Array | null {
+  if (speeds === null || speeds.length < shares || shares < 2) return null;
+  const first = speeds.subarray(0, shares);
+  let slowest = Number.POSITIVE_INFINITY;
+  let fastest = 0;
+  for (const speed of first) {
+    slowest = Math.min(slowest, speed);
+    fastest = Math.max(fastest, speed);
+  }
+  return fastest < slowest * EQUAL_WITHIN ? null : first;
+}
+
+/**
  * Padded-feature boundaries (speeds.length + 1 of them, multiples of 4, at least 4 features per
  * share) such that share s, which also carries `fixedFeatures` worth of work whatever its size
  * (preparing every token, its part of the diagonal blocks), finishes with the others when it runs
- * at `speeds[s]`. Null when the speeds are close enough for equal shares (featureShare), or there
- * are too few features to move.
+ * at `speeds[s]`. Null when the speeds are close enough for equal shares (featureShare, see
+ * unevenSpeeds), or there are too few features to move.
  */
 export function balancedFeatureBounds(
   paddedFeatures: number,
   speeds: Float64Array | null,
   fixedFeatures: number,
 ): Int32Array | null {
-  if (speeds === null) return null;
+  if (speeds === null || unevenSpeeds(speeds, speeds.length) === null) return null;
   const n = speeds.length;
-  if (n < 2 || paddedFeatures < 8 * n) return null;
-  let slowest = Number.POSITIVE_INFINITY;
-  let fastest = 0;
+  if (paddedFeatures < 8 * n) return null;
   let sum = 0;
-  for (const speed of speeds) {
-    slowest = Math.min(slowest, speed);
-    fastest = Math.max(fastest, speed);
-    sum += speed;
-  }
-  if (fastest < slowest * EQUAL_WITHIN) return null;
+  for (const speed of speeds) sum += speed;
   // Share s gets speeds[s]/sum of all the work, its fixed part included.
   const total = paddedFeatures + n * fixedFeatures;
   const bounds = new Int32Array(n + 1);

@@ -153,37 +153,50 @@ describe('threads', () => {
     });
   }
 
-  // One head in two feature shares sized to the workers' speeds (balance.ts): skewed either way,
-  // the shares still cover every feature once, so the result is the equal split's to float32
-  // rounding (the partial sums are grouped differently; 1e-5 as for the splits above).
-  for (const causal of [true, false]) {
-    it(`sizes feature shares to the workers' measured speeds (${causal ? 'causal' : 'non-causal'})`, async () => {
+  // One head in two shares sized to the threads' measured speeds (balance.ts): by features at
+  // p = 2 (two workers), by queries at p = 1 (a worker and the calling thread, or two workers).
+  // Skewed either way, the shares still cover every feature and every query once, so the result is
+  // the equal split's to float32 rounding (sums grouped differently; 1e-5 as for the splits above).
+  for (const [order, causal, shareCallingThread] of [
+    [2, true, true],
+    [2, false, true],
+    [1, true, true],
+    [1, true, false],
+  ] as const) {
+    const split = order === 2 ? 'features' : 'queries';
+    it(`sizes ${split} shares to the measured speeds (p = ${order}, ${causal ? 'causal' : 'non-causal'}${shareCallingThread ? '' : ', shareCallingThread: false'})`, async () => {
       type Balanced = ReturnType<typeof cpuBackend> & {
-        workerSpeedsForTesting(): Float64Array | null;
-        setWorkerSpeedsForTesting(speeds: Float64Array | null): void;
+        speedsForTesting(split: 'features' | 'queries'): Float64Array | null;
+        setSpeedsForTesting(split: 'features' | 'queries', speeds: Float64Array | null): void;
       };
-      const balanced = cpuBackend({ threads: 2, parallelThreshold: 0 }) as Balanced;
-      const equal = cpuBackend({ threads: 2, parallelThreshold: 0, balanceShares: false }) as Balanced;
-      const q = tensor([1, 1, 75, 32], 41);
-      const k = tensor([1, 1, 75, 32], 42);
+      const common = { threads: 2, parallelThreshold: 0, shareCallingThread };
+      const balanced = cpuBackend(common) as Balanced;
+      const equal = cpuBackend({ ...common, balanceShares: false }) as Balanced;
+      const D = order === 2 ? 32 : 16;
+      const q = tensor([1, 1, 75, D], 41);
+      const k = tensor([1, 1, 75, D], 42);
       const v = tensor([1, 1, 75, 12], 43);
-      const options: FastmaxOptions = { order: 2, causal, chunkSize: 8, path: 'factorized' };
+      const options: FastmaxOptions = { order, causal, chunkSize: 8, path: 'factorized' };
       const withBalanced = await createFastmax({ backend: balanced });
       const withEqual = await createFastmax({ backend: equal });
       const reference = referenceAttention(q, k, v, options);
       const expected = ((await withEqual.attention(q, k, v, options)).output as HostTensor).data;
-      expect(equal.workerSpeedsForTesting()).toBeNull();
+      expect(equal.speedsForTesting(split)).toBeNull();
       for (const speeds of [null, [0.3, 1.7], [1.7, 0.3]]) {
-        balanced.setWorkerSpeedsForTesting(speeds === null ? null : Float64Array.from(speeds));
+        balanced.setSpeedsForTesting(split, speeds === null ? null : Float64Array.from(speeds));
         const result = await withBalanced.attention(q, k, v, options);
         const data = (result.output as HostTensor).data;
         expect(relativeError(data, reference.output)).toBeLessThan(1e-5);
         expect(relativeError(data, expected)).toBeLessThan(1e-5);
-        // The call timed its two shares: the estimate is there, at mean 1.
-        const measured = balanced.workerSpeedsForTesting()!;
-        expect(measured).toHaveLength(2);
-        expect(measured[0]! + measured[1]!).toBeCloseTo(2, 9);
+        // The call timed its two shares: the estimate is there, at mean 1 (a share without rows
+        // leaves the estimate as it was).
+        const measured = balanced.speedsForTesting(split);
+        if (measured !== null) {
+          expect(measured).toHaveLength(2);
+          expect(measured[0]! + measured[1]!).toBeCloseTo(2, 9);
+        }
       }
+      expect(balanced.speedsForTesting(split)).not.toBeNull();
       await withBalanced.dispose();
       await withEqual.dispose();
     });
@@ -295,7 +308,11 @@ describe('threads', () => {
     const k = tensor([1, 1, N, 4], 42);
     const v = tensor([1, 1, N, 72], 43);
     const options: FastmaxOptions = { order: 1, causal: true };
-    const parallel = await createFastmax({ backend });
+    // Equal shares on every call, so that the two parallel calls below split alike and agree bit
+    // for bit (balanced shares follow the timings of the calls before).
+    const parallel = await createFastmax({
+      backend: cpuBackend({ threads: 2, parallelThreshold: 0, balanceShares: false }),
+    });
     const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
     const a = (await parallel.attention(q, k, v, options)).output as HostTensor;
     const b = (await serial.attention(q, k, v, options)).output as HostTensor;
@@ -309,6 +326,7 @@ describe('threads', () => {
     expect(c.data).toBe(out);
     expect(relativeError(out, a.data)).toBe(0);
     await serial.dispose();
+    await parallel.dispose();
   });
 
   it('splits the backward of one head by features, matching one thread', async () => {

@@ -6,7 +6,7 @@ import {
   validateAttentionInputs,
 } from '@fastmax/core';
 import { describe, expect, it } from 'vitest';
-import { balancedFeatureBounds, updatedSpeeds } from '../src/balance.js';
+import { balancedFeatureBounds, unevenSpeeds, updatedSpeeds } from '../src/balance.js';
 import { type AttentionJob, combineShares, Engine, featureShare } from '../src/engine.js';
 import { KERNELS_SIMD } from '../src/generated/kernels.js';
 import { kernelSetup, packedSchedule } from '../src/setup.js';
@@ -39,6 +39,18 @@ describe('updatedSpeeds', () => {
     expect(updatedSpeeds(previous, [100, 100], [10, Number.NaN])).toBe(previous);
     expect(updatedSpeeds(previous, [100, 100], [10])).toBe(previous);
     expect(updatedSpeeds(null, [], [])).toBeNull();
+  });
+});
+
+describe('unevenSpeeds', () => {
+  it('gives the first shares speeds only when they are at least 8% apart', () => {
+    const speeds = Float64Array.of(0.9, 1.1, 1.05);
+    expect([...unevenSpeeds(speeds, 2)!]).toEqual([0.9, 1.1]);
+    expect(unevenSpeeds(speeds.subarray(1), 2)).toBeNull();
+    expect(unevenSpeeds(Float64Array.of(0.97, 1.03), 2)).toBeNull();
+    // No estimate, or one of fewer threads than the split has.
+    expect(unevenSpeeds(null, 2)).toBeNull();
+    expect(unevenSpeeds(Float64Array.of(0.5, 1.5), 3)).toBeNull();
   });
 });
 
