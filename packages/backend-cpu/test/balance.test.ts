@@ -1,15 +1,7 @@
-import {
-  type HostTensor,
-  planAttention,
-  querySchedule,
-  resolveOptions,
-  validateAttentionInputs,
-} from '@fastmax/core';
 import { describe, expect, it } from 'vitest';
 import { balancedFeatureBounds, unevenSpeeds, updatedSpeeds } from '../src/balance.js';
-import { type AttentionJob, combineShares, Engine, featureShare } from '../src/engine.js';
-import { KERNELS_SIMD } from '../src/generated/kernels.js';
-import { kernelSetup, packedSchedule } from '../src/setup.js';
+import { combineShares, featureShare } from '../src/engine.js';
+import { causalHead } from './head-job.js';
 
 describe('updatedSpeeds', () => {
   it('rates workers by work per millisecond, scaled to mean 1', () => {
@@ -98,51 +90,14 @@ describe('balancedFeatureBounds', () => {
 it('an engine runs the features featureBounds gives its share, and the shares still sum to the whole', async () => {
   const N = 90;
   const D = 16;
-  const tensor = (seed: number): HostTensor => {
-    let state = seed;
-    const data = new Float32Array(N * D);
-    for (let i = 0; i < data.length; i++) {
-      state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-      data[i] = state / 2 ** 31 - 1;
-    }
-    return { shape: [1, 1, N, D], data };
-  };
-  const [q, k, v] = [tensor(1), tensor(2), tensor(3)];
-  const resolved = resolveOptions({ order: 2, causal: true, chunkSize: 16 });
-  const shape = validateAttentionInputs(q, k, v, resolved);
-  const plan = planAttention(shape, resolved, ['factorized']);
-  const schedule = packedSchedule(querySchedule(0, shape, resolved, 'factorized', plan.chunkSize));
-  const setup = kernelSetup(D, 2, resolved.coefficients, true);
-  const binary = Uint8Array.from(atob(KERNELS_SIMD), (c) => c.charCodeAt(0));
-  const engine = new Engine(await WebAssembly.compile(binary));
+  const { setup, engine, job: headJob } = await causalHead(2, N, D, 16);
   const run = (featureBounds: Int32Array | null): { out: Float32Array; den: Float32Array } => {
-    const job: AttentionJob = {
-      q: q.data,
-      k: k.data,
-      v: v.data,
-      out: new Float32Array(N * D),
-      batch: 1,
-      heads: 1,
-      kvHeads: 1,
-      queryLength: N,
-      keyLength: N,
-      headDim: D,
-      valueDim: D,
-      normalization: { kind: 'prefix-max-norm' },
-      temperature: resolved.temperature,
-      causal: true,
-      validKeys: Int32Array.of(N),
-      path: 'factorized',
-      schedules: [schedule],
-      chunkSize: plan.chunkSize,
-      setup,
+    const job = headJob({
       shares: 2,
       featureBounds,
       partialOut: new Float32Array(N * D),
       partialDen: new Float32Array(2 * N),
-      queryBounds: null,
-      stagedRows: null,
-    };
+    });
     engine.runUnit(job, { head: 0, share: 0 });
     const den = job.partialDen!.slice(0, N);
     engine.runUnit(job, { head: 0, share: 1 });

@@ -1,26 +1,7 @@
 import { Worker } from 'node:worker_threads';
-import {
-  type HostTensor,
-  planAttention,
-  querySchedule,
-  resolveOptions,
-  type Shape4,
-  validateAttentionInputs,
-} from '@fastmax/core';
 import { expect, it } from 'vitest';
-import { type AttentionJob, Engine, KEY_ROWS, QUERY_ROWS } from '../src/engine.js';
-import { KERNELS_SIMD } from '../src/generated/kernels.js';
-import { kernelSetup, packedSchedule } from '../src/setup.js';
-
-function tensor(shape: Shape4, seed: number): HostTensor {
-  let state = seed >>> 0 || 1;
-  const data = new Float32Array(shape[0] * shape[1] * shape[2] * shape[3]);
-  for (let i = 0; i < data.length; i++) {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    data[i] = state / 2 ** 31 - 1;
-  }
-  return { shape, data };
-}
+import { type AttentionJob, KEY_ROWS, QUERY_ROWS } from '../src/engine.js';
+import { causalHead } from './head-job.js';
 
 const shared = (length: number): Float32Array => new Float32Array(new SharedArrayBuffer(length * 4));
 
@@ -31,40 +12,9 @@ const shared = (length: number): Float32Array => new Float32Array(new SharedArra
 it('an engine waits for rows staged while it runs, and gives what it gives on data staged first', async () => {
   const N = 1000;
   const D = 16;
-  const [q, k, v] = [tensor([1, 1, N, D], 1), tensor([1, 1, N, D], 2), tensor([1, 1, N, D], 3)];
-  const resolved = resolveOptions({ order: 1, causal: true, chunkSize: 32 });
-  const shape = validateAttentionInputs(q, k, v, resolved);
-  const plan = planAttention(shape, resolved, ['factorized']);
-  const schedule = packedSchedule(querySchedule(0, shape, resolved, 'factorized', plan.chunkSize));
-  const binary = Uint8Array.from(atob(KERNELS_SIMD), (c) => c.charCodeAt(0));
-  const engine = new Engine(await WebAssembly.compile(binary));
-  const job = (inputs: Float32Array[], stagedRows: Int32Array | null): AttentionJob => ({
-    q: inputs[0]!,
-    k: inputs[1]!,
-    v: inputs[2]!,
-    out: new Float32Array(N * D),
-    batch: 1,
-    heads: 1,
-    kvHeads: 1,
-    queryLength: N,
-    keyLength: N,
-    headDim: D,
-    valueDim: D,
-    normalization: { kind: 'prefix-max-norm' },
-    temperature: resolved.temperature,
-    causal: true,
-    validKeys: Int32Array.of(N),
-    path: 'factorized',
-    schedules: [schedule],
-    chunkSize: plan.chunkSize,
-    setup: kernelSetup(D, 1, resolved.coefficients, true),
-    shares: 1,
-    featureBounds: null,
-    partialOut: null,
-    partialDen: null,
-    queryBounds: null,
-    stagedRows,
-  });
+  const { q, k, v, engine, job: headJob } = await causalHead(1, N, D, 32);
+  const job = (inputs: Float32Array[], stagedRows: Int32Array | null): AttentionJob =>
+    headJob({ q: inputs[0]!, k: inputs[1]!, v: inputs[2]!, stagedRows });
   const whole = job([q.data, k.data, v.data], null);
   engine.runUnit(whole, { head: 0 });
 
