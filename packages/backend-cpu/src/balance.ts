@@ -25,27 +25,27 @@ const SPEED_LIMIT = 4;
 
 /**
  * Relative speeds (mean 1) of the workers after a call in which worker s did `work[s]` (any unit)
- * in `millis[s]` ms, folded into the previous estimate. Returns `previous` unchanged when a timing
- * is unusable (not positive or not finite).
+ * in `millis[s]` ms, folded into the previous estimate. When a timing is unusable (not positive or
+ * not finite: typically a share the last estimate left empty, which then can never be timed again)
+ * the estimate moves back toward equal speeds instead, so that it cannot stay stuck.
  */
 export function updatedSpeeds(
   previous: Float64Array | null,
   work: readonly number[],
   millis: readonly number[],
 ): Float64Array | null {
-  const n = work.length;
-  if (n === 0 || millis.length !== n) return previous;
-  const rates = new Float64Array(n);
-  for (let s = 0; s < n; s++) {
-    const rate = work[s]! / millis[s]!;
-    if (!(rate > 0) || !Number.isFinite(rate)) return previous;
-    rates[s] = rate;
+  const n = previous?.length ?? work.length;
+  let measured: Float64Array | null = null;
+  if (n > 0 && work.length === n && millis.length === n) {
+    const rates = new Float64Array(n);
+    for (let s = 0; s < n; s++) rates[s] = work[s]! / millis[s]!;
+    if (rates.every((rate) => rate > 0 && Number.isFinite(rate))) measured = normalizedSpeeds(rates);
   }
-  const measured = normalizedSpeeds(rates);
-  if (previous === null || previous.length !== n) return measured;
+  if (previous === null) return measured;
   const blended = new Float64Array(n);
-  for (let s = 0; s < n; s++)
-    blended[s] = (1 - SPEED_SMOOTHING) * previous[s]! + SPEED_SMOOTHING * measured[s]!;
+  for (let s = 0; s < n; s++) {
+    blended[s] = (1 - SPEED_SMOOTHING) * previous[s]! + SPEED_SMOOTHING * (measured?.[s] ?? 1);
+  }
   return normalizedSpeeds(blended);
 }
 

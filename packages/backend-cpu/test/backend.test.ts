@@ -202,6 +202,23 @@ describe('threads', () => {
     });
   }
 
+  // An estimate that rates the calling thread so slow that its share is empty leaves nothing to
+  // time it by: it must drift back toward equal speeds rather than stay (balance.ts). N = 80, a
+  // multiple of the chunk, so that the boundary can reach N and leave that share no rows.
+  it('lets an estimate that emptied a share recover', async () => {
+    const balanced = cpuBackend({ threads: 2, parallelThreshold: 0 }) as ReturnType<typeof cpuBackend> & {
+      speedsForTesting(split: 'queries'): Float64Array | null;
+      setSpeedsForTesting(split: 'queries', speeds: Float64Array | null): void;
+    };
+    const fm = await createFastmax({ backend: balanced });
+    const q = tensor([1, 1, 80, 16], 51);
+    balanced.setSpeedsForTesting('queries', Float64Array.of(1.9, 0.1));
+    await fm.attention(q, q, q, { order: 1, causal: true, chunkSize: 8, path: 'factorized' });
+    // Halfway back (0.55) if the share was empty; measured and averaged (at least 0.175) if not.
+    expect(balanced.speedsForTesting('queries')![1]).toBeGreaterThan(0.15);
+    await fm.dispose();
+  });
+
   // One head split by queries: the calling thread answers the last share from the caller's arrays
   // and only the rows before it are staged for the workers, block by block while they run, so
   // staging left over from an earlier, larger call holds stale rows past them, which no worker may

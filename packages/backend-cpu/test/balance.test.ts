@@ -25,11 +25,27 @@ describe('updatedSpeeds', () => {
     expect(speeds[0]).toBe(1 / 4);
   });
 
-  it('keeps the estimate when a timing is unusable', () => {
-    const previous = Float64Array.of(0.8, 1.2);
-    expect(updatedSpeeds(previous, [100, 100], [10, 0])).toBe(previous);
-    expect(updatedSpeeds(previous, [100, 100], [10, Number.NaN])).toBe(previous);
-    expect(updatedSpeeds(previous, [100, 100], [10])).toBe(previous);
+  it('moves the estimate halfway back to equal when a timing is unusable', () => {
+    // A share left empty (0 work in 0 ms) cannot be timed: without this the estimate that emptied
+    // it would never change again.
+    const previous = Float64Array.of(0.6, 1.4);
+    const unusable: [number[], number[]][] = [
+      [
+        [0, 100],
+        [0, 10],
+      ],
+      [
+        [100, 100],
+        [10, Number.NaN],
+      ],
+      [[100, 100], [10]],
+    ];
+    for (const [work, millis] of unusable) {
+      const speeds = updatedSpeeds(previous, work, millis)!;
+      expect(speeds[0]).toBeCloseTo(0.8, 12);
+      expect(speeds[1]).toBeCloseTo(1.2, 12);
+    }
+    expect(updatedSpeeds(null, [0, 100], [0, 10])).toBeNull();
     expect(updatedSpeeds(null, [], [])).toBeNull();
   });
 });
