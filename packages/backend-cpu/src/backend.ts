@@ -38,7 +38,7 @@ import {
   type WorkUnit,
 } from './engine.js';
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
-import { WorkerPool, workerFactory } from './pool.js';
+import { type BatchTiming, WorkerPool, workerFactory } from './pool.js';
 import { kernelSetup, packedSchedule } from './setup.js';
 import {
   FLOATS_PER_PAGE,
@@ -456,13 +456,17 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             modelFactors.map((factor, s) => factor / (queryShareSpeedsNow?.[s] ?? 1)),
           )
         : null;
-      // After a balanced split by queries: how fast each share ran against the model.
-      const learnQueryShareSpeeds = (millisByShare: readonly number[]): void => {
+      // After a balanced split by queries: how fast each share ran against the model. Share s ran as
+      // batch s, the last one in the calling thread when it took one (`callerMillis`).
+      const learnQueryShareSpeeds = (timings: readonly BatchTiming[], callerMillis?: number): void => {
+        const millis: number[] = [];
+        for (const { batch, millis: taken } of timings) millis[batch] = taken;
+        if (callerMillis !== undefined) millis[shares - 1] = callerMillis;
         const modelled = modelFactors.map(
           (factor, s) =>
             factor * (prefixCost * queryBounds![s]! + queryCost * (queryBounds![s + 1]! - queryBounds![s]!)),
         );
-        queryShareSpeeds = updatedSpeeds(queryShareSpeeds, modelled, millisByShare);
+        queryShareSpeeds = updatedSpeeds(queryShareSpeeds, modelled, millis);
       };
       // Feature shares leave partial sums to be combined; query shares write finished rows.
       const combined = shares > 1 && queryBounds === null;
@@ -601,12 +605,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             callerMillis = performance.now() - start;
           });
           failOnNonFinite(local.nonFiniteInputs + totals.nonFiniteInputs);
-          if (balancedQueries) {
-            const millis: number[] = [];
-            for (const { batch, millis: taken } of totals.timings) millis[batch] = taken;
-            millis[shares - 1] = callerMillis;
-            learnQueryShareSpeeds(millis);
-          }
+          if (balancedQueries) learnQueryShareSpeeds(totals.timings, callerMillis);
           if (output !== job.out) output.set(job.out.subarray(0, workerRows * Dv));
           return {
             output: { shape: [B, H, N, Dv], data: output },
@@ -621,11 +620,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           prepared.output = allocate(() => touchedFloat32(outLength));
         });
         failOnNonFinite(totals.nonFiniteInputs);
-        if (balancedQueries) {
-          const millis: number[] = [];
-          for (const { batch, millis: taken } of totals.timings) millis[batch] = taken;
-          learnQueryShareSpeeds(millis);
-        }
+        if (balancedQueries) learnQueryShareSpeeds(totals.timings);
         if (balanced) {
           const work: number[] = [];
           const millis: number[] = [];
