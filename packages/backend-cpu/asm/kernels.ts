@@ -796,6 +796,14 @@ export function hadamard(a: usize, b: usize, n4: i32): void {
   }
 }
 
+/** a[i] += b[i] for i < 4·n4. */
+export function addVectors(a: usize, b: usize, n4: i32): void {
+  for (let i = 0; i < n4; i++) {
+    const o = <usize>i << 4;
+    v128.store(a + o, f32x4.add(v128.load(a + o), v128.load(b + o)));
+  }
+}
+
 /** dst[c][r] = src[r][c] for r < rows, c < cols. */
 export function transpose(src: usize, ldSrc: i32, rows: i32, cols: i32, dst: usize, ldDst: i32): void {
   for (let r = 0; r < rows; r++) {

@@ -34,7 +34,11 @@ import {
   kvHeadSlot,
   MAX_CHUNK,
   type NormalizationSpec,
+  type QueryScan,
   type RowRange,
+  SCAN_ABORTED,
+  scanPrefixFloats,
+  scanStoreBytes,
   type WorkUnit,
 } from './engine.js';
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
@@ -90,6 +94,18 @@ export interface CpuBackendOptions {
    * with different thread counts do); pass false for bit-identical repeated calls. Default true.
    */
   readonly balanceShares?: boolean;
+  /**
+   * How a head split by queries (causal, few features: p = 1) gets the moments of the keys before
+   * each share. true: a prefix scan, where each share builds the moments of its own keys only,
+   * keeping a copy of its state per query chunk, and takes the rest from the share before it, so
+   * nothing is computed twice but each share writes and reads back about 3 KB per query row. false:
+   * each share folds every key before its first query into its own state, work that grows with the
+   * share's position (the last of P shares folds (P − 1)/P of the keys). Default: the scan from 3
+   * shares on (threads ≥ 3), folding with 2, where both measured alike (docs/benchmarks.md). A share
+   * whose scan would keep more than 64 MiB of WebAssembly memory folds anyway. The two group float32
+   * sums differently, so their results differ by rounding.
+   */
+  readonly queryScan?: boolean;
 }
 
 /** Largest moment state (S, its compensation and z) one thread may hold, in bytes. */
@@ -183,14 +199,15 @@ const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
 /**
  * Splits the (batch, head) pairs into work units, grouped in a few batches per thread so idle
  * workers keep finding work. With fewer pairs than threads, each head is split into `shares` units
- * (see AttentionJob.shares). `skipLast`: the last share of head 0 is left out (the calling thread
- * runs it).
+ * (see AttentionJob.shares), in order of share within each head (a scan's share waits for the one
+ * before it, which therefore starts first). `skipShare`: that share of head 0 is left out (the
+ * calling thread runs it).
  */
-function planUnits(heads: number, threads: number, shares: number, skipLast = false): WorkUnit[][] {
+function planUnits(heads: number, threads: number, shares: number, skipShare = -1): WorkUnit[][] {
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) {
     for (let share = 0; share < shares; share++) {
-      if (!(skipLast && head === 0 && share === shares - 1)) units.push({ head, share });
+      if (!(head === 0 && share === skipShare)) units.push({ head, share });
     }
   }
   const batchCount = Math.min(units.length, threads * 4);
@@ -254,10 +271,13 @@ const COST_UNIT_NS = 0.042;
 const PROBED_PAGES = 32;
 const FRESH_PAGE_MS = 0.002;
 
+/** Bytes of WebAssembly memory a scan share may keep between its phases (scanStoreBytes). */
+const SCAN_STORE_LIMIT = 64 * 2 ** 20;
+
 /**
  * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
- * `prefixCost` per key before its first query (building the state it starts from) plus `queryCost`
- * per query it answers, the last share `lastShareExtra` more (the calling thread's own duties),
+ * `prefixCost` per key before its first query (building the state it starts from, when the shares
+ * fold) plus `queryCost` per query it answers, plus `extras[s]` (the calling thread's own duties),
  * all of it `factors[s]` times (see STAGED_SLOWDOWN, and the thread's measured speed); the
  * boundaries make those totals equal.
  */
@@ -267,22 +287,22 @@ function sequenceBounds(
   chunk: number,
   queryCost: number,
   prefixCost: number,
-  lastShareExtra: number,
+  extras: readonly number[],
   factors: readonly number[],
 ): Int32Array {
   const endFor = (budget: number): number[] => {
     const bounds = [0];
     for (let s = 0; s < shares; s++) {
       const start = bounds[s]!;
-      const last = s === shares - 1;
       const factor = factors[s]!;
-      const extra = last ? lastShareExtra : 0;
-      bounds.push(start + Math.max(0, budget / factor - extra - prefixCost * start) / queryCost);
+      bounds.push(start + Math.max(0, budget / factor - extras[s]! - prefixCost * start) / queryCost);
     }
     return bounds;
   };
   let low = 0;
-  let high = ((queryCost + prefixCost) * rows + lastShareExtra) * Math.max(1, ...factors);
+  let high =
+    ((queryCost + prefixCost) * rows + extras.reduce((sum, extra) => sum + extra, 0)) *
+    Math.max(1, ...factors);
   for (let step = 0; step < 60; step++) {
     const middle = (low + high) / 2;
     if (endFor(middle)[shares]! < rows) low = middle;
@@ -415,9 +435,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         workers !== null && factorized ? featureShares(heads, threadCount, setup.paddedFeatures) : 1;
       const D = shape.headDim;
       const bySequence = shares > 1 && resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
-      // With one head split by queries, the calling thread answers the last share itself: from the
-      // caller's arrays into the caller's output, so only the rows before that share are staged for
-      // the workers. Its other duties count against that share (callerExtra).
+      // With one head split by queries, the calling thread answers one share itself, from the
+      // caller's arrays into the caller's output, so that share's rows are not staged for the
+      // workers: the first one when the shares scan (it waits for no other), else the last one
+      // (it needs the fewest rows staged). Its other duties count against it (callerExtra).
       const callerShare = bySequence && heads === 1 && options.shareCallingThread !== false;
       const outLength = B * H * N * Dv;
       const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
@@ -437,34 +458,50 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         : 0;
       const queryCost =
         2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv);
-      const prefixCost = plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
-      // The model's time factor of each query share (a worker's staged reads), divided by the
-      // thread's speed relative to the model when one head's shares are balanced (balance.ts).
+      // The speed of each query share relative to the model when one head's shares are balanced
+      // (balance.ts).
       const balancedQueries = bySequence && heads === 1 && options.balanceShares !== false;
       const queryShareSpeedsNow = balancedQueries ? unevenSpeeds(queryShareSpeeds, shares) : null;
-      const modelFactors = Array.from({ length: shares }, (_, s) =>
-        callerShare && s < shares - 1 ? STAGED_SLOWDOWN : 1,
-      );
-      const queryBounds = bySequence
-        ? sequenceBounds(
-            N,
-            shares,
-            chunkSize,
-            queryCost,
-            prefixCost,
-            callerExtra,
-            modelFactors.map((factor, s) => factor / (queryShareSpeedsNow?.[s] ?? 1)),
-          )
-        : null;
-      // After a balanced split by queries: how fast each share ran against the model. Share s ran as
-      // batch s, the last one in the calling thread when it took one (`callerMillis`).
+      const splitByQueries = (scan: boolean) => {
+        // Building the state of the keys before a share costs it per key only when it folds them.
+        const prefixCost = scan ? 0 : plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
+        const callerIndex = callerShare ? (scan ? 0 : shares - 1) : -1;
+        // The model's time factor of each share: a worker's staged reads are slower.
+        const factors = Array.from({ length: shares }, (_, s) =>
+          callerShare && s !== callerIndex ? STAGED_SLOWDOWN : 1,
+        );
+        const extras = Array.from({ length: shares }, (_, s) => (s === callerIndex ? callerExtra : 0));
+        const bounds = sequenceBounds(
+          N,
+          shares,
+          chunkSize,
+          queryCost,
+          prefixCost,
+          extras,
+          factors.map((factor, s) => factor / (queryShareSpeedsNow?.[s] ?? 1)),
+        );
+        return { scan, prefixCost, callerIndex, factors, bounds };
+      };
+      let querySplit = bySequence ? splitByQueries(options.queryScan ?? shares >= 3) : null;
+      if (querySplit?.scan) {
+        let largest = 0;
+        for (let s = 0; s < shares; s++)
+          largest = Math.max(largest, querySplit.bounds[s + 1]! - querySplit.bounds[s]!);
+        if (scanStoreBytes(setup.paddedFeatures, D, Dv, largest, chunkSize) > SCAN_STORE_LIMIT)
+          querySplit = splitByQueries(false);
+      }
+      const queryBounds = querySplit?.bounds ?? null;
+      // After a balanced split by queries: how fast each share ran against the model. The workers'
+      // shares ran as batches in share order (the calling thread's left out), the calling thread's
+      // took `callerMillis`.
       const learnQueryShareSpeeds = (timings: readonly BatchTiming[], callerMillis?: number): void => {
+        const { prefixCost, callerIndex, factors, bounds } = querySplit!;
+        const workerShares = Array.from({ length: shares }, (_, s) => s).filter((s) => s !== callerIndex);
         const millis: number[] = [];
-        for (const { batch, millis: taken } of timings) millis[batch] = taken;
-        if (callerMillis !== undefined) millis[shares - 1] = callerMillis;
-        const modelled = modelFactors.map(
-          (factor, s) =>
-            factor * (prefixCost * queryBounds![s]! + queryCost * (queryBounds![s + 1]! - queryBounds![s]!)),
+        for (const { batch, millis: taken } of timings) millis[workerShares[batch]!] = taken;
+        if (callerMillis !== undefined) millis[callerIndex] = callerMillis;
+        const modelled = factors.map(
+          (factor, s) => factor * (prefixCost * bounds[s]! + queryCost * (bounds[s + 1]! - bounds[s]!)),
         );
         queryShareSpeeds = updatedSpeeds(queryShareSpeeds, modelled, millis);
       };
@@ -523,6 +560,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           partialOut: null,
           partialDen: null,
           queryBounds: null,
+          scan: null,
           stagedRows: null,
         };
         const local = await engine();
@@ -544,15 +582,49 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         // it), and the rows they read: those queries, and the keys they see plus a scan window
         // (prefix-max-norm reads key norms a block ahead); max-norm's whole-head maxima read all.
         // Those are staged block by block while the workers start (AttentionJob.stagedRows).
-        const workerRows = callerShare ? queryBounds![shares - 1]! : N;
-        const readsAll = workerRows === N || resolved.normalization.kind === 'max-norm';
-        const stagedQueryRows = readsAll ? N : workerRows;
-        const stagedKeyRows = readsAll
-          ? shape.keyLength
-          : Math.min(shape.keyLength, workerRows + Math.max(0, shape.keyLength - N) + MAX_CHUNK);
+        const scan = querySplit?.scan === true;
+        // Rows the workers answer when the calling thread takes a share (the queries after the first
+        // share when the shares scan, before the last one when they fold), and the rows they read:
+        // those queries, and the keys they see (a scan share only its own; a folding one every key
+        // before it, plus prefix-max-norm's scan window, which reads key norms a block ahead);
+        // max-norm's whole-head maxima read all. Those are staged block by block while the workers
+        // start (AttentionJob.stagedRows).
+        const M = shape.keyLength;
+        const workerQueries = !callerShare
+          ? { start: 0, end: N }
+          : scan
+            ? { start: queryBounds![1]!, end: N }
+            : { start: 0, end: queryBounds![shares - 1]! };
+        const readsAll =
+          (workerQueries.start === 0 && workerQueries.end === N) ||
+          resolved.normalization.kind === 'max-norm';
+        const stagedQueries = readsAll ? { start: 0, end: N } : workerQueries;
+        const stagedKeys = readsAll
+          ? { start: 0, end: M }
+          : scan
+            ? { start: Math.min(M, Math.max(0, workerQueries.start + M - N)), end: M }
+            : { start: 0, end: Math.min(M, workerQueries.end + Math.max(0, M - N) + MAX_CHUNK) };
         const progressive = callerShare
-          ? allocate(() => new ProgressiveStaging(staging, q.data, k.data, v.data, D, Dv))
+          ? allocate(
+              () => new ProgressiveStaging(staging, q.data, k.data, v.data, D, Dv, stagedQueries, stagedKeys),
+            )
           : null;
+        const scanSlots = heads * (shares - 1);
+        const queryScan: QueryScan | null = scan
+          ? allocate(() => ({
+              prefixes: staging.take('scanPrefixes', scanSlots * scanPrefixFloats(setup.paddedFeatures, Dv)),
+              ready: staging.takeCounters('scanReady', scanSlots),
+            }))
+          : null;
+        queryScan?.ready.fill(0);
+        // A failed call wakes the scan shares waiting for a share that will not hand on its moments.
+        const abortScan = (): void => {
+          if (queryScan === null) return;
+          for (let slot = 0; slot < scanSlots; slot++) {
+            Atomics.store(queryScan.ready, slot, SCAN_ABORTED);
+            Atomics.notify(queryScan.ready, slot);
+          }
+        };
         const job: AttentionJob = {
           ...common,
           ...allocate(() => ({
@@ -568,26 +640,32 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           shares,
           featureBounds,
           queryBounds,
+          scan: queryScan,
           stagedRows: progressive?.rows ?? null,
         };
+        const runWorkers = (units: WorkUnit[][], alongside: () => void) =>
+          workers.run(job, units, alongside).catch((error: unknown) => {
+            abortScan();
+            throw error;
+          });
         // The first block goes before the workers start, so that they do not wait at once.
-        progressive?.stage(0, STAGE_BLOCK_ROWS, stagedQueryRows, stagedKeyRows);
+        progressive?.stage(0, STAGE_BLOCK_ROWS);
         if (callerShare) {
           // The calling thread stages the rest of the workers' rows, touches the output's pages
-          // where they are fresh, then computes the last share into the caller's array while the
-          // workers compute the others (with fresh pages that share may be empty); their rows are
-          // copied in after.
+          // where they are fresh, and computes its share into the caller's array while the workers
+          // compute the others (with fresh pages that share may be empty); their rows are copied in
+          // after. A scan's workers wait for what the calling thread's share hands on, so there
+          // that share goes first, and runs even without rows.
           const local = await engine();
           const output = callerOutput ?? job.out;
-          const callerRows = N - workerRows;
+          const callerIndex = querySplit!.callerIndex;
+          const callerRows = queryBounds![callerIndex + 1]! - queryBounds![callerIndex]!;
           let callerDegenerate = 0;
           // Zero (unusable, balance.ts) when the calling thread answers no rows.
           let callerMillis = 0;
           local.nonFiniteInputs = 0;
-          const totals = await workers.run(job, planUnits(heads, threadCount, shares, true), () => {
-            progressive!.finish(STAGE_BLOCK_ROWS, stagedQueryRows, stagedKeyRows);
-            if (callerOutput !== null && probeMs > FRESH_PAGE_MS) touchPages(callerOutput);
-            if (callerRows === 0) return;
+          const runCallerShare = (): void => {
+            if (callerRows === 0 && !scan) return;
             const callerJob: AttentionJob = {
               ...job,
               q: q.data,
@@ -598,15 +676,28 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             };
             const start = performance.now();
             try {
-              callerDegenerate = local.runUnit(callerJob, { head: 0, share: shares - 1 });
+              callerDegenerate = local.runUnit(callerJob, { head: 0, share: callerIndex });
             } catch (error) {
+              abortScan();
               throw wrapEngineError(error);
             }
-            callerMillis = performance.now() - start;
+            if (callerRows > 0) callerMillis = performance.now() - start;
+          };
+          const totals = await runWorkers(planUnits(heads, threadCount, shares, callerIndex), () => {
+            progressive!.finish(STAGE_BLOCK_ROWS);
+            if (scan) runCallerShare();
+            // Only the workers' rows: the calling thread's are written (and touched) by its share.
+            if (callerOutput !== null && probeMs > FRESH_PAGE_MS)
+              touchPages(callerOutput.subarray(workerQueries.start * Dv, workerQueries.end * Dv));
+            if (!scan) runCallerShare();
           });
           failOnNonFinite(local.nonFiniteInputs + totals.nonFiniteInputs);
           if (balancedQueries) learnQueryShareSpeeds(totals.timings, callerMillis);
-          if (output !== job.out) output.set(job.out.subarray(0, workerRows * Dv));
+          if (output !== job.out)
+            output.set(
+              job.out.subarray(workerQueries.start * Dv, workerQueries.end * Dv),
+              workerQueries.start * Dv,
+            );
           return {
             output: { shape: [B, H, N, Dv], data: output },
             degenerateRows: callerDegenerate + totals.degenerate,
@@ -615,7 +706,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         // While the workers compute, the calling thread allocates the caller's output array and
         // touches every page of it (unless the caller gave one).
         const prepared: { output: Float32Array | null } = { output: request.out ?? null };
-        const totals = await workers.run(job, planUnits(heads, threadCount, shares), () => {
+        const totals = await runWorkers(planUnits(heads, threadCount, shares), () => {
           if (!stagedOutput || prepared.output !== null) return;
           prepared.output = allocate(() => touchedFloat32(outLength));
         });

@@ -82,11 +82,61 @@ export interface AttentionJob {
    */
   readonly queryBounds: Int32Array | null;
   /**
+   * The split by queries as a prefix scan (null: each query share folds the keys before it itself).
+   * Share s first builds the moments of its own keys only, [E_s, E_(s+1)) with E_s the keys its
+   * first query chunk reads through the state (E_0 = 0), keeping a copy of that partial state at
+   * every query chunk; it then takes the prefix (the moments of keys [0, E_s) and the running
+   * maxima before its first query) from share s − 1, hands prefix + its own moments on to share
+   * s + 1, and reads its queries out against prefix + copy. Nothing is computed twice; share s
+   * waits (Atomics.wait) only between the two phases, and share 0 never waits.
+   */
+  readonly scan: QueryScan | null;
+  /**
    * Staging that goes on while the workers run (one head): [QUERY_ROWS] query rows and [KEY_ROWS]
    * key and value rows copied so far, raised by the calling thread with Atomics.notify; a worker
    * waits (Atomics.wait) before it reads past them. Null: everything was staged before the run.
    */
   readonly stagedRows: Int32Array | null;
+}
+
+/** Shared memory of AttentionJob.scan, one slot per (head, share s ≥ 1): slot head·(shares − 1) + s − 1. */
+export interface QueryScan {
+  /**
+   * The prefix of each slot's share (scanPrefixFloats floats a slot): the moment state S of the keys
+   * before it in the state's 8-column panels, its denominator moments z, then prefix-max-norm's
+   * largest centered query norm and key norm before it.
+   */
+  readonly prefixes: Float32Array;
+  /** Per slot: 0 until its prefix is written, then 1; SCAN_ABORTED when the call failed. */
+  readonly ready: Int32Array;
+}
+
+/** AttentionJob.scan's ready cell of a call that failed: waiting shares stop with an error. */
+export const SCAN_ABORTED = -1;
+
+/** Floats of one prefix slot (QueryScan.prefixes): S (F × W, W = Dv rounded up to 8), z, two maxima. */
+export function scanPrefixFloats(paddedFeatures: number, valueDim: number): number {
+  return paddedFeatures * roundUp(Math.max(valueDim, 1), 8) + paddedFeatures + 2;
+}
+
+/**
+ * Bytes of WebAssembly memory a scan share of `rows` queries keeps between its two phases (on top of
+ * the engine's scratch): its centered queries and their norms, its keys transposed and its values in
+ * panels (a share sees at most as many keys past its state as it has queries, plus a tile), and a
+ * copy of the moment state per query chunk of `chunk` rows. The backend folds instead above a limit.
+ */
+export function scanStoreBytes(
+  paddedFeatures: number,
+  headDim: number,
+  valueDim: number,
+  rows: number,
+  chunk: number,
+): number {
+  const columns = roundUp(Math.max(valueDim, 1), 8);
+  const keys = roundUp(rows, 8) + 8;
+  const chunks = Math.ceil(rows / Math.max(1, chunk));
+  const stateFloats = paddedFeatures * columns + paddedFeatures;
+  return 4 * (rows * (headDim + 1) + keys * (headDim + columns + 1) + (chunks + 1) * stateFloats) + 7 * 64;
 }
 
 /** Cells of AttentionJob.stagedRows. */
@@ -180,6 +230,17 @@ interface Buffers {
   /** Finished output rows of one chunk, before the copy out. */
   readonly stage: number;
   readonly end: number;
+}
+
+/**
+ * Where prepared keys live in WebAssembly memory (byte offsets): y transposed, D rows `ldY` floats
+ * apart, and the values in 8-column panels `vPanel` bytes apart.
+ */
+interface PreparedKeys {
+  readonly y: number;
+  readonly ldY: number;
+  readonly v: number;
+  readonly vPanel: number;
 }
 
 export interface HeadState {
@@ -283,6 +344,32 @@ export interface PartialTarget {
   readonly denBase: number;
 }
 
+/**
+ * The factor that turns query row i's centered (or raw, under `scale`) row into z_i = σ_i·x_i, as
+ * in core's prepareScores: `norm` is the row's own norm, `queryMax` and `keyMax` prefix-max-norm's
+ * running maxima for this row, `scales` max-norm's whole-head divisors.
+ */
+function queryFactor(
+  kind: NormalizationSpec['kind'],
+  norm: number,
+  queryMax: number,
+  keyMax: number,
+  scales: { queryDivisor: number; keyDivisor: number } | null,
+  temperature: number,
+  scale: number,
+): number {
+  switch (kind) {
+    case 'max-norm':
+      return 1 / (scales!.queryDivisor * temperature);
+    case 'l2':
+      return 1 / ((norm > 0 ? norm : 1) * temperature);
+    case 'prefix-max-norm':
+      return 1 / ((queryMax > 0 ? queryMax : 1) * (keyMax > 0 ? keyMax : 1) * temperature);
+    default:
+      return scale / temperature;
+  }
+}
+
 export class Engine {
   /**
    * Input rows loaded since this was last set to 0 whose values include a NaN or an infinity (query
@@ -290,6 +377,8 @@ export class Engine {
    * check costs the kernels next to nothing; the caller names the bad value (core's checkFinite).
    */
   nonFiniteInputs = 0;
+  /** Milliseconds spent waiting for another share's moments (AttentionJob.scan) since last set to 0. */
+  waitedMillis = 0;
   private readonly exports: KernelExports;
   /** The running call's AttentionJob.stagedRows. */
   private stagedRows: Int32Array | null = null;
@@ -485,12 +574,220 @@ export class Engine {
       let last = first;
       while (last < schedule.length && schedule[last]! < to) last += 4;
       schedule = schedule.subarray(first, last);
+      if (job.scan !== null) return this.runScanShare(job, unit.head, share, view, schedule, scales);
       // prefix-max-norm's running query maximum over the rows before this share's first chunk;
       // the key maximum and the state catch up by themselves (keyMaxUpTo and advance start at 0).
       if (job.normalization.kind === 'prefix-max-norm' && schedule.length > 0)
         state.queryMax = this.maxCenteredNorm(view.q, view.qBase, schedule[0]!, D, QUERY_ROWS);
     }
     return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+  }
+
+  /**
+   * Share `share` of head `head` split by queries as a prefix scan (AttentionJob.scan): queries
+   * [bounds[share], bounds[share + 1]), whose chunks are `schedule`. Phase 1 needs nothing from the
+   * other shares: it loads and centers the share's queries (kept with their norms), loads its keys
+   * once (kept transposed, with their values in panels, for the diagonal blocks) and adds them to
+   * the moment state, copying the state at each chunk. Phase 2 reads each chunk out against the
+   * prefix plus that copy and evaluates its diagonal block: the same sums as runHead's, in the same
+   * order within the share.
+   */
+  private runScanShare(
+    job: AttentionJob,
+    head: number,
+    share: number,
+    view: HeadView,
+    schedule: Int32Array,
+    scales: { queryDivisor: number; keyDivisor: number } | null,
+  ): number {
+    const scan = job.scan!;
+    const bounds = job.queryBounds!;
+    const shares = bounds.length - 1;
+    const layout = this.layout!;
+    const ex = this.exports;
+    const D = view.headDim;
+    const W = layout.columns;
+    const C = layout.chunk;
+    const F = layout.features;
+    const kind = job.normalization.kind;
+    const centered = kind !== 'scale';
+    const T = job.temperature;
+    const scale = job.normalization.kind === 'scale' ? job.normalization.scale : 1;
+    const clampKeys = (end: number): number => Math.max(0, Math.min(view.valid, end));
+    const limitOf = (i: number): number => clampKeys(i + view.causalShift + 1);
+    const rowStart = bounds[share]!;
+    const rowEnd = bounds[share + 1]!;
+    const rows = rowEnd - rowStart;
+    // Own keys [keyStart, keyEnd); those from storeStart on are kept for the diagonal blocks (before
+    // it only share 0 has any: keys that every query sees when there are more keys than queries).
+    const keyStart = share === 0 ? 0 : clampKeys(rowStart + view.causalShift);
+    const storeStart =
+      rows > 0 ? clampKeys(rowStart + view.causalShift) : clampKeys(rowEnd + view.causalShift);
+    const keyEnd = clampKeys(rowEnd + view.causalShift);
+    const storedKeys = keyEnd - storeStart;
+    const ldStore = roundUp(storedKeys, 8) + 8;
+    const chunks = schedule.length / 4;
+    const stateFloats = F * W + F;
+    // The store, after the engine's scratch.
+    let offset = roundUp(this.buffers!.end, 64);
+    const take = (floats: number): number => {
+      const start = offset;
+      offset = roundUp(offset + floats * 4, 64);
+      return start;
+    };
+    const qStore = take(rows * D);
+    const qNormStore = take(rows);
+    const yStore = take(D * ldStore);
+    const vStore = take(W * ldStore);
+    const kNormStore = take(ldStore);
+    const snapshots = take(chunks * stateFloats);
+    const prefix = take(stateFloats);
+    const needed = Math.ceil(offset / 65536) - ex.memory.buffer.byteLength / 65536;
+    if (needed > 0) ex.memory.grow(needed);
+    this.refreshViews();
+    const b = this.buffers!;
+    // The share's own moments, in state slot 0.
+    const sPtr = b.states;
+    const zPtr = sPtr + 2 * F * W * 4;
+    const keyLd = Math.max(KEY_CHUNK, C);
+    const scratchKeys: PreparedKeys = { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
+    // Kept keys from key `first` on.
+    const kept = (first: number): PreparedKeys => ({
+      y: yStore + (first - storeStart) * 4,
+      ldY: ldStore,
+      v: vStore + (first - storeStart) * 32,
+      vPanel: ldStore * 32,
+    });
+
+    // Phase 1.
+    let ownQueryMax = 0;
+    let ownKeyMax = 0;
+    // Largest key norm before storeStart (share 0's keys that every query sees).
+    let unstoredKeyMax = 0;
+    let stateKeys = keyStart;
+    const addKeys = (end: number): void => {
+      while (stateKeys < end) {
+        const start = stateKeys;
+        const count = Math.min(KEY_CHUNK, end - start);
+        const stored = start >= storeStart;
+        const local = start - view.keyOffset;
+        const f32 = this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms, KEY_ROWS);
+        const norms = b.kNorms >> 2;
+        for (let t = 0; t < count; t++) {
+          const norm = f32[norms + t]!;
+          if (norm > ownKeyMax) ownKeyMax = norm;
+          if (stored) f32[(kNormStore >> 2) + start - storeStart + t] = norm;
+          else if (norm > unstoredKeyMax) unstoredKeyMax = norm;
+        }
+        const keys = stored ? kept(start) : scratchKeys;
+        this.packKeys(view, local, count, b.kRaw, kind, scales, keys);
+        this.addMoments(keys, count, 0, F, sPtr);
+        stateKeys += count;
+      }
+    };
+    addKeys(storeStart);
+    for (let c = 0; c < schedule.length; c += 4) {
+      addKeys(Math.min(schedule[c + 2]!, view.valid));
+      const snapshot = (snapshots >> 2) + (c / 4) * stateFloats;
+      this.f32.copyWithin(snapshot, sPtr >> 2, (sPtr >> 2) + F * W);
+      this.f32.copyWithin(snapshot + F * W, zPtr >> 2, (zPtr >> 2) + F);
+      for (let i0 = schedule[c]!; i0 < schedule[c + 1]!; i0 += C) {
+        const nq = Math.min(C, schedule[c + 1]! - i0);
+        const f32 = this.loadRows(view.q, view.qBase, i0, nq, D, b.qRaw, centered, b.qNorms, QUERY_ROWS);
+        const at = i0 - rowStart;
+        f32.copyWithin((qStore >> 2) + at * D, b.qRaw >> 2, (b.qRaw >> 2) + nq * D);
+        f32.copyWithin((qNormStore >> 2) + at, b.qNorms >> 2, (b.qNorms >> 2) + nq);
+        for (let r = 0; r < nq; r++)
+          if (f32[(b.qNorms >> 2) + r]! > ownQueryMax) ownQueryMax = f32[(b.qNorms >> 2) + r]!;
+      }
+    }
+    addKeys(keyEnd);
+    // The scores kernel reads whole 8-key tiles: past the last kept key, zeros.
+    this.refreshViews();
+    for (let d = 0; d < D; d++) {
+      const row = (yStore >> 2) + d * ldStore;
+      this.f32.fill(0, row + storedKeys, row + ldStore);
+    }
+
+    // The prefix from share − 1; then prefix + own moments for share + 1.
+    const slot = head * (shares - 1) + share - 1;
+    const prefixFloats = scanPrefixFloats(F, view.valueDim);
+    let prefixQueryMax = 0;
+    let prefixKeyMax = 0;
+    if (share > 0) {
+      this.awaitPrefix(scan.ready, slot);
+      const from = scan.prefixes.subarray(slot * prefixFloats, slot * prefixFloats + stateFloats + 2);
+      this.f32.set(from.subarray(0, stateFloats), prefix >> 2);
+      prefixQueryMax = from[stateFloats]!;
+      prefixKeyMax = from[stateFloats + 1]!;
+    }
+    if (share < shares - 1) {
+      const to = scan.prefixes.subarray((slot + 1) * prefixFloats, (slot + 2) * prefixFloats);
+      const f32 = this.f32;
+      const own = sPtr >> 2;
+      const ownZ = zPtr >> 2;
+      const before = prefix >> 2;
+      for (let i = 0; i < F * W; i++) to[i] = (share > 0 ? f32[before + i]! : 0) + f32[own + i]!;
+      for (let i = 0; i < F; i++) to[F * W + i] = (share > 0 ? f32[before + F * W + i]! : 0) + f32[ownZ + i]!;
+      to[stateFloats] = Math.max(prefixQueryMax, ownQueryMax);
+      to[stateFloats + 1] = Math.max(prefixKeyMax, ownKeyMax);
+      Atomics.store(scan.ready, slot + 1, 1);
+      Atomics.notify(scan.ready, slot + 1);
+    }
+
+    // Phase 2.
+    let queryMax = prefixQueryMax;
+    let keyMax = Math.max(prefixKeyMax, unstoredKeyMax);
+    let keysScanned = storeStart;
+    let degenerate = 0;
+    for (let c = 0; c < schedule.length; c += 4) {
+      const stateKeyEnd = Math.min(schedule[c + 2]!, view.valid);
+      const snapshot = snapshots + (c / 4) * stateFloats * 4;
+      if (share > 0) ex.addVectors(snapshot, prefix, stateFloats / 4);
+      for (let i0 = schedule[c]!; i0 < schedule[c + 1]!; i0 += C) {
+        const nq = Math.min(C, schedule[c + 1]! - i0);
+        const nq4 = Math.ceil(nq / 4);
+        this.refreshViews();
+        const f32 = this.f32;
+        const at = i0 - rowStart;
+        for (let r = 0; r < nq; r++) {
+          const norm = f32[(qNormStore >> 2) + at + r]!;
+          if (kind === 'prefix-max-norm') {
+            if (norm > queryMax) queryMax = norm;
+            for (const limit = limitOf(i0 + r); keysScanned < limit; keysScanned++) {
+              const keyNorm = f32[(kNormStore >> 2) + keysScanned - storeStart]!;
+              if (keyNorm > keyMax) keyMax = keyNorm;
+            }
+          }
+          f32[(b.qFactors >> 2) + r] = queryFactor(kind, norm, queryMax, keyMax, scales, T, scale);
+        }
+        ex.transposeScaled(qStore + at * D * 4, nq, D, b.qFactors, b.xT, C, nq4 * 4);
+        f32.fill(0, b.o >> 2, (b.o >> 2) + C * W);
+        f32.fill(0, b.den >> 2, (b.den >> 2) + C);
+        if (stateKeyEnd > 0) this.readOut(nq4, 0, F, snapshot, snapshot + F * W * 4);
+        const directEnd = limitOf(i0 + nq - 1);
+        for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
+          const nk = Math.min(KEY_CHUNK, directEnd - k0);
+          this.directBlock(view, limitOf, i0, nq, k0, nk, kept(k0));
+        }
+        const width = view.valueDim;
+        degenerate += ex.normalizeRows(b.o, W, b.den, nq, width, b.stage);
+        this.refreshViews();
+        const stage = b.stage >> 2;
+        view.out.set(this.f32.subarray(stage, stage + nq * width), view.oBase + i0 * width);
+      }
+    }
+    return degenerate;
+  }
+
+  /** Waits until slot `slot` of a scan's prefixes is written; throws when the call failed meanwhile. */
+  private awaitPrefix(ready: Int32Array, slot: number): void {
+    const start = performance.now();
+    for (let state = Atomics.load(ready, slot); state === 0; state = Atomics.load(ready, slot))
+      Atomics.wait(ready, slot, 0);
+    this.waitedMillis += performance.now() - start;
+    if (Atomics.load(ready, slot) === SCAN_ABORTED)
+      throw new Error('another share of this call failed before handing on its moments');
   }
 
   /**
@@ -589,6 +886,141 @@ export class Engine {
       Atomics.wait(staged, cell, done);
   }
 
+  /**
+   * Adds `count` prepared keys to the moment state at byte offset `stateBase` (S, its compensation,
+   * z and its compensation, laid out as in Buffers.states), features [fStart, fEnd).
+   */
+  private addMoments(
+    keys: PreparedKeys,
+    count: number,
+    fStart: number,
+    fEnd: number,
+    stateBase: number,
+  ): void {
+    const b = this.buffers!;
+    const ex = this.exports;
+    const { features: F, columns: W, chunk: C } = this.layout!;
+    const keyLd = Math.max(KEY_CHUNK, C);
+    const comp = stateBase + F * W * 4;
+    const z = comp + F * W * 4;
+    const zComp = z + F * 4;
+    for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+      const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
+      ex.features(
+        keys.y,
+        keys.ldY,
+        Math.ceil(count / 4),
+        b.table,
+        f0,
+        f0 + nf,
+        b.uk,
+        keyLd + FEATURE_ROW_PAD,
+      );
+      ex.moments(
+        b.uk,
+        keyLd + FEATURE_ROW_PAD,
+        nf,
+        keys.v,
+        keys.vPanel,
+        count,
+        W,
+        stateBase + f0 * 32,
+        comp + f0 * 32,
+        F * 32,
+        b.weights + f0 * 4,
+        z + f0 * 4,
+        zComp + f0 * 4,
+        0,
+      );
+    }
+  }
+
+  /**
+   * Adds the prepared queries' (xT, 4·nq4 of them) features [fStart, fEnd) read out against the
+   * state S at byte offset `s` (panels as in the state) and z at `z` to the chunk's o and den.
+   */
+  private readOut(nq4: number, fStart: number, fEnd: number, s: number, z: number): void {
+    const b = this.buffers!;
+    const ex = this.exports;
+    const { features: F, columns: W, chunk: C } = this.layout!;
+    for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+      const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
+      ex.features(b.xT, C, nq4, b.table, f0, f0 + nf, b.uq, C + FEATURE_ROW_PAD);
+      ex.readout(b.uq, C + FEATURE_ROW_PAD, nf, s + f0 * 32, F * 32, z + f0 * 4, nq4, W, b.o, W, b.den);
+    }
+  }
+
+  /**
+   * Adds the prepared keys [k0, k0 + nk) to the chunk's o and den pair by pair for its queries
+   * [i0, i0 + nq) (prepared in xT), each up to its own key limit.
+   */
+  private directBlock(
+    view: HeadView,
+    limitOf: (row: number) => number,
+    i0: number,
+    nq: number,
+    k0: number,
+    nk: number,
+    keys: PreparedKeys,
+  ): void {
+    const b = this.buffers!;
+    const ex = this.exports;
+    const { columns: W, chunk: C } = this.layout!;
+    const nq4 = Math.ceil(nq / 4);
+    this.refreshViews();
+    const i32 = this.i32;
+    for (let r = 0; r < nq; r++) i32[(b.limits >> 2) + r] = Math.max(0, Math.min(nk, limitOf(i0 + r) - k0));
+    // Causal blocks skip, per tile of 4 rows, the keys none of its rows sees (the masked upper
+    // triangle of a diagonal block): the rows past the last query see none.
+    const bounded = view.causal ? 1 : 0;
+    for (let r = nq; r < nq4 * 4; r++) i32[(b.limits >> 2) + r] = 0;
+    const nk8 = Math.ceil(nk / 8);
+    ex.scores(b.xT, C, nq4, keys.y, keys.ldY, nk8, view.headDim, b.w, KEY_CHUNK, b.limits, bounded);
+    ex.polynomial(b.w, KEY_CHUNK, nq, nk8, b.limits, b.coefficients, this.setup!.order, bounded);
+    ex.weighted(b.w, KEY_CHUNK, nq4, nk, keys.v, keys.vPanel, W, b.o, W, b.den, b.limits, bounded);
+  }
+
+  /**
+   * Keys [local, local + count) of `view`, already loaded and centered at byte offset `raw` (their
+   * norms in kNorms), prepared into `keys`: scaled as y and transposed, and their values packed
+   * into panels. The scores kernel reads whole 8-key tiles, so the tail of the last tile is zeroed.
+   */
+  private packKeys(
+    view: HeadView,
+    local: number,
+    count: number,
+    raw: number,
+    kind: NormalizationSpec['kind'],
+    scales: { queryDivisor: number; keyDivisor: number } | null,
+    keys: PreparedKeys,
+  ): void {
+    const b = this.buffers!;
+    const ex = this.exports;
+    const f32 = this.f32;
+    const norms = b.kNorms >> 2;
+    const factors = b.kFactors >> 2;
+    const constant = kind === 'max-norm' ? 1 / scales!.keyDivisor : 1;
+    for (let t = 0; t < count; t++) {
+      if (kind === 'l2') {
+        const norm = f32[norms + t]!;
+        f32[factors + t] = 1 / (norm > 0 ? norm : 1);
+      } else f32[factors + t] = constant;
+    }
+    ex.transposeScaled(raw, count, view.headDim, b.kFactors, keys.y, keys.ldY, roundUp(count, 8));
+    const Dv = view.valueDim;
+    f32.set(view.v.subarray(view.vBase + local * Dv, view.vBase + (local + count) * Dv), b.vRaw >> 2);
+    this.nonFiniteInputs += ex.packPanels(
+      b.vRaw,
+      count,
+      Dv,
+      0,
+      Dv,
+      this.layout!.columns,
+      keys.v,
+      keys.vPanel >> 2,
+    );
+  }
+
   private runHead(
     view: HeadView,
     schedule: Int32Array,
@@ -604,19 +1036,15 @@ export class Engine {
     const layout = this.layout!;
     const b = this.buffers!;
     const ex = this.exports;
-    const setup = this.setup!;
     const D = view.headDim;
     const W = layout.columns;
     const C = layout.chunk;
     const F = layout.features;
     const stateBase = b.states + slot * b.stateBytes;
     const sPtr = stateBase;
-    const compPtr = sPtr + F * W * 4;
-    const zPtr = compPtr + F * W * 4;
-    const zCompPtr = zPtr + F * 4;
-    const sPanel = F * 32;
+    const zPtr = sPtr + 2 * F * W * 4;
     const keyLd = Math.max(KEY_CHUNK, C);
-    const vPanel = keyLd * 32;
+    const scratchKeys: PreparedKeys = { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
     const kind = normalization.kind;
     const centered = kind !== 'scale';
     const T = temperature;
@@ -655,21 +1083,7 @@ export class Engine {
       const raw = scanned ? b.scanRaw + (start - scanStart) * D * 4 : b.kRaw;
       if (scanned) this.refreshViews();
       else this.loadRows(view.k, view.kBase, local, count, D, b.kRaw, centered, b.kNorms, KEY_ROWS);
-      const f32 = this.f32;
-      const norms = b.kNorms >> 2;
-      const factors = b.kFactors >> 2;
-      const constant = kind === 'max-norm' ? 1 / scales!.keyDivisor : 1;
-      for (let t = 0; t < count; t++) {
-        if (kind === 'l2') {
-          const norm = f32[norms + t]!;
-          f32[factors + t] = 1 / (norm > 0 ? norm : 1);
-        } else f32[factors + t] = constant;
-      }
-      // The scores kernel reads whole 8-key tiles: the tail of the last tile is zeroed.
-      ex.transposeScaled(raw, count, D, b.kFactors, b.yT, keyLd, roundUp(count, 8));
-      const Dv = view.valueDim;
-      f32.set(view.v.subarray(view.vBase + local * Dv, view.vBase + (local + count) * Dv), b.vRaw >> 2);
-      this.nonFiniteInputs += ex.packPanels(b.vRaw, count, Dv, 0, Dv, W, b.vPanels, vPanel >> 2);
+      this.packKeys(view, local, count, raw, kind, scales, scratchKeys);
     };
 
     // Adds keys [state.keys, end) to the moment state.
@@ -679,26 +1093,7 @@ export class Engine {
         const stop = Math.min(end, start + KEY_CHUNK);
         const count = stop - start;
         loadKeys(start, stop);
-        for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
-          const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-          ex.features(b.yT, keyLd, Math.ceil(count / 4), b.table, f0, f0 + nf, b.uk, keyLd + FEATURE_ROW_PAD);
-          ex.moments(
-            b.uk,
-            keyLd + FEATURE_ROW_PAD,
-            nf,
-            b.vPanels,
-            vPanel,
-            count,
-            W,
-            sPtr + f0 * 32,
-            compPtr + f0 * 32,
-            sPanel,
-            b.weights + f0 * 4,
-            zPtr + f0 * 4,
-            zCompPtr + f0 * 4,
-            0,
-          );
-        }
+        this.addMoments(scratchKeys, count, fStart, fEnd, stateBase);
         state.keys = stop;
       }
     };
@@ -742,24 +1137,12 @@ export class Engine {
         for (let r = 0; r < nq; r++) {
           const i = i0 + r;
           const norm = f32[norms + r]!;
-          let factor: number;
-          switch (kind) {
-            case 'max-norm':
-              factor = 1 / (scales!.queryDivisor * T);
-              break;
-            case 'l2':
-              factor = 1 / ((norm > 0 ? norm : 1) * T);
-              break;
-            case 'prefix-max-norm': {
-              if (norm > state.queryMax) state.queryMax = norm;
-              const keyMax = keyMaxUpTo(limitOf(i));
-              factor = 1 / ((state.queryMax > 0 ? state.queryMax : 1) * (keyMax > 0 ? keyMax : 1) * T);
-              break;
-            }
-            default:
-              factor = scale / T;
+          let keyMax = 0;
+          if (kind === 'prefix-max-norm') {
+            if (norm > state.queryMax) state.queryMax = norm;
+            keyMax = keyMaxUpTo(limitOf(i));
           }
-          f32[factors + r] = factor;
+          f32[factors + r] = queryFactor(kind, norm, state.queryMax, keyMax, scales, T, scale);
         }
         ex.transposeScaled(b.qRaw, nq, D, b.qFactors, b.xT, C, nq4 * 4);
         f32.fill(0, b.o >> 2, (b.o >> 2) + C * W);
@@ -767,25 +1150,7 @@ export class Engine {
 
         if (path === 'factorized') {
           advance(stateKeyEnd);
-          if (state.keys > 0) {
-            for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
-              const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-              ex.features(b.xT, C, nq4, b.table, f0, f0 + nf, b.uq, C + FEATURE_ROW_PAD);
-              ex.readout(
-                b.uq,
-                C + FEATURE_ROW_PAD,
-                nf,
-                sPtr + f0 * 32,
-                sPanel,
-                zPtr + f0 * 4,
-                nq4,
-                W,
-                b.o,
-                W,
-                b.den,
-              );
-            }
-          }
+          if (state.keys > 0) this.readOut(nq4, fStart, fEnd, sPtr, zPtr);
         }
         // Keys past the state, pair by pair, in blocks of KEY_CHUNK keys.
         block++;
@@ -793,19 +1158,7 @@ export class Engine {
         for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
           const nk = Math.min(KEY_CHUNK, directEnd - k0);
           loadKeys(k0, k0 + nk);
-          this.refreshViews();
-          const i32b = this.i32;
-          for (let r = 0; r < nq; r++) {
-            i32b[(b.limits >> 2) + r] = Math.max(0, Math.min(nk, limitOf(i0 + r) - k0));
-          }
-          // Causal blocks skip, per tile of 4 rows, the keys none of its rows sees (the masked
-          // upper triangle of a diagonal block): the rows past the last query see none.
-          const bounded = view.causal ? 1 : 0;
-          for (let r = nq; r < nq4 * 4; r++) i32b[(b.limits >> 2) + r] = 0;
-          const nk8 = Math.ceil(nk / 8);
-          ex.scores(b.xT, C, nq4, b.yT, keyLd, nk8, D, b.w, KEY_CHUNK, b.limits, bounded);
-          ex.polynomial(b.w, KEY_CHUNK, nq, nk8, b.limits, b.coefficients, setup.order, bounded);
-          ex.weighted(b.w, KEY_CHUNK, nq4, nk, b.vPanels, vPanel, W, b.o, W, b.den, b.limits, bounded);
+          this.directBlock(view, limitOf, i0, nq, k0, nk, scratchKeys);
         }
 
         const width = view.valueDim;

@@ -102,6 +102,8 @@ export interface KernelExports {
     panelFloats: number,
   ): number;
   normalizeRows(o: number, ldO: number, den: number, rows: number, width: number, dst: number): number;
+  /** a[i] += b[i] for i < 4·n4. */
+  addVectors(a: number, b: number, n4: number): void;
 }
 
 /** The backward pass's extra kernels. */

@@ -269,6 +269,11 @@ export class WorkerPool {
     });
   }
 
+  /** Workers with a batch in flight (tests: none may stay busy after a failed run). */
+  busyWorkersForTesting(): number {
+    return this.slots.filter((slot) => slot.task !== null).length;
+  }
+
   /** Ends a worker the way a crash would (tests of the recovery path). */
   crashWorkerForTesting(index: number): void {
     this.slots[index]?.worker.terminate(true);

@@ -63,10 +63,17 @@ export class SharedStaging {
   }
 }
 
+/** Rows [start, end) of a tensor. */
+export interface RowSpan {
+  readonly start: number;
+  readonly end: number;
+}
+
 /**
  * Staged copies of one head's q, k and v that the calling thread fills block by block after the
- * workers have started (AttentionJob.stagedRows): `rows` counts the query rows and the key and
- * value rows copied so far, and workers wait on it (Atomics.wait) before reading past them.
+ * workers have started (AttentionJob.stagedRows): the query rows in `queries` and the key and value
+ * rows in `keys` are the ones the workers read, and `rows` counts how far each has been copied (an
+ * index into the whole tensor), which workers wait on (Atomics.wait) before reading past it.
  * Inputs already in shared memory are used as they are (nothing to copy; counted with the rest).
  */
 export class ProgressiveStaging {
@@ -82,36 +89,39 @@ export class ProgressiveStaging {
     private readonly sourceV: Float32Array,
     private readonly headDim: number,
     private readonly valueDim: number,
+    private readonly queries: RowSpan,
+    private readonly keys: RowSpan,
   ) {
     this.q = staging.place('q', sourceQ);
     this.k = staging.place('k', sourceK);
     this.v = staging.place('v', sourceV);
     this.rows = staging.takeCounters('rows', 2);
-    Atomics.store(this.rows, QUERY_ROWS, 0);
-    Atomics.store(this.rows, KEY_ROWS, 0);
+    Atomics.store(this.rows, QUERY_ROWS, queries.start);
+    Atomics.store(this.rows, KEY_ROWS, keys.start);
   }
 
-  /** Copies rows [from, to) (up to `queryRows` of q and `keyRows` of k and v) and counts them. */
-  stage(from: number, to: number, queryRows: number, keyRows: number): void {
-    const copy = (target: Float32Array, source: Float32Array, width: number, limit: number): void => {
-      const end = Math.min(to, limit);
-      if (target !== source && from < end)
-        target.set(source.subarray(from * width, end * width), from * width);
+  /** Copies rows [from, to) of each span, counted from its start, and counts them. */
+  stage(from: number, to: number): void {
+    const copy = (target: Float32Array, source: Float32Array, width: number, span: RowSpan): number => {
+      const first = span.start + from;
+      const end = Math.min(span.start + to, span.end);
+      if (target !== source && first < end)
+        target.set(source.subarray(first * width, end * width), first * width);
+      return Math.max(span.start, end);
     };
-    copy(this.q, this.sourceQ, this.headDim, queryRows);
-    copy(this.k, this.sourceK, this.headDim, keyRows);
-    copy(this.v, this.sourceV, this.valueDim, keyRows);
-    this.publish(Math.min(to, queryRows), Math.min(to, keyRows));
+    const queryRows = copy(this.q, this.sourceQ, this.headDim, this.queries);
+    copy(this.v, this.sourceV, this.valueDim, this.keys);
+    this.publish(queryRows, copy(this.k, this.sourceK, this.headDim, this.keys));
   }
 
   /**
-   * Stages the rows after the first block, then lets the counts run to their largest value, so
+   * Stages the rows after the first `block`, then lets the counts run to their largest value, so
    * that no worker can wait for ever (if this throws, or a worker reads past what it needs).
    */
-  finish(block: number, queryRows: number, keyRows: number): void {
+  finish(block: number): void {
+    const longest = Math.max(this.queries.end - this.queries.start, this.keys.end - this.keys.start);
     try {
-      for (let from = block; from < Math.max(queryRows, keyRows); from += block)
-        this.stage(from, from + block, queryRows, keyRows);
+      for (let from = block; from < longest; from += block) this.stage(from, from + block);
     } finally {
       this.publish(0x7fffffff, 0x7fffffff);
     }

@@ -249,6 +249,7 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
       if (request.type === 'run') {
         forward ??= new Engine(module);
         forward.nonFiniteInputs = 0;
+        forward.waitedMillis = 0;
         for (const unit of request.units) degenerate += forward.runUnit(request.job, unit);
         nonFiniteInputs = forward.nonFiniteInputs;
       } else if (request.type === 'combine') {
@@ -259,7 +260,9 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
         backward.prepare(job.setup, job.valueDim, job.chunkSize);
         for (const unit of request.units) backwardUnit(backward, job, unit);
       }
-      post({ id: request.id, degenerate, nonFiniteInputs, millis: performance.now() - start });
+      // Time spent waiting for another share is not this worker's speed (balance.ts).
+      const waited = request.type === 'run' ? forward!.waitedMillis : 0;
+      post({ id: request.id, degenerate, nonFiniteInputs, millis: performance.now() - start - waited });
     } catch (error) {
       const text = error instanceof Error ? `${error.name}: ${error.message}` : String(error);
       post({ id: request.id, error: text, memory: error instanceof RangeError });

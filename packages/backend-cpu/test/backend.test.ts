@@ -98,7 +98,8 @@ describe('threads', () => {
   // Fewer heads than threads: each head is split over the workers (3 threads: one head in 3 shares,
   // two heads in 2 shares each, so that the shares of several heads are laid out side by side).
   // Causal calls with fewer than 256 features (p = 1, or p = 2 at D = 16: F = 153) split by queries:
-  // each share builds the state of the keys before its queries itself. The others (p = 2 at D = 32:
+  // each share gets the state of the keys before its queries from the share before it (queryScan,
+  // the default from 3 shares on) or builds it itself (queryScan: false). The others (p = 2 at D = 32:
   // F = 561, or non-causal) split by features: the diagonal blocks alternate between shares and a
   // second pass sums numerators and denominators. Both reorder float32 sums, so results match one thread to float32 rounding, not
   // bit for bit.
@@ -115,61 +116,71 @@ describe('threads', () => {
     const shares = batch === 1 ? 3 : 2;
     const features = order === 1 ? headDim + 1 : ((headDim + 1) * (headDim + 2)) / 2;
     const by = causal && features < 256 ? 'queries' : 'features';
-    it(`splits ${batch} head(s) into ${shares} shares by ${by} (p = ${order}, D = ${headDim}, ${causal ? 'causal' : 'non-causal'}, M = N ${extraKeys > 0 ? '+' : '-'} ${Math.abs(extraKeys)})`, async () => {
-      const split = cpuBackend({ threads: 3, parallelThreshold: 0 });
-      const N = 75;
-      const q = tensor([batch, 1, N, headDim], 31);
-      // Cross-attention (M ≠ N) so that the causal shift is exercised too.
-      const k = tensor([batch, 1, N + extraKeys, headDim], 32);
-      const v = tensor([batch, 1, N + extraKeys, 12], 33);
-      // With two batches, the second sees no key: its rows are degenerate and must be counted once,
-      // not once per share.
-      const options: FastmaxOptions = {
-        order,
-        causal,
-        keyLengths: batch === 2 ? [60, 0] : [Math.min(60, N + extraKeys)],
-        chunkSize: 8,
-        path: 'factorized',
-      };
-      const parallel = await createFastmax({ backend: split });
-      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
-      expect(await split.threadCount()).toBe(3);
-      const a = await parallel.attention(q, k, v, options);
-      const b = await serial.attention(q, k, v, options);
-      expect(a.degenerateRows).toBe(b.degenerateRows);
-      const reference = referenceAttention(q, k, v, options);
-      // A batch without keys: all its N rows; fewer keys than queries: the 30 causal rows before the
-      // first key.
-      expect(a.degenerateRows).toBe(reference.degenerateRows);
-      expect(a.degenerateRows).toBe((batch === 2 ? N : 0) + (extraKeys < 0 ? -extraKeys : 0));
-      expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
-      const x = (a.output as HostTensor).data;
-      const y = (b.output as HostTensor).data;
-      let error = 0;
-      for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
-      expect(error).toBeLessThan(1e-5);
-      await serial.dispose();
-      await parallel.dispose();
-    });
+    for (const queryScan of by === 'queries' ? [true, false] : [undefined]) {
+      const how =
+        queryScan === undefined ? '' : queryScan ? ' as a prefix scan' : ', each folding its prefix';
+      it(`splits ${batch} head(s) into ${shares} shares by ${by}${how} (p = ${order}, D = ${headDim}, ${causal ? 'causal' : 'non-causal'}, M = N ${extraKeys > 0 ? '+' : '-'} ${Math.abs(extraKeys)})`, async () => {
+        const split = cpuBackend({
+          threads: 3,
+          parallelThreshold: 0,
+          ...(queryScan === undefined ? {} : { queryScan }),
+        });
+        const N = 75;
+        const q = tensor([batch, 1, N, headDim], 31);
+        // Cross-attention (M ≠ N) so that the causal shift is exercised too.
+        const k = tensor([batch, 1, N + extraKeys, headDim], 32);
+        const v = tensor([batch, 1, N + extraKeys, 12], 33);
+        // With two batches, the second sees no key: its rows are degenerate and must be counted once,
+        // not once per share.
+        const options: FastmaxOptions = {
+          order,
+          causal,
+          keyLengths: batch === 2 ? [60, 0] : [Math.min(60, N + extraKeys)],
+          chunkSize: 8,
+          path: 'factorized',
+        };
+        const parallel = await createFastmax({ backend: split });
+        const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+        expect(await split.threadCount()).toBe(3);
+        const a = await parallel.attention(q, k, v, options);
+        const b = await serial.attention(q, k, v, options);
+        expect(a.degenerateRows).toBe(b.degenerateRows);
+        const reference = referenceAttention(q, k, v, options);
+        // A batch without keys: all its N rows; fewer keys than queries: the 30 causal rows before the
+        // first key.
+        expect(a.degenerateRows).toBe(reference.degenerateRows);
+        expect(a.degenerateRows).toBe((batch === 2 ? N : 0) + (extraKeys < 0 ? -extraKeys : 0));
+        expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+        const x = (a.output as HostTensor).data;
+        const y = (b.output as HostTensor).data;
+        let error = 0;
+        for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
+        expect(error).toBeLessThan(1e-5);
+        await serial.dispose();
+        await parallel.dispose();
+      });
+    }
   }
 
   // One head in two shares sized to the threads' measured speeds (balance.ts): by features at
   // p = 2 (two workers), by queries at p = 1 (a worker and the calling thread, or two workers).
   // Skewed either way, the shares still cover every feature and every query once, so the result is
   // the equal split's to float32 rounding (sums grouped differently; 1e-5 as for the splits above).
-  for (const [order, causal, shareCallingThread] of [
-    [2, true, true],
-    [2, false, true],
-    [1, true, true],
-    [1, true, false],
+  for (const [order, causal, shareCallingThread, queryScan] of [
+    [2, true, true, false],
+    [2, false, true, false],
+    [1, true, true, false],
+    [1, true, false, false],
+    [1, true, true, true],
+    [1, true, false, true],
   ] as const) {
     const split = order === 2 ? 'features' : 'queries';
-    it(`sizes ${split} shares to the measured speeds (p = ${order}, ${causal ? 'causal' : 'non-causal'}${shareCallingThread ? '' : ', shareCallingThread: false'})`, async () => {
+    it(`sizes ${split} shares to the measured speeds (p = ${order}, ${causal ? 'causal' : 'non-causal'}${shareCallingThread ? '' : ', shareCallingThread: false'}${queryScan ? ', prefix scan' : ''})`, async () => {
       type Balanced = ReturnType<typeof cpuBackend> & {
         speedsForTesting(split: 'features' | 'queries'): Float64Array | null;
         setSpeedsForTesting(split: 'features' | 'queries', speeds: Float64Array | null): void;
       };
-      const common = { threads: 2, parallelThreshold: 0, shareCallingThread };
+      const common = { threads: 2, parallelThreshold: 0, shareCallingThread, queryScan };
       const balanced = cpuBackend(common) as Balanced;
       const equal = cpuBackend({ ...common, balanceShares: false }) as Balanced;
       const D = order === 2 ? 32 : 16;
@@ -219,45 +230,49 @@ describe('threads', () => {
     await fm.dispose();
   });
 
-  // One head split by queries: the calling thread answers the last share from the caller's arrays
-  // and only the rows before it are staged for the workers, block by block while they run, so
-  // staging left over from an earlier, larger call holds stale rows past them, which no worker may
-  // read. With fresh output pages (the probe says 1 ms a page) the calling thread takes no rows.
+  // One head split by queries: the calling thread answers one share from the caller's arrays (the
+  // last when the shares fold, the first when they scan) and only the others' rows are staged for
+  // the workers, block by block while they run, so staging left over from an earlier, larger call
+  // holds stale rows outside them, which no worker may read. With fresh output pages (the probe
+  // says 1 ms a page) the calling thread takes no rows, and a scan's first share still runs.
   for (const normalization of ['prefix-max-norm', 'max-norm', 'l2', { scale: 0.3 }] as const) {
     for (const probe of ['recycled', 'fresh', 'no calling thread'] as const) {
-      const label = typeof normalization === 'string' ? normalization : 'scale';
-      const setting = probe === 'no calling thread' ? 'shareCallingThread: false' : `${probe} output pages`;
-      it(`splits one head by queries over stale staging (${label}, ${setting})`, async () => {
-        const split = cpuBackend({
-          threads: 2,
-          parallelThreshold: 0,
-          shareCallingThread: probe !== 'no calling thread',
+      for (const queryScan of [false, true]) {
+        const label = typeof normalization === 'string' ? normalization : 'scale';
+        const setting = probe === 'no calling thread' ? 'shareCallingThread: false' : `${probe} output pages`;
+        it(`splits one head by queries over stale staging (${label}, ${setting}${queryScan ? ', prefix scan' : ''})`, async () => {
+          const split = cpuBackend({
+            threads: 2,
+            parallelThreshold: 0,
+            shareCallingThread: probe !== 'no calling thread',
+            queryScan,
+          });
+          (
+            split as typeof split & { setFirstTouchProbeForTesting(p: () => number): void }
+          ).setFirstTouchProbeForTesting(() => (probe === 'fresh' ? 1 : 0));
+          const parallel = await createFastmax({ backend: split });
+          const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+          const options: FastmaxOptions = { order: 1, causal: true, chunkSize: 16, normalization };
+          const large = tensor([1, 1, 3200, 16], 51, 40);
+          await parallel.attention(large, large, large, options);
+          // Past STAGE_BLOCK_ROWS (1024): the workers start while the calling thread stages the rest.
+          const N = 2600;
+          const q = tensor([1, 1, N, 16], 52);
+          const k = tensor([1, 1, N + 9, 16], 53);
+          const v = tensor([1, 1, N + 9, 12], 54);
+          const a = await parallel.attention(q, k, v, options);
+          const b = await serial.attention(q, k, v, options);
+          const x = (a.output as HostTensor).data;
+          const y = (b.output as HostTensor).data;
+          let error = 0;
+          for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
+          expect(error).toBeLessThan(1e-5);
+          const reference = referenceAttention(q, k, v, options);
+          expect(relativeError(x, reference.output)).toBeLessThan(1e-5);
+          await serial.dispose();
+          await parallel.dispose();
         });
-        (
-          split as typeof split & { setFirstTouchProbeForTesting(p: () => number): void }
-        ).setFirstTouchProbeForTesting(() => (probe === 'fresh' ? 1 : 0));
-        const parallel = await createFastmax({ backend: split });
-        const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
-        const options: FastmaxOptions = { order: 1, causal: true, chunkSize: 16, normalization };
-        const large = tensor([1, 1, 3200, 16], 51, 40);
-        await parallel.attention(large, large, large, options);
-        // Past STAGE_BLOCK_ROWS (1024): the workers start while the calling thread stages the rest.
-        const N = 2600;
-        const q = tensor([1, 1, N, 16], 52);
-        const k = tensor([1, 1, N + 9, 16], 53);
-        const v = tensor([1, 1, N + 9, 12], 54);
-        const a = await parallel.attention(q, k, v, options);
-        const b = await serial.attention(q, k, v, options);
-        const x = (a.output as HostTensor).data;
-        const y = (b.output as HostTensor).data;
-        let error = 0;
-        for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
-        expect(error).toBeLessThan(1e-5);
-        const reference = referenceAttention(q, k, v, options);
-        expect(relativeError(x, reference.output)).toBeLessThan(1e-5);
-        await serial.dispose();
-        await parallel.dispose();
-      });
+      }
     }
   }
 
@@ -270,6 +285,7 @@ describe('threads', () => {
     order: 1 | 2;
     probe?: number;
     share?: boolean;
+    scan?: boolean;
   }[] = [
     { label: 'one unit in the calling thread', threads: 1, heads: 2, order: 2 },
     { label: 'whole heads on workers', threads: 2, heads: 2, order: 2 },
@@ -277,10 +293,25 @@ describe('threads', () => {
     { label: 'split by queries, recycled pages', threads: 2, heads: 1, order: 1, probe: 0 },
     { label: 'split by queries, fresh pages', threads: 2, heads: 1, order: 1, probe: 1 },
     { label: 'split by queries, no calling thread', threads: 2, heads: 1, order: 1, share: false },
+    { label: 'prefix scan, recycled pages', threads: 2, heads: 1, order: 1, probe: 0, scan: true },
+    { label: 'prefix scan, fresh pages', threads: 2, heads: 1, order: 1, probe: 1, scan: true },
+    { label: 'prefix scan, no calling thread', threads: 2, heads: 1, order: 1, share: false, scan: true },
+    {
+      label: 'prefix scan, four heads in two shares each on five workers',
+      threads: 5,
+      heads: 2,
+      order: 1,
+      scan: true,
+    },
   ];
-  for (const { label, threads, heads, order, probe, share } of outPaths) {
+  for (const { label, threads, heads, order, probe, share, scan } of outPaths) {
     it(`writes every element of options.out (${label})`, async () => {
-      const tested = cpuBackend({ threads, parallelThreshold: 0, shareCallingThread: share !== false });
+      const tested = cpuBackend({
+        threads,
+        parallelThreshold: 0,
+        shareCallingThread: share !== false,
+        queryScan: scan ?? false,
+      });
       if (probe !== undefined) {
         (
           tested as typeof tested & { setFirstTouchProbeForTesting(p: () => number): void }
@@ -318,33 +349,35 @@ describe('threads', () => {
     });
   }
 
-  it('hands an output above 64 MiB over in the shared memory the workers wrote, equal to one thread', async () => {
-    // 240000 × 72 floats = 69 MB: staged, it would be copied out and doubled; small D keeps it fast.
-    const N = 240000;
-    const q = tensor([1, 1, N, 4], 41);
-    const k = tensor([1, 1, N, 4], 42);
-    const v = tensor([1, 1, N, 72], 43);
-    const options: FastmaxOptions = { order: 1, causal: true };
-    // Equal shares on every call, so that the two parallel calls below split alike and agree bit
-    // for bit (balanced shares follow the timings of the calls before).
-    const parallel = await createFastmax({
-      backend: cpuBackend({ threads: 2, parallelThreshold: 0, balanceShares: false }),
+  for (const queryScan of [false, true]) {
+    it(`hands an output above 64 MiB over in the shared memory the workers wrote, equal to one thread${queryScan ? ' (prefix scan)' : ''}`, async () => {
+      // 240000 × 72 floats = 69 MB: staged, it would be copied out and doubled; small D keeps it fast.
+      const N = 240000;
+      const q = tensor([1, 1, N, 4], 41);
+      const k = tensor([1, 1, N, 4], 42);
+      const v = tensor([1, 1, N, 72], 43);
+      const options: FastmaxOptions = { order: 1, causal: true };
+      // Equal shares on every call, so that the two parallel calls below split alike and agree bit
+      // for bit (balanced shares follow the timings of the calls before).
+      const parallel = await createFastmax({
+        backend: cpuBackend({ threads: 2, parallelThreshold: 0, balanceShares: false, queryScan }),
+      });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const a = (await parallel.attention(q, k, v, options)).output as HostTensor;
+      const b = (await serial.attention(q, k, v, options)).output as HostTensor;
+      expect(a.data.buffer).toBeInstanceOf(SharedArrayBuffer);
+      expect(b.data.buffer).not.toBeInstanceOf(SharedArrayBuffer);
+      // The query split builds the second share's state in other blocks than one thread does.
+      expect(relativeError(a.data, b.data)).toBeLessThan(1e-5);
+      // Given options.out, the shared memory is copied into it instead.
+      const out = new Float32Array(N * 72).fill(Number.NaN);
+      const c = (await parallel.attention(q, k, v, { ...options, out })).output as HostTensor;
+      expect(c.data).toBe(out);
+      expect(relativeError(out, a.data)).toBe(0);
+      await serial.dispose();
+      await parallel.dispose();
     });
-    const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
-    const a = (await parallel.attention(q, k, v, options)).output as HostTensor;
-    const b = (await serial.attention(q, k, v, options)).output as HostTensor;
-    expect(a.data.buffer).toBeInstanceOf(SharedArrayBuffer);
-    expect(b.data.buffer).not.toBeInstanceOf(SharedArrayBuffer);
-    // The query split builds the second share's state in other blocks than one thread does.
-    expect(relativeError(a.data, b.data)).toBeLessThan(1e-5);
-    // Given options.out, the shared memory is copied into it instead.
-    const out = new Float32Array(N * 72).fill(Number.NaN);
-    const c = (await parallel.attention(q, k, v, { ...options, out })).output as HostTensor;
-    expect(c.data).toBe(out);
-    expect(relativeError(out, a.data)).toBe(0);
-    await serial.dispose();
-    await parallel.dispose();
-  });
+  }
 
   it('splits the backward of one head by features, matching one thread', async () => {
     // D = 32, p = 2: F = 561 features, enough for the feature split: each worker owns half of them
@@ -518,6 +551,40 @@ describe('threads', () => {
     const after = await fm.attention(small, small, small, { order: 2 });
     const reference = referenceAttention(small, small, small, { order: 2 });
     expect(relativeError((after.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+  });
+
+  // A prefix scan's shares wait for the one before them: a crash there must fail the call and wake
+  // the shares still waiting (they would otherwise hold their workers for good). The calling thread
+  // takes no share here, so that the crash comes on time, while share 0 is still building its
+  // moments (about 40k rows of D = 64 on three workers) and the other two wait for them.
+  it('reports a worker crashed in a prefix scan as BACKEND_ERROR and frees the workers waiting for it', async () => {
+    const scanning = cpuBackend({ threads: 3, queryScan: true, shareCallingThread: false });
+    const pool = await (
+      scanning as typeof scanning & { poolForTesting(): Promise<WorkerPool | null> }
+    ).poolForTesting();
+    const fm = await createFastmax({ backend: scanning });
+    const small = tensor([1, 1, 3000, 16], 8);
+    const options: FastmaxOptions = { order: 1, causal: true, chunkSize: 16 };
+    // Started and warm, so that the crash below meets the workers inside the large call.
+    await fm.attention(small, small, small, options);
+    const q = tensor([1, 1, 120000, 64], 7);
+    const running = fm.attention(q, q, q, { order: 1, causal: true });
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    pool!.crashWorkerForTesting(0);
+    const error = await running.then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(isFastmaxError(error, 'BACKEND_ERROR')).toBe(true);
+    for (let waited = 0; pool!.busyWorkersForTesting() > 0 && waited < 100; waited++)
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(pool!.busyWorkersForTesting()).toBe(0);
+    for (let call = 0; call < 2; call++) {
+      const after = await fm.attention(small, small, small, options);
+      const reference = referenceAttention(small, small, small, options);
+      expect(relativeError((after.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+    }
+    await fm.dispose();
   });
 
   it('lets the process exit without dispose (idle workers are unref-ed)', async () => {

@@ -40,12 +40,16 @@ export interface PostedMessage {
 }
 
 /**
- * The CPU backend (`cpuBackend({ threads: 2, parallelThreshold: 0 })`, so every call that can be
- * split goes to the workers) in headless chromium behind the shared backend page. The page wraps
- * `Worker` to count the workers started and record the messages posted to them, so the tests can
- * tell how a call was split; `window.cpu` exposes that and a relaxed-SIMD probe.
+ * The CPU backend (`cpuBackend({ threads: 2, parallelThreshold: 0 })` unless `create` says
+ * otherwise, so every call that can be split goes to the workers) in headless chromium behind the
+ * shared backend page. The page wraps `Worker` to count the workers started and record the
+ * messages posted to them, so the tests can tell how a call was split; `window.cpu` exposes that
+ * and a relaxed-SIMD probe.
  */
-export function openCpuPage(isolated: boolean): Promise<CpuPage> {
+export function openCpuPage(
+  isolated: boolean,
+  create = 'cpuBackend({ threads: 2, parallelThreshold: 0 })',
+): Promise<CpuPage> {
   return openBrowserPage(chromium, {
     trees: [CORE_TREE, packageSource('backend-cpu', 'cpu')],
     html: backendPageHtml({
@@ -65,7 +69,7 @@ export function openCpuPage(isolated: boolean): Promise<CpuPage> {
     workersStarted: () => workersStarted,
     validates: (bytes) => WebAssembly.validate(new Uint8Array(bytes)),
   };`,
-      create: 'cpuBackend({ threads: 2, parallelThreshold: 0 })',
+      create,
     }),
     ...(isolated ? { headers: ISOLATION_HEADERS } : {}),
   });

@@ -142,6 +142,42 @@ describe.skipIf(chromiumMissing)(`cross-origin isolated page (chromium at ${CHRO
   }, 60_000);
 });
 
+// A page's main thread may not block (Atomics.wait throws there): in a prefix scan the calling
+// thread takes the first share, which waits for no other, and only the workers wait, each for the
+// share before it.
+describe.skipIf(chromiumMissing)(`prefix scan over three threads (chromium at ${CHROMIUM})`, () => {
+  let browser: CpuPage | undefined;
+  let fm: Fastmax | undefined;
+
+  beforeAll(async () => {
+    browser = await openCpuPage(true, 'cpuBackend({ threads: 3, parallelThreshold: 0, queryScan: true })');
+    fm = await openFastmax(browser);
+  }, 60_000);
+
+  afterAll(async () => {
+    await (fm === undefined ? browser?.close() : fm.dispose());
+  });
+
+  it('splits one head by queries over the calling thread and two workers, matching the float64 oracle', async () => {
+    expect((await pageFacts(browser!.page)).threadCount).toBe(3);
+    await takePosted(browser!.page);
+    const q = randomTensor([1, 1, 2600, 16], 31);
+    const k = randomTensor([1, 1, 2609, 16], 32);
+    const v = randomTensor([1, 1, 2609, 12], 33);
+    const options: FastmaxOptions = { order: 1, causal: true, chunkSize: 16, keyLengths: [2500] };
+    for (let call = 0; call < 2; call++) {
+      const result = await fm!.attention(q, k, v, options);
+      const runs = (await takePosted(browser!.page)).filter((m) => m.type === 'run');
+      // The calling thread's share is not posted: two runs, one per worker.
+      expect(runs).toHaveLength(2);
+      for (const run of runs) expect(run).toMatchObject({ shares: 3, byQueries: true });
+      const reference = referenceAttention(q, k, v, options);
+      expect(result.degenerateRows).toBe(reference.degenerateRows);
+      expectForwardClose(host(result.output), reference.output);
+    }
+  }, 60_000);
+});
+
 describe.skipIf(chromiumMissing)(`page without cross-origin isolation (chromium at ${CHROMIUM})`, () => {
   let browser: CpuPage | undefined;
   let fm: Fastmax | undefined;
