@@ -347,9 +347,13 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   let disposed = false;
   // Relative speeds of the pool's workers (balance.ts), from the last feature-split forwards.
   let workerSpeeds: Float64Array | null = null;
-  // The same for the shares of a split by queries (the last one the calling thread's, when it takes
+  // The same for the shares of a split by queries (the calling thread's among them when it takes
   // one), relative to the cost model of sequenceBounds.
   let queryShareSpeeds: Float64Array | null = null;
+  // Whether those were learned on shares that scan (true) or fold (false): the calling thread takes
+  // the first share in a scan and the last in a fold, so speeds do not carry over from one to the
+  // other. null: set by a test, for either.
+  let queryShareSpeedsScan: boolean | null = null;
 
   const compiled = (): Promise<WebAssembly.Module> => {
     modulePromise ??= (async () => {
@@ -461,7 +465,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // The speed of each query share relative to the model when one head's shares are balanced
       // (balance.ts).
       const balancedQueries = bySequence && heads === 1 && options.balanceShares !== false;
-      const queryShareSpeedsNow = balancedQueries ? unevenSpeeds(queryShareSpeeds, shares) : null;
+      const learnedSpeeds = (scan: boolean) =>
+        queryShareSpeedsScan === null || queryShareSpeedsScan === scan ? queryShareSpeeds : null;
       const splitByQueries = (scan: boolean) => {
         // Building the state of the keys before a share costs it per key only when it folds them.
         const prefixCost = scan ? 0 : plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
@@ -471,6 +476,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           callerShare && s !== callerIndex ? STAGED_SLOWDOWN : 1,
         );
         const extras = Array.from({ length: shares }, (_, s) => (s === callerIndex ? callerExtra : 0));
+        const speeds = balancedQueries ? unevenSpeeds(learnedSpeeds(scan), shares) : null;
         const bounds = sequenceBounds(
           N,
           shares,
@@ -478,7 +484,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           queryCost,
           prefixCost,
           extras,
-          factors.map((factor, s) => factor / (queryShareSpeedsNow?.[s] ?? 1)),
+          factors.map((factor, s) => factor / (speeds?.[s] ?? 1)),
         );
         return { scan, prefixCost, callerIndex, factors, bounds };
       };
@@ -495,7 +501,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // shares ran as batches in share order (the calling thread's left out), the calling thread's
       // took `callerMillis`.
       const learnQueryShareSpeeds = (timings: readonly BatchTiming[], callerMillis?: number): void => {
-        const { prefixCost, callerIndex, factors, bounds } = querySplit!;
+        const { scan, prefixCost, callerIndex, factors, bounds } = querySplit!;
         const workerShares = Array.from({ length: shares }, (_, s) => s).filter((s) => s !== callerIndex);
         const millis: number[] = [];
         for (const { batch, millis: taken } of timings) millis[workerShares[batch]!] = taken;
@@ -503,7 +509,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         const modelled = factors.map(
           (factor, s) => factor * (prefixCost * bounds[s]! + queryCost * (bounds[s + 1]! - bounds[s]!)),
         );
-        queryShareSpeeds = updatedSpeeds(queryShareSpeeds, modelled, millis);
+        queryShareSpeeds = updatedSpeeds(learnedSpeeds(scan), modelled, millis);
+        queryShareSpeedsScan = scan;
       };
       // Feature shares leave partial sums to be combined; query shares write finished rows.
       const combined = shares > 1 && queryBounds === null;
@@ -800,7 +807,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     speedsForTesting: (split) => (split === 'features' ? workerSpeeds : queryShareSpeeds)?.slice() ?? null,
     setSpeedsForTesting: (split, speeds) => {
       if (split === 'features') workerSpeeds = speeds;
-      else queryShareSpeeds = speeds;
+      else {
+        queryShareSpeeds = speeds;
+        queryShareSpeedsScan = null;
+      }
     },
   };
   return backend;
