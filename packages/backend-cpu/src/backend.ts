@@ -25,7 +25,7 @@ import {
 } from '@fastmax/core';
 import { cpuBackward } from './backward.js';
 import { BackwardEngine } from './backward-engine.js';
-import { balancedFeatureBounds, unevenSpeeds, updatedSpeeds } from './balance.js';
+import { balancedFeatureBounds, PREPARATION_COST, unevenSpeeds, updatedSpeeds } from './balance.js';
 import {
   type AttentionJob,
   Engine,
@@ -86,8 +86,9 @@ export interface CpuBackendOptions {
    */
   readonly shareCallingThread?: boolean;
   /**
-   * Size the shares of a head split over threads (by features, or by queries with the calling
-   * thread's share) by each thread's speed, measured on the calls before (see src/balance.ts),
+   * Size the shares of a head split over threads (by features in the forward and the backward, or
+   * by queries with the calling thread's share) by each thread's speed, measured on the calls
+   * before (see src/balance.ts),
    * instead of equal or modelled shares: for hybrid CPUs with fast and slow cores, and virtual
    * machines whose cores slow down unevenly. Speeds within 8% of each other keep the usual shares.
    * Since the split then follows timings, repeated calls can differ by float32 rounding (as results
@@ -107,6 +108,9 @@ export interface CpuBackendOptions {
    */
   readonly queryScan?: boolean;
 }
+
+/** The splits whose shares balance.ts sizes (see the testing hooks of cpuBackend). */
+type SplitKind = 'features' | 'queries' | 'backward';
 
 /** Largest moment state (S, its compensation and z) one thread may hold, in bytes. */
 const MAX_STATE_BYTES = 2 ** 31;
@@ -235,14 +239,6 @@ function featureShares(heads: number, threads: number, paddedFeatures: number): 
 const MIN_FEATURES_FOR_FEATURE_SPLIT = 256;
 
 /**
- * Cost of preparing one input element (centering, norm, transpose or panel packing), in
- * multiply-adds of the product kernels: those run near the machine's SIMD peak while preparation is
- * bound by memory traffic. Measured from a profile of the p = 1 causal forward at D = 64, where
- * preparation is about a third of the time.
- */
-const PREPARATION_COST = 40;
-
-/**
  * Cost of one float of the calling thread's own work in a split by queries, in the same units:
  * staging an input row for the workers, or copying an output row they wrote into the caller's
  * array, runs at about 0.45 ns a float on the machine that measured PREPARATION_COST, where a
@@ -350,6 +346,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   // The same for the shares of a split by queries (the calling thread's among them when it takes
   // one), relative to the cost model of sequenceBounds.
   let queryShareSpeeds: Float64Array | null = null;
+  // The same for a backward's feature shares (per worker): its passes weigh the kernels otherwise.
+  let backwardSpeeds: Float64Array | null = null;
   // Whether those were learned on shares that scan (true) or fold (false): the calling thread takes
   // the first share in a scan and the last in a fold, so speeds do not carry over from one to the
   // other. null: set by a test, for either.
@@ -394,11 +392,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     readonly poolForTesting: () => Promise<WorkerPool | null>;
     readonly setFirstTouchProbeForTesting: (probe: (array: Float32Array) => number) => void;
     /**
-     * The relative speeds balance.ts keeps for feature shares (per worker) and query shares (per
-     * share); null before a balanced call of that kind.
+     * The relative speeds balance.ts keeps for the forward's feature shares (per worker), its query
+     * shares (per share) and the backward's feature shares (per worker); null before a balanced
+     * call of that kind.
      */
-    readonly speedsForTesting: (split: 'features' | 'queries') => Float64Array | null;
-    readonly setSpeedsForTesting: (split: 'features' | 'queries', speeds: Float64Array | null) => void;
+    readonly speedsForTesting: (split: SplitKind) => Float64Array | null;
+    readonly setSpeedsForTesting: (split: SplitKind, speeds: Float64Array | null) => void;
   } = {
     name: 'cpu',
     specVersion: SPEC_VERSION,
@@ -769,6 +768,14 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             workers,
             splitHeads,
             staging,
+            options.balanceShares === false
+              ? null
+              : {
+                  speeds: backwardSpeeds,
+                  learn: (work, millis) => {
+                    backwardSpeeds = updatedSpeeds(backwardSpeeds, work, millis);
+                  },
+                },
           ),
         );
       } catch (error) {
@@ -804,9 +811,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
     setFirstTouchProbeForTesting: (probe) => {
       probeFirstTouch = probe;
     },
-    speedsForTesting: (split) => (split === 'features' ? workerSpeeds : queryShareSpeeds)?.slice() ?? null,
+    speedsForTesting: (split) =>
+      ({ features: workerSpeeds, queries: queryShareSpeeds, backward: backwardSpeeds })[split]?.slice() ??
+      null,
     setSpeedsForTesting: (split, speeds) => {
       if (split === 'features') workerSpeeds = speeds;
+      else if (split === 'backward') backwardSpeeds = speeds;
       else {
         queryShareSpeeds = speeds;
         queryShareSpeedsScan = null;

@@ -8,8 +8,9 @@ import {
   querySchedule,
 } from '@fastmax/core';
 import type { BackwardEngine } from './backward-engine.js';
-import type { WorkUnit } from './engine.js';
-import type { WorkerPool } from './pool.js';
+import { balancedFeatureBounds, PREPARATION_COST, type ShareBalance, unevenSpeeds } from './balance.js';
+import { featureShare, type WorkUnit } from './engine.js';
+import type { RunTotals, WorkerPool } from './pool.js';
 import { kernelSetup, packedSchedule } from './setup.js';
 import { type SharedStaging, touchedFloat32 } from './staging.js';
 import { type BackwardJob, backwardHead, backwardUnit, type FinishRange } from './worker.js';
@@ -70,6 +71,8 @@ export async function cpuBackward(
   splitHeads: boolean,
   /** Where the arrays the kernels read and write live; the caller runs this call exclusively. */
   staging: SharedStaging,
+  /** Sizing one head's feature shares to the workers' speeds (balance.ts); null: equal shares. */
+  balance: ShareBalance | null = null,
 ): Promise<BackwardResult> {
   const { shape, options, plan } = request;
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
@@ -102,6 +105,18 @@ export async function cpuBackward(
     validKeys[b] = options.keyLengths === null ? M : options.keyLengths[b]!;
     schedules.push(packedSchedule(querySchedule(b, shape, options, plan.path, scheduleChunk)));
   }
+  // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run), sized
+  // to that worker's measured speed, as in the forward. Work a share has whatever its features:
+  // every share prepares each token again in both passes and takes every shares-th query block's
+  // diagonal part, here in units of one feature's work (five F × (Dv + 1) products per token).
+  const balanced = balance !== null && parallel && factorized && heads === 1 && shares === pool.size;
+  const fixedFeatures =
+    (2 * PREPARATION_COST * (N + M) * (D + Dv) +
+      (options.causal ? (2.5 * N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
+    (2.5 * (N + M) * (Dv + 1));
+  const featureBounds = balanced
+    ? balancedFeatureBounds(setup.paddedFeatures, unevenSpeeds(balance.speeds, shares), fixedFeatures)
+    : null;
   const first: BackwardJob = {
     pass: 1,
     z,
@@ -133,8 +148,10 @@ export async function cpuBackward(
     chunkSize,
     setup,
     shares,
+    featureBounds,
   };
   const second: BackwardJob = { ...first, pass: 2 };
+
   const third: BackwardJob = { ...first, pass: 3 };
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) for (let s = 0; s < shares; s++) units.push({ head, share: s });
@@ -147,12 +164,20 @@ export async function cpuBackward(
     results.dk = touchedFloat32(B * Hkv * M * D);
     results.dv = touchedFloat32(B * Hkv * M * Dv);
   };
+  // Milliseconds each worker spent on passes 1 and 2, and the share it ran (batch i is share i when
+  // balanced: one unit a batch, all workers idle at the start).
+  const millis: number[] = [];
+  const workerShare: number[] = [];
   const runPass = async (job: BackwardJob, alongside?: () => void): Promise<void> => {
     if (parallel) {
       const perBatch = Math.ceil(units.length / (pool.size * 2));
       const batches: WorkUnit[][] = [];
       for (let i = 0; i < units.length; i += perBatch) batches.push(units.slice(i, i + perBatch));
-      await pool.backward(job, batches, alongside);
+      const totals: RunTotals = await pool.backward(job, batches, alongside);
+      for (const { batch, slot, millis: taken } of totals.timings) {
+        millis[slot] = (millis[slot] ?? 0) + taken;
+        workerShare[slot] = batch;
+      }
     } else {
       for (const unit of units) backwardHead(engine, job, unit);
       alongside?.();
@@ -160,6 +185,13 @@ export async function cpuBackward(
   };
   await runPass(first, allocateResults);
   await runPass(second);
+  if (balanced) {
+    const work = workerShare.map((share) => {
+      const { start, end } = featureShare(setup.paddedFeatures, share, shares, featureBounds);
+      return end - start + fixedFeatures;
+    });
+    balance.learn(work, millis);
+  }
   // Pass 3: the shares' sums and ∂L/∂x, ∂L/∂σ, over ranges of query and key rows.
   const finishRanges = pool === null ? 1 : pool.size;
   const finish: FinishRange[] = [];

@@ -107,3 +107,22 @@ export function balancedFeatureBounds(
   bounds[n] = paddedFeatures;
   return bounds;
 }
+
+/**
+ * Cost of preparing one input element (centering, norm, transpose or panel packing), in
+ * multiply-adds of the product kernels: those run near the machine's SIMD peak while preparation is
+ * bound by memory traffic. Measured from a profile of the p = 1 causal forward at D = 64, where
+ * preparation is about a third of the time.
+ */
+export const PREPARATION_COST = 40;
+
+/**
+ * What a call that splits one head into feature shares over the workers needs to size them: the
+ * speeds measured on the calls before, and where to report this call's (see updatedSpeeds).
+ */
+export interface ShareBalance {
+  /** Relative speed of each worker, or null before any measurement. */
+  readonly speeds: Float64Array | null;
+  /** Each worker's work in features (its fixed part included) and the milliseconds it took. */
+  learn(work: readonly number[], millis: readonly number[]): void;
+}

@@ -64,6 +64,11 @@ export interface BackwardJob {
   readonly chunkSize: number;
   readonly setup: KernelSetup;
   readonly shares: number;
+  /**
+   * Padded-feature boundaries of the shares when they are sized to the workers' measured speeds
+   * (balance.ts), as AttentionJob.featureBounds; null: equal counts.
+   */
+  readonly featureBounds: Int32Array | null;
 }
 
 /** Pass 3's unit: query rows [start, end) of the B·H·N, and key rows of the B·H·M. */
@@ -155,7 +160,7 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
   const b = Math.floor(head / H);
   const kvHead = kvHeadSlot(head, H, Hkv);
   const slot = head * shares + share;
-  const features = featureShare(job.setup.paddedFeatures, share, shares);
+  const features = featureShare(job.setup.paddedFeatures, share, shares, job.featureBounds);
   const task: BackwardHead = {
     z: job.z,
     zBase: head * N * D,

@@ -400,6 +400,42 @@ describe('threads', () => {
     await serial.dispose();
   });
 
+  // The backward's feature shares sized to the workers' speeds as the forward's are: skewed either
+  // way, every feature is still some share's, so the gradients are the equal split's to float32
+  // rounding (1e-5, as above).
+  it('sizes the backward feature shares to the measured speeds, matching equal shares', async () => {
+    type Balanced = ReturnType<typeof cpuBackend> & {
+      speedsForTesting(split: 'backward'): Float64Array | null;
+      setSpeedsForTesting(split: 'backward', speeds: Float64Array | null): void;
+    };
+    const balanced = cpuBackend({ threads: 2, parallelThreshold: 0 }) as Balanced;
+    const equal = cpuBackend({ threads: 2, parallelThreshold: 0, balanceShares: false }) as Balanced;
+    const q = tensor([1, 1, 90, 32], 21);
+    const k = tensor([1, 1, 90, 32], 22);
+    const v = tensor([1, 1, 90, 40], 23);
+    const dOut = tensor([1, 1, 90, 40], 24);
+    const options: FastmaxOptions = { order: 2, causal: true, chunkSize: 16, path: 'factorized' };
+    const withBalanced = await createFastmax({ backend: balanced });
+    const withEqual = await createFastmax({ backend: equal });
+    const expected = await withEqual.backward(q, k, v, dOut, options);
+    expect(equal.speedsForTesting('backward')).toBeNull();
+    for (const speeds of [null, [0.3, 1.7], [1.7, 0.3]]) {
+      balanced.setSpeedsForTesting('backward', speeds === null ? null : Float64Array.from(speeds));
+      const result = await withBalanced.backward(q, k, v, dOut, options);
+      for (const name of ['dq', 'dk', 'dv'] as const) {
+        expect(
+          relativeError((result[name] as HostTensor).data, (expected[name] as HostTensor).data),
+        ).toBeLessThan(1e-5);
+      }
+      // The call timed its two workers: the estimate is there, at mean 1.
+      const measured = balanced.speedsForTesting('backward');
+      expect(measured).toHaveLength(2);
+      expect(measured![0]! + measured![1]!).toBeCloseTo(2, 9);
+    }
+    await withBalanced.dispose();
+    await withEqual.dispose();
+  });
+
   it('runs the backward of several heads on workers, equal to one thread (GQA: dk, dv summed)', async () => {
     const q = tensor([2, 4, 50, 8], 11);
     const k = tensor([2, 2, 50, 8], 12);
@@ -433,13 +469,16 @@ describe('threads', () => {
       ],
       [{ order: 1, causal: true, path: 'direct' }, [1, 2, 40, 32], [1, 2, 40, 32], 40],
     ];
-    const reused = await createFastmax({ backend });
+    // Equal shares on both (balanced ones follow the timings of the calls before, which would move
+    // the split of the reused backend and its float32 rounding).
+    const threads = { threads: 2, parallelThreshold: 0, balanceShares: false };
+    const reused = await createFastmax({ backend: cpuBackend(threads) });
     for (const [index, [options, qShape, kShape, Dv]] of [...calls, ...calls.slice().reverse()].entries()) {
       const q = tensor(qShape, 31 + index);
       const k = tensor(kShape, 32 + index);
       const v = tensor([kShape[0], kShape[1], kShape[2], Dv], 33 + index);
       const dOut = tensor([qShape[0], qShape[1], qShape[2], Dv], 34 + index);
-      const fresh = await createFastmax({ backend: cpuBackend({ threads: 2, parallelThreshold: 0 }) });
+      const fresh = await createFastmax({ backend: cpuBackend(threads) });
       const want = await fresh.backward(q, k, v, dOut, options);
       await fresh.dispose();
       const got = await reused.backward(q, k, v, dOut, options);
@@ -449,6 +488,7 @@ describe('threads', () => {
         );
       }
     }
+    await reused.dispose();
   });
 
   // The backend declares checksFiniteInputs: core leaves the scan to it, and it scans in the calling

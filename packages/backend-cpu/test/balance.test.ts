@@ -1,6 +1,9 @@
 import { describe, expect, it } from 'vitest';
+import type { BackwardEngine, BackwardHead } from '../src/backward-engine.js';
 import { balancedFeatureBounds, unevenSpeeds, updatedSpeeds } from '../src/balance.js';
 import { combineShares, featureShare } from '../src/engine.js';
+import { kernelSetup } from '../src/setup.js';
+import { type BackwardJob, backwardHead } from '../src/worker.js';
 import { causalHead } from './head-job.js';
 
 describe('updatedSpeeds', () => {
@@ -136,4 +139,37 @@ it('an engine runs the features featureBounds gives its share, and the shares st
   for (let i = 0; i < equal.out.length; i++)
     error = Math.max(error, Math.abs(equal.out[i]! - skewed.out[i]!));
   expect(error).toBeLessThan(1e-5);
+});
+
+// The backward's passes read their features through the same bounds: each share's task covers
+// exactly the features its bounds give it (a stand-in engine records the tasks).
+it('a backward share works on the features featureBounds gives it', () => {
+  const tasks: { featureStart: number; featureEnd: number; share: number }[] = [];
+  const engine = {
+    gradients: (task: BackwardHead) => tasks.push(task),
+    keyGradients: (task: BackwardHead) => tasks.push(task),
+  } as unknown as BackwardEngine;
+  const setup = kernelSetup(16, 2, Float32Array.of(1, 1, 0.5), true);
+  const empty = new Float32Array(0);
+  const job = {
+    pass: 1,
+    setup,
+    shares: 2,
+    featureBounds: Int32Array.of(0, 40, setup.paddedFeatures),
+    heads: 1,
+    kvHeads: 1,
+    queryLength: 8,
+    keyLength: 8,
+    headDim: 16,
+    valueDim: 16,
+    validKeys: Int32Array.of(8),
+    schedules: [Int32Array.of(0, 8, 0, 8)],
+    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
+  } as unknown as BackwardJob;
+  backwardHead(engine, job, { head: 0, share: 0 });
+  backwardHead(engine, { ...job, pass: 2 }, { head: 0, share: 1 });
+  expect(tasks.map(({ featureStart, featureEnd, share }) => [featureStart, featureEnd, share])).toEqual([
+    [0, 40, 0],
+    [40, setup.paddedFeatures, 1],
+  ]);
 });
