@@ -25,11 +25,16 @@ import {
 } from '@fastmax/core';
 import { cpuBackward } from './backward.js';
 import { BackwardEngine } from './backward-engine.js';
-import { balancedFeatureBounds, PREPARATION_COST, unevenSpeeds, updatedSpeeds } from './balance.js';
+import {
+  balancedFeatureBounds,
+  featureShareWork,
+  PREPARATION_COST,
+  unevenSpeeds,
+  updatedSpeeds,
+} from './balance.js';
 import {
   type AttentionJob,
   Engine,
-  featureShare,
   type HeadState,
   kvHeadSlot,
   MAX_CHUNK,
@@ -719,13 +724,13 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         failOnNonFinite(totals.nonFiniteInputs);
         if (balancedQueries) learnQueryShareSpeeds(totals.timings);
         if (balanced) {
-          const work: number[] = [];
-          const millis: number[] = [];
-          for (const { batch, slot, millis: taken } of totals.timings) {
-            const { start, end } = featureShare(setup.paddedFeatures, batch, shares, featureBounds);
-            work[slot] = end - start + fixedFeatures;
-            millis[slot] = taken;
-          }
+          const { work, millis } = featureShareWork(
+            [totals.timings],
+            setup.paddedFeatures,
+            shares,
+            featureBounds,
+            fixedFeatures,
+          );
           workerSpeeds = updatedSpeeds(workerSpeeds, work, millis);
         }
         let degenerateRows = totals.degenerate;

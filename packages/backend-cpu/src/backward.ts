@@ -8,8 +8,14 @@ import {
   querySchedule,
 } from '@fastmax/core';
 import type { BackwardEngine } from './backward-engine.js';
-import { balancedFeatureBounds, PREPARATION_COST, type ShareBalance, unevenSpeeds } from './balance.js';
-import { featureShare, type WorkUnit } from './engine.js';
+import {
+  balancedFeatureBounds,
+  featureShareWork,
+  PREPARATION_COST,
+  type ShareBalance,
+  unevenSpeeds,
+} from './balance.js';
+import type { WorkUnit } from './engine.js';
 import type { RunTotals, WorkerPool } from './pool.js';
 import { kernelSetup, packedSchedule } from './setup.js';
 import { type SharedStaging, touchedFloat32 } from './staging.js';
@@ -164,20 +170,15 @@ export async function cpuBackward(
     results.dk = touchedFloat32(B * Hkv * M * D);
     results.dv = touchedFloat32(B * Hkv * M * Dv);
   };
-  // Milliseconds each worker spent on passes 1 and 2, and the share it ran (batch i is share i when
-  // balanced: one unit a batch, all workers idle at the start).
-  const millis: number[] = [];
-  const workerShare: number[] = [];
+  // Timings of passes 1 and 2 (batch i is share i when balanced: one unit a batch, all workers idle
+  // at the start).
+  const passTimings: RunTotals['timings'][] = [];
   const runPass = async (job: BackwardJob, alongside?: () => void): Promise<void> => {
     if (parallel) {
       const perBatch = Math.ceil(units.length / (pool.size * 2));
       const batches: WorkUnit[][] = [];
       for (let i = 0; i < units.length; i += perBatch) batches.push(units.slice(i, i + perBatch));
-      const totals: RunTotals = await pool.backward(job, batches, alongside);
-      for (const { batch, slot, millis: taken } of totals.timings) {
-        millis[slot] = (millis[slot] ?? 0) + taken;
-        workerShare[slot] = batch;
-      }
+      passTimings.push((await pool.backward(job, batches, alongside)).timings);
     } else {
       for (const unit of units) backwardHead(engine, job, unit);
       alongside?.();
@@ -186,10 +187,13 @@ export async function cpuBackward(
   await runPass(first, allocateResults);
   await runPass(second);
   if (balanced) {
-    const work = workerShare.map((share) => {
-      const { start, end } = featureShare(setup.paddedFeatures, share, shares, featureBounds);
-      return end - start + fixedFeatures;
-    });
+    const { work, millis } = featureShareWork(
+      passTimings,
+      setup.paddedFeatures,
+      shares,
+      featureBounds,
+      fixedFeatures,
+    );
     balance.learn(work, millis);
   }
   // Pass 3: the shares' sums and ∂L/∂x, ∂L/∂σ, over ranges of query and key rows.

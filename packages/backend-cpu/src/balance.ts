@@ -1,3 +1,6 @@
+import { featureShare } from './engine.js';
+import type { BatchTiming } from './pool.js';
+
 /**
  * Sizing the shares a head is split into to the speeds of the threads that run them.
  *
@@ -115,6 +118,31 @@ export function balancedFeatureBounds(
  * preparation is about a third of the time.
  */
 export const PREPARATION_COST = 40;
+
+/**
+ * Each worker's work in features (its feature share's count, plus `fixedFeatures`: the work a share
+ * has whatever its features) and milliseconds, from the timings of the runs of one call that split
+ * one head into feature shares, batch s being share s (summed over the runs, e.g. the backward's
+ * two passes): what updatedSpeeds takes.
+ */
+export function featureShareWork(
+  runs: readonly (readonly BatchTiming[])[],
+  paddedFeatures: number,
+  shares: number,
+  bounds: Int32Array | null,
+  fixedFeatures: number,
+): { work: number[]; millis: number[] } {
+  const work: number[] = [];
+  const millis: number[] = [];
+  for (const timings of runs) {
+    for (const { batch, slot, millis: taken } of timings) {
+      const { start, end } = featureShare(paddedFeatures, batch, shares, bounds);
+      work[slot] = end - start + fixedFeatures;
+      millis[slot] = (millis[slot] ?? 0) + taken;
+    }
+  }
+  return { work, millis };
+}
 
 /**
  * What a call that splits one head into feature shares over the workers needs to size them: the

@@ -119,11 +119,61 @@ export function scanPrefixFloats(paddedFeatures: number, valueDim: number): numb
   return paddedFeatures * roundUp(Math.max(valueDim, 1), 8) + paddedFeatures + 2;
 }
 
+/** Byte offsets of what a scan share keeps between its two phases (see scanLayout). */
+interface ScanLayout {
+  /** Its queries, centered, and their norms. */
+  readonly queries: number;
+  readonly queryNorms: number;
+  /** Its kept keys transposed (D rows `ldKeys` floats apart), their values in panels, their norms. */
+  readonly keys: number;
+  readonly values: number;
+  readonly keyNorms: number;
+  readonly ldKeys: number;
+  /** A copy of the moment state (S, then z) per query chunk, then the prefix from the share before. */
+  readonly snapshots: number;
+  readonly prefix: number;
+  readonly end: number;
+}
+
+/**
+ * Where a scan share of `rows` queries, `keptKeys` kept keys and `chunks` query chunks keeps its
+ * data, from byte offset `base` (the engine's scratch ends there).
+ */
+function scanLayout(
+  paddedFeatures: number,
+  headDim: number,
+  columns: number,
+  rows: number,
+  keptKeys: number,
+  chunks: number,
+  base: number,
+): ScanLayout {
+  const stateFloats = paddedFeatures * columns + paddedFeatures;
+  // The scores kernel reads whole 8-key tiles: a tile of zeros past the last kept key.
+  const ldKeys = roundUp(keptKeys, 8) + 8;
+  let offset = roundUp(base, 64);
+  const take = (floats: number): number => {
+    const start = offset;
+    offset = roundUp(offset + floats * 4, 64);
+    return start;
+  };
+  return {
+    queries: take(rows * headDim),
+    queryNorms: take(rows),
+    keys: take(headDim * ldKeys),
+    values: take(columns * ldKeys),
+    keyNorms: take(ldKeys),
+    ldKeys,
+    snapshots: take(chunks * stateFloats),
+    prefix: take(stateFloats),
+    end: offset,
+  };
+}
+
 /**
  * Bytes of WebAssembly memory a scan share of `rows` queries keeps between its two phases (on top of
- * the engine's scratch): its centered queries and their norms, its keys transposed and its values in
- * panels (a share sees at most as many keys past its state as it has queries, plus a tile), and a
- * copy of the moment state per query chunk of `chunk` rows. The backend folds instead above a limit.
+ * the engine's scratch; a share keeps at most as many keys as it has queries, and a state copy per
+ * query chunk of `chunk` rows). The backend folds instead above a limit.
  */
 export function scanStoreBytes(
   paddedFeatures: number,
@@ -133,10 +183,9 @@ export function scanStoreBytes(
   chunk: number,
 ): number {
   const columns = roundUp(Math.max(valueDim, 1), 8);
-  const keys = roundUp(rows, 8) + 8;
   const chunks = Math.ceil(rows / Math.max(1, chunk));
-  const stateFloats = paddedFeatures * columns + paddedFeatures;
-  return 4 * (rows * (headDim + 1) + keys * (headDim + columns + 1) + (chunks + 1) * stateFloats) + 7 * 64;
+  // From an offset just past a 64-byte boundary: the most the alignment can add.
+  return scanLayout(paddedFeatures, headDim, columns, rows, rows, chunks, 1).end;
 }
 
 /** Cells of AttentionJob.stagedRows. */
@@ -625,24 +674,19 @@ export class Engine {
       rows > 0 ? clampKeys(rowStart + view.causalShift) : clampKeys(rowEnd + view.causalShift);
     const keyEnd = clampKeys(rowEnd + view.causalShift);
     const storedKeys = keyEnd - storeStart;
-    const ldStore = roundUp(storedKeys, 8) + 8;
-    const chunks = schedule.length / 4;
     const stateFloats = F * W + F;
-    // The store, after the engine's scratch.
-    let offset = roundUp(this.buffers!.end, 64);
-    const take = (floats: number): number => {
-      const start = offset;
-      offset = roundUp(offset + floats * 4, 64);
-      return start;
-    };
-    const qStore = take(rows * D);
-    const qNormStore = take(rows);
-    const yStore = take(D * ldStore);
-    const vStore = take(W * ldStore);
-    const kNormStore = take(ldStore);
-    const snapshots = take(chunks * stateFloats);
-    const prefix = take(stateFloats);
-    const needed = Math.ceil(offset / 65536) - ex.memory.buffer.byteLength / 65536;
+    const {
+      queries: qStore,
+      queryNorms: qNormStore,
+      keys: yStore,
+      values: vStore,
+      keyNorms: kNormStore,
+      ldKeys: ldStore,
+      snapshots,
+      prefix,
+      end,
+    } = scanLayout(F, D, W, rows, storedKeys, schedule.length / 4, this.buffers!.end);
+    const needed = Math.ceil(end / 65536) - ex.memory.buffer.byteLength / 65536;
     if (needed > 0) ex.memory.grow(needed);
     this.refreshViews();
     const b = this.buffers!;
@@ -702,7 +746,7 @@ export class Engine {
       }
     }
     addKeys(keyEnd);
-    // The scores kernel reads whole 8-key tiles: past the last kept key, zeros.
+    // The tile of zeros past the last kept key (scanLayout).
     this.refreshViews();
     for (let d = 0; d < D; d++) {
       const row = (yStore >> 2) + d * ldStore;
