@@ -102,16 +102,24 @@ export interface CpuBackendOptions {
   readonly balanceShares?: boolean;
   /**
    * How a head split by queries (causal, few features: p = 1) gets the moments of the keys before
-   * each share. true: a prefix scan, where each share builds the moments of its own keys only,
-   * keeping a copy of its state per query chunk, and takes the rest from the share before it, so
-   * nothing is computed twice but each share writes and reads back about 3 KB per query row. false:
-   * each share folds every key before its first query into its own state, work that grows with the
+   * each share. true: a prefix scan, where each share builds the moments of its own keys only and
+   * takes the rest from the share before it. To compute nothing twice, a scan share keeps its
+   * queries, keys and a copy of its state per query chunk between its two phases (about 1.3 KB
+   * per query row at D = Dv = 64, p = 1); a share that would keep more than `scanKeepBytes` keeps
+   * nothing and adds its own keys' moments twice instead (about a third more work). false: each
+   * share folds every key before its first query into its own state, work that grows with the
    * share's position (the last of P shares folds (P − 1)/P of the keys). Default: the scan from 3
-   * shares on (threads ≥ 3), folding with 2, where both measured alike (docs/benchmarks.md). A share
-   * whose scan would keep more than 64 MiB of WebAssembly memory folds anyway. The two group float32
-   * sums differently, so their results differ by rounding.
+   * shares on (threads ≥ 3), folding with 2, where both measured alike (docs/benchmarks.md). The
+   * two group float32 sums differently, so their results differ by rounding.
    */
   readonly queryScan?: boolean;
+  /**
+   * The most WebAssembly memory, in bytes, one share of a prefix scan (`queryScan`) may keep
+   * between its phases. Its thread holds on to that memory after the call (WebAssembly memory does
+   * not shrink), so this bounds what long sequences leave behind per thread. Default 64 MiB; 0
+   * keeps nothing.
+   */
+  readonly scanKeepBytes?: number;
 }
 
 /** The splits whose shares balance.ts sizes (see the testing hooks of cpuBackend). */
@@ -272,8 +280,8 @@ const COST_UNIT_NS = 0.042;
 const PROBED_PAGES = 32;
 const FRESH_PAGE_MS = 0.002;
 
-/** Bytes of WebAssembly memory a scan share may keep between its phases (scanStoreBytes). */
-const SCAN_STORE_LIMIT = 64 * 2 ** 20;
+/** Default of CpuBackendOptions.scanKeepBytes. */
+const SCAN_KEEP_BYTES = 64 * 2 ** 20;
 
 /**
  * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
@@ -314,6 +322,19 @@ function sequenceBounds(
   return Int32Array.from(bounds);
 }
 
+/** A numeric option that must be a non-negative number when given (`fallback` when not). */
+function nonNegativeOption(value: number | undefined, argument: string, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || Number.isNaN(value) || value < 0) {
+    throw new FastmaxError('INVALID_OPTION', `${argument} must be a non-negative number`, {
+      argument,
+      expected: 'a number >= 0',
+      actual: String(value),
+    });
+  }
+  return value;
+}
+
 /** `rows` output rows in `parts` contiguous ranges of nearly equal size. */
 function rowRanges(rows: number, parts: number): RowRange[] {
   const ranges: RowRange[] = [];
@@ -338,7 +359,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       actual: String(requested),
     });
   }
-  const parallelThreshold = options.parallelThreshold ?? 2 ** 22;
+  const parallelThreshold = nonNegativeOption(options.parallelThreshold, 'parallelThreshold', 2 ** 22);
+  const scanKeepBytes = nonNegativeOption(options.scanKeepBytes, 'scanKeepBytes', SCAN_KEEP_BYTES);
   let modulePromise: Promise<WebAssembly.Module> | null = null;
   let variant: 'simd' | 'relaxed-simd' = 'simd';
   let localEngine: Engine | null = null;
@@ -471,9 +493,13 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const balancedQueries = bySequence && heads === 1 && options.balanceShares !== false;
       const learnedSpeeds = (scan: boolean) =>
         queryShareSpeedsScan === null || queryShareSpeedsScan === scan ? queryShareSpeeds : null;
-      const splitByQueries = (scan: boolean) => {
-        // Building the state of the keys before a share costs it per key only when it folds them.
-        const prefixCost = scan ? 0 : plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
+      // A share's cost per key: what folding a key into its state, or adding a key twice, costs.
+      const keyCost = plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
+      const splitByQueries = (scan: boolean, keep = true) => {
+        // Building the state of the keys before a share costs it per key only when it folds them;
+        // a scan share that keeps nothing adds its own keys twice.
+        const prefixCost = scan ? 0 : keyCost;
+        const rowCost = queryCost + (scan && !keep ? keyCost : 0);
         const callerIndex = callerShare ? (scan ? 0 : shares - 1) : -1;
         // The model's time factor of each share: a worker's staged reads are slower.
         const factors = Array.from({ length: shares }, (_, s) =>
@@ -485,33 +511,33 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           N,
           shares,
           chunkSize,
-          queryCost,
+          rowCost,
           prefixCost,
           extras,
           factors.map((factor, s) => factor / (speeds?.[s] ?? 1)),
         );
-        return { scan, prefixCost, callerIndex, factors, bounds };
+        return { scan, keep, prefixCost, rowCost, callerIndex, factors, bounds };
       };
       let querySplit = bySequence ? splitByQueries(options.queryScan ?? shares >= 3) : null;
       if (querySplit?.scan) {
         let largest = 0;
         for (let s = 0; s < shares; s++)
           largest = Math.max(largest, querySplit.bounds[s + 1]! - querySplit.bounds[s]!);
-        if (scanStoreBytes(setup.paddedFeatures, D, Dv, largest, chunkSize) > SCAN_STORE_LIMIT)
-          querySplit = splitByQueries(false);
+        if (scanStoreBytes(setup.paddedFeatures, D, Dv, largest, chunkSize) > scanKeepBytes)
+          querySplit = splitByQueries(true, false);
       }
       const queryBounds = querySplit?.bounds ?? null;
       // After a balanced split by queries: how fast each share ran against the model. The workers'
       // shares ran as batches in share order (the calling thread's left out), the calling thread's
       // took `callerMillis`.
       const learnQueryShareSpeeds = (timings: readonly BatchTiming[], callerMillis?: number): void => {
-        const { scan, prefixCost, callerIndex, factors, bounds } = querySplit!;
+        const { scan, prefixCost, rowCost, callerIndex, factors, bounds } = querySplit!;
         const workerShares = Array.from({ length: shares }, (_, s) => s).filter((s) => s !== callerIndex);
         const millis: number[] = [];
         for (const { batch, millis: taken } of timings) millis[workerShares[batch]!] = taken;
         if (callerMillis !== undefined) millis[callerIndex] = callerMillis;
         const modelled = factors.map(
-          (factor, s) => factor * (prefixCost * bounds[s]! + queryCost * (bounds[s + 1]! - bounds[s]!)),
+          (factor, s) => factor * (prefixCost * bounds[s]! + rowCost * (bounds[s + 1]! - bounds[s]!)),
         );
         queryShareSpeeds = updatedSpeeds(learnedSpeeds(scan), modelled, millis);
         queryShareSpeedsScan = scan;
@@ -625,6 +651,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           ? allocate(() => ({
               prefixes: staging.take('scanPrefixes', scanSlots * scanPrefixFloats(setup.paddedFeatures, Dv)),
               ready: staging.takeCounters('scanReady', scanSlots),
+              keep: querySplit!.keep,
             }))
           : null;
         queryScan?.ready.fill(0);

@@ -109,6 +109,12 @@ export interface QueryScan {
   readonly prefixes: Float32Array;
   /** Per slot: 0 until its prefix is written, then 1; SCAN_ABORTED when the call failed. */
   readonly ready: Int32Array;
+  /**
+   * Whether each share keeps its queries, keys and a state copy per chunk between the phases
+   * (scanStoreBytes of WebAssembly memory; nothing computed twice), or keeps nothing and adds its
+   * own keys' moments twice (runRecomputingScanShare), for shares whose kept data would not fit.
+   */
+  readonly keep: boolean;
 }
 
 /** AttentionJob.scan's ready cell of a call that failed: waiting shares stop with an error. */
@@ -186,6 +192,27 @@ export function scanStoreBytes(
   const chunks = Math.ceil(rows / Math.max(1, chunk));
   // From an offset just past a 64-byte boundary: the most the alignment can add.
   return scanLayout(paddedFeatures, headDim, columns, rows, rows, chunks, 1).end;
+}
+
+/**
+ * Scan share `share`'s queries [rowStart, rowEnd) and own keys [keyStart, keyEnd): the keys past
+ * the previous share's and up to the last its queries see, share 0's from key 0 (with more keys
+ * than queries, those every query sees).
+ */
+function scanShareRows(
+  view: HeadView,
+  bounds: Int32Array,
+  share: number,
+): { rowStart: number; rowEnd: number; keyStart: number; keyEnd: number } {
+  const clampKeys = (end: number): number => Math.max(0, Math.min(view.valid, end));
+  const rowStart = bounds[share]!;
+  const rowEnd = bounds[share + 1]!;
+  return {
+    rowStart,
+    rowEnd,
+    keyStart: share === 0 ? 0 : clampKeys(rowStart + view.causalShift),
+    keyEnd: clampKeys(rowEnd + view.causalShift),
+  };
 }
 
 /** Cells of AttentionJob.stagedRows. */
@@ -623,11 +650,14 @@ export class Engine {
       let last = first;
       while (last < schedule.length && schedule[last]! < to) last += 4;
       schedule = schedule.subarray(first, last);
-      if (job.scan !== null) return this.runScanShare(job, unit.head, share, view, schedule, scales);
+      if (job.scan !== null)
+        return job.scan.keep
+          ? this.runScanShare(job, unit.head, share, view, schedule, scales)
+          : this.runRecomputingScanShare(job, unit.head, share, view, schedule, scales);
       // prefix-max-norm's running query maximum over the rows before this share's first chunk;
       // the key maximum and the state catch up by themselves (keyMaxUpTo and advance start at 0).
       if (job.normalization.kind === 'prefix-max-norm' && schedule.length > 0)
-        state.queryMax = this.maxCenteredNorm(view.q, view.qBase, schedule[0]!, D, QUERY_ROWS);
+        state.queryMax = this.maxCenteredNorm(view.q, view.qBase, 0, schedule[0]!, D, QUERY_ROWS);
     }
     return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
   }
@@ -664,15 +694,12 @@ export class Engine {
     const scale = job.normalization.kind === 'scale' ? job.normalization.scale : 1;
     const clampKeys = (end: number): number => Math.max(0, Math.min(view.valid, end));
     const limitOf = (i: number): number => clampKeys(i + view.causalShift + 1);
-    const rowStart = bounds[share]!;
-    const rowEnd = bounds[share + 1]!;
+    const { rowStart, rowEnd, keyStart, keyEnd } = scanShareRows(view, bounds, share);
     const rows = rowEnd - rowStart;
-    // Own keys [keyStart, keyEnd); those from storeStart on are kept for the diagonal blocks (before
-    // it only share 0 has any: keys that every query sees when there are more keys than queries).
-    const keyStart = share === 0 ? 0 : clampKeys(rowStart + view.causalShift);
+    // Own keys from storeStart on are kept for the diagonal blocks (before it only share 0 has any:
+    // keys that every query sees when there are more keys than queries).
     const storeStart =
       rows > 0 ? clampKeys(rowStart + view.causalShift) : clampKeys(rowEnd + view.causalShift);
-    const keyEnd = clampKeys(rowEnd + view.causalShift);
     const storedKeys = keyEnd - storeStart;
     const stateFloats = F * W + F;
     const {
@@ -753,31 +780,13 @@ export class Engine {
       this.f32.fill(0, row + storedKeys, row + ldStore);
     }
 
-    // The prefix from share − 1; then prefix + own moments for share + 1.
-    const slot = head * (shares - 1) + share - 1;
-    const prefixFloats = scanPrefixFloats(F, view.valueDim);
-    let prefixQueryMax = 0;
-    let prefixKeyMax = 0;
-    if (share > 0) {
-      this.awaitPrefix(scan.ready, slot);
-      const from = scan.prefixes.subarray(slot * prefixFloats, slot * prefixFloats + stateFloats + 2);
-      this.f32.set(from.subarray(0, stateFloats), prefix >> 2);
-      prefixQueryMax = from[stateFloats]!;
-      prefixKeyMax = from[stateFloats + 1]!;
-    }
-    if (share < shares - 1) {
-      const to = scan.prefixes.subarray((slot + 1) * prefixFloats, (slot + 2) * prefixFloats);
-      const f32 = this.f32;
-      const own = sPtr >> 2;
-      const ownZ = zPtr >> 2;
-      const before = prefix >> 2;
-      for (let i = 0; i < F * W; i++) to[i] = (share > 0 ? f32[before + i]! : 0) + f32[own + i]!;
-      for (let i = 0; i < F; i++) to[F * W + i] = (share > 0 ? f32[before + F * W + i]! : 0) + f32[ownZ + i]!;
-      to[stateFloats] = Math.max(prefixQueryMax, ownQueryMax);
-      to[stateFloats + 1] = Math.max(prefixKeyMax, ownKeyMax);
-      Atomics.store(scan.ready, slot + 1, 1);
-      Atomics.notify(scan.ready, slot + 1);
-    }
+    const {
+      prefix: from,
+      queryMax: prefixQueryMax,
+      keyMax: prefixKeyMax,
+    } = this.exchangePrefix(scan, head, share, shares, view.valueDim, ownQueryMax, ownKeyMax);
+    this.refreshViews();
+    if (from !== null) this.f32.set(from.subarray(0, stateFloats), prefix >> 2);
 
     // Phase 2.
     let queryMax = prefixQueryMax;
@@ -822,6 +831,121 @@ export class Engine {
       }
     }
     return degenerate;
+  }
+
+  /**
+   * Share `share` of head `head` split by queries as a prefix scan that keeps nothing between its
+   * phases (QueryScan.keep false), for shares whose kept data would not fit: phase 1 adds the
+   * share's own keys to an empty state and finds its largest query norm, without keeping either;
+   * phase 2 starts a sequential run over the share's chunks from the prefix's state, which adds the
+   * same keys again on its way. Its own keys' moments are the price (about a third of a p = 1
+   * share's work), against the keys before it that a fold adds.
+   */
+  private runRecomputingScanShare(
+    job: AttentionJob,
+    head: number,
+    share: number,
+    view: HeadView,
+    schedule: Int32Array,
+    scales: { queryDivisor: number; keyDivisor: number } | null,
+  ): number {
+    const bounds = job.queryBounds!;
+    const shares = bounds.length - 1;
+    const { features: F, columns: W, chunk: C } = this.layout!;
+    const b = this.buffers!;
+    const D = view.headDim;
+    const kind = job.normalization.kind;
+    const { rowStart, rowEnd, keyStart, keyEnd } = scanShareRows(view, bounds, share);
+    const sPtr = b.states;
+    const zPtr = sPtr + 2 * F * W * 4;
+    const keyLd = Math.max(KEY_CHUNK, C);
+    const scratchKeys: PreparedKeys = { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
+
+    // Phase 1.
+    let ownKeyMax = 0;
+    for (let start = keyStart; start < keyEnd; start += KEY_CHUNK) {
+      const count = Math.min(KEY_CHUNK, keyEnd - start);
+      const f32 = this.loadRows(
+        view.k,
+        view.kBase,
+        start,
+        count,
+        D,
+        b.kRaw,
+        kind !== 'scale',
+        b.kNorms,
+        KEY_ROWS,
+      );
+      for (let t = 0; t < count; t++) ownKeyMax = Math.max(ownKeyMax, f32[(b.kNorms >> 2) + t]!);
+      this.packKeys(view, start, count, b.kRaw, kind, scales, scratchKeys);
+      this.addMoments(scratchKeys, count, 0, F, sPtr);
+    }
+    const ownQueryMax =
+      kind === 'prefix-max-norm'
+        ? this.maxCenteredNorm(view.q, view.qBase, rowStart, rowEnd, D, QUERY_ROWS)
+        : 0;
+    const { prefix, queryMax, keyMax } = this.exchangePrefix(
+      job.scan!,
+      head,
+      share,
+      shares,
+      view.valueDim,
+      ownQueryMax,
+      ownKeyMax,
+    );
+
+    // Phase 2.
+    this.clearState(0);
+    if (prefix !== null) {
+      this.f32.set(prefix.subarray(0, F * W), sPtr >> 2);
+      this.f32.set(prefix.subarray(F * W, F * W + F), zPtr >> 2);
+    }
+    const state: HeadState = { keys: keyStart, queryMax, keyMax };
+    return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+  }
+
+  /**
+   * A scan share's hand-on, its own moments in state slot 0: waits for the prefix from share − 1
+   * (the moments of the keys before the share, then the running maxima before it), and hands
+   * prefix + own moments on to share + 1. Returns the prefix (null for share 0: empty) and its
+   * maxima.
+   */
+  private exchangePrefix(
+    scan: QueryScan,
+    head: number,
+    share: number,
+    shares: number,
+    valueDim: number,
+    ownQueryMax: number,
+    ownKeyMax: number,
+  ): { prefix: Float32Array | null; queryMax: number; keyMax: number } {
+    const { features: F, columns: W } = this.layout!;
+    const stateFloats = F * W + F;
+    const slot = head * (shares - 1) + share - 1;
+    const prefixFloats = scanPrefixFloats(F, valueDim);
+    let prefix: Float32Array | null = null;
+    let queryMax = 0;
+    let keyMax = 0;
+    if (share > 0) {
+      this.awaitPrefix(scan.ready, slot);
+      prefix = scan.prefixes.subarray(slot * prefixFloats, slot * prefixFloats + stateFloats + 2);
+      queryMax = prefix[stateFloats]!;
+      keyMax = prefix[stateFloats + 1]!;
+    }
+    if (share < shares - 1) {
+      const to = scan.prefixes.subarray((slot + 1) * prefixFloats, (slot + 2) * prefixFloats);
+      this.refreshViews();
+      const f32 = this.f32;
+      const own = this.buffers!.states >> 2;
+      const ownZ = own + 2 * F * W;
+      for (let i = 0; i < F * W; i++) to[i] = (prefix?.[i] ?? 0) + f32[own + i]!;
+      for (let i = 0; i < F; i++) to[F * W + i] = (prefix?.[F * W + i] ?? 0) + f32[ownZ + i]!;
+      to[stateFloats] = Math.max(queryMax, ownQueryMax);
+      to[stateFloats + 1] = Math.max(keyMax, ownKeyMax);
+      Atomics.store(scan.ready, slot + 1, 1);
+      Atomics.notify(scan.ready, slot + 1);
+    }
+    return { prefix, queryMax, keyMax };
   }
 
   /** Waits until slot `slot` of a scan's prefixes is written; throws when the call failed meanwhile. */
@@ -869,28 +993,29 @@ export class Engine {
     view: HeadView,
   ): { queryDivisor: number; keyDivisor: number } | null {
     if (job.normalization.kind !== 'max-norm') return null;
-    const queryMax = this.maxCenteredNorm(view.q, view.qBase, view.rows, view.headDim, QUERY_ROWS);
-    const keyMax = this.maxCenteredNorm(view.k, view.kBase, view.valid, view.headDim, KEY_ROWS);
+    const queryMax = this.maxCenteredNorm(view.q, view.qBase, 0, view.rows, view.headDim, QUERY_ROWS);
+    const keyMax = this.maxCenteredNorm(view.k, view.kBase, 0, view.valid, view.headDim, KEY_ROWS);
     return { queryDivisor: queryMax > 0 ? queryMax : 1, keyDivisor: keyMax > 0 ? keyMax : 1 };
   }
 
   /**
-   * Centered norms of `rows` rows of `data` from `base`, computed by the kernels in blocks through
+   * Centered norms of rows [first, end) of `data` (from `base`), computed by the kernels in blocks through
    * the raw key buffer, written to the buffer at byte offset `norms` (the last block's) and reduced to
    * their maximum.
    */
   private maxCenteredNorm(
     data: Float32Array,
     base: number,
-    rows: number,
+    first: number,
+    end: number,
     dim: number,
     cell: typeof QUERY_ROWS | typeof KEY_ROWS,
   ): number {
     const b = this.buffers!;
     const block = Math.max(KEY_CHUNK, this.layout!.chunk);
     let max = 0;
-    for (let r0 = 0; r0 < rows; r0 += block) {
-      const n = Math.min(block, rows - r0);
+    for (let r0 = first; r0 < end; r0 += block) {
+      const n = Math.min(block, end - r0);
       const f32 = this.loadRows(data, base, r0, n, dim, b.kRaw, true, b.scanNorms, cell);
       const at = b.scanNorms >> 2;
       for (let t = 0; t < n; t++) if (f32[at + t]! > max) max = f32[at + t]!;
@@ -1103,8 +1228,9 @@ export class Engine {
     let degenerate = 0;
     // prefix-max-norm's σ_i uses the largest key norm among the keys row i sees: keys are scanned
     // once, in order, as the limit grows (it never shrinks from one row to the next). Keys before
-    // keyOffset (earlier decoding steps) are already in state.keyMax.
-    let keysScanned = view.keyOffset;
+    // keyOffset (earlier decoding steps) or in the state it starts from (a recomputing scan share's
+    // prefix) are already in state.keyMax.
+    let keysScanned = Math.max(view.keyOffset, state.keys);
 
     // Writes keys [start, end) (global indices) as y (transposed, D × keyLd) and their values as
     // 8-column panels.

@@ -1,5 +1,6 @@
 import {
   createFastmax,
+  type FastmaxError,
   type FastmaxOptions,
   type HostTensor,
   isFastmaxError,
@@ -10,7 +11,7 @@ import {
 } from '@fastmax/core';
 import { referenceAttention } from '@fastmax/core/reference';
 import { afterAll, describe, expect, it } from 'vitest';
-import { cpuBackend } from '../src/index.js';
+import { type CpuBackendOptions, cpuBackend } from '../src/index.js';
 import type { WorkerPool } from '../src/pool.js';
 
 function tensor(shape: Shape4, seed: number, scale = 1): HostTensor {
@@ -75,6 +76,29 @@ describe('normalization', () => {
   }
 });
 
+describe('options', () => {
+  for (const [argument, value] of [
+    ['threads', 0],
+    ['threads', 1.5],
+    ['parallelThreshold', -1],
+    ['parallelThreshold', Number.NaN],
+    ['scanKeepBytes', -1],
+    ['scanKeepBytes', '64'],
+  ] as const) {
+    it(`refuses ${argument}: ${String(value)} with INVALID_OPTION naming it`, () => {
+      let error: unknown = null;
+      try {
+        cpuBackend({ [argument]: value } as CpuBackendOptions);
+      } catch (caught) {
+        error = caught;
+      }
+      expect(isFastmaxError(error, 'INVALID_OPTION')).toBe(true);
+      expect((error as FastmaxError).argument).toBe(argument);
+      expect((error as FastmaxError).actual).toBe(String(value));
+    });
+  }
+});
+
 describe('threads', () => {
   const backend = cpuBackend({ threads: 2, parallelThreshold: 0 });
   afterAll(() => backend.dispose());
@@ -99,7 +123,8 @@ describe('threads', () => {
   // two heads in 2 shares each, so that the shares of several heads are laid out side by side).
   // Causal calls with fewer than 256 features (p = 1, or p = 2 at D = 16: F = 153) split by queries:
   // each share gets the state of the keys before its queries from the share before it (queryScan,
-  // the default from 3 shares on) or builds it itself (queryScan: false). The others (p = 2 at D = 32:
+  // the default from 3 shares on; with scanKeepBytes: 0 the shares keep nothing between the scan's
+  // phases and add their own keys twice) or builds it itself (queryScan: false). The others (p = 2 at D = 32:
   // F = 561, or non-causal) split by features: the diagonal blocks alternate between shares and a
   // second pass sums numerators and denominators. Both reorder float32 sums, so results match one thread to float32 rounding, not
   // bit for bit.
@@ -116,14 +141,21 @@ describe('threads', () => {
     const shares = batch === 1 ? 3 : 2;
     const features = order === 1 ? headDim + 1 : ((headDim + 1) * (headDim + 2)) / 2;
     const by = causal && features < 256 ? 'queries' : 'features';
-    for (const queryScan of by === 'queries' ? [true, false] : [undefined]) {
-      const how =
-        queryScan === undefined ? '' : queryScan ? ' as a prefix scan' : ', each folding its prefix';
+    const ways =
+      by === 'queries' ? (['scan', 'scan keeping nothing', 'fold'] as const) : ([undefined] as const);
+    for (const way of ways) {
+      const how = {
+        scan: ' as a prefix scan',
+        'scan keeping nothing': ' as a prefix scan keeping nothing',
+        fold: ', each folding its prefix',
+        none: '',
+      }[way ?? 'none'];
       it(`splits ${batch} head(s) into ${shares} shares by ${by}${how} (p = ${order}, D = ${headDim}, ${causal ? 'causal' : 'non-causal'}, M = N ${extraKeys > 0 ? '+' : '-'} ${Math.abs(extraKeys)})`, async () => {
         const split = cpuBackend({
           threads: 3,
           parallelThreshold: 0,
-          ...(queryScan === undefined ? {} : { queryScan }),
+          ...(way === undefined ? {} : { queryScan: way !== 'fold' }),
+          ...(way === 'scan keeping nothing' ? { scanKeepBytes: 0 } : {}),
         });
         const N = 75;
         const q = tensor([batch, 1, N, headDim], 31);
@@ -237,15 +269,25 @@ describe('threads', () => {
   // says 1 ms a page) the calling thread takes no rows, and a scan's first share still runs.
   for (const normalization of ['prefix-max-norm', 'max-norm', 'l2', { scale: 0.3 }] as const) {
     for (const probe of ['recycled', 'fresh', 'no calling thread'] as const) {
-      for (const queryScan of [false, true]) {
+      for (const [queryScan, scanKeepBytes] of [
+        [false, undefined],
+        [true, undefined],
+        [true, 0],
+      ] as const) {
         const label = typeof normalization === 'string' ? normalization : 'scale';
         const setting = probe === 'no calling thread' ? 'shareCallingThread: false' : `${probe} output pages`;
-        it(`splits one head by queries over stale staging (${label}, ${setting}${queryScan ? ', prefix scan' : ''})`, async () => {
+        const how = queryScan
+          ? scanKeepBytes === 0
+            ? ', prefix scan keeping nothing'
+            : ', prefix scan'
+          : '';
+        it(`splits one head by queries over stale staging (${label}, ${setting}${how})`, async () => {
           const split = cpuBackend({
             threads: 2,
             parallelThreshold: 0,
             shareCallingThread: probe !== 'no calling thread',
             queryScan,
+            ...(scanKeepBytes === undefined ? {} : { scanKeepBytes }),
           });
           (
             split as typeof split & { setFirstTouchProbeForTesting(p: () => number): void }

@@ -7,9 +7,10 @@ import { causalHead } from './head-job.js';
 // in order never waits. Compared with the whole head as one unit, which sums the same terms in
 // another grouping: 1e-5 of the output's scale, the tolerance of the backend's other split tests.
 describe('prefix scan over query shares', () => {
-  const shared = (floats: number, cells: number): QueryScan => ({
+  const shared = (floats: number, cells: number, keep = true): QueryScan => ({
     prefixes: new Float32Array(new SharedArrayBuffer(floats * 4)),
     ready: new Int32Array(new SharedArrayBuffer(cells * 4)),
+    keep,
   });
 
   // Empty shares hand the prefix on; with more keys than queries, share 0 also folds the keys every
@@ -23,27 +24,28 @@ describe('prefix scan over query shares', () => {
     [1, 300, 16, 16, [0, 96, 208, 300], 340],
     [1, 300, 16, 16, [0, 0, 160, 300], 340],
   ] as const) {
-    it(`gives the sequential result (p = ${order}, N = ${N}, M = ${M}, D = ${D}, shares [${bounds.join(', ')}])`, async () => {
-      const { setup, engine, job } = await causalHead(order, N, D, chunk, M, M > N ? 6 : 1);
-      const whole = job();
-      engine.runUnit(whole, { head: 0 });
-      const shares = bounds.length - 1;
-      const scan = shared((shares - 1) * scanPrefixFloats(setup.paddedFeatures, D), shares - 1);
-      const split = job({ queryBounds: Int32Array.from(bounds), scan, shares });
-      for (let share = 0; share < shares; share++) engine.runUnit(split, { head: 0, share });
-      // Every prefix was handed on.
-      expect([...scan.ready]).toEqual(new Array(shares - 1).fill(1));
-      let error = 0;
-      let scale = 0;
-      for (let i = 0; i < whole.out.length; i++) {
-        error = Math.max(error, Math.abs(split.out[i]! - whole.out[i]!));
-        scale = Math.max(scale, Math.abs(whole.out[i]!));
-      }
-      expect(error / scale).toBeLessThan(1e-5);
-    });
+    for (const keep of [true, false])
+      it(`gives the sequential result (p = ${order}, N = ${N}, M = ${M}, D = ${D}, shares [${bounds.join(', ')}]${keep ? '' : ', keeping nothing'})`, async () => {
+        const { setup, engine, job } = await causalHead(order, N, D, chunk, M, M > N ? 6 : 1);
+        const whole = job();
+        engine.runUnit(whole, { head: 0 });
+        const shares = bounds.length - 1;
+        const scan = shared((shares - 1) * scanPrefixFloats(setup.paddedFeatures, D), shares - 1, keep);
+        const split = job({ queryBounds: Int32Array.from(bounds), scan, shares });
+        for (let share = 0; share < shares; share++) engine.runUnit(split, { head: 0, share });
+        // Every prefix was handed on.
+        expect([...scan.ready]).toEqual(new Array(shares - 1).fill(1));
+        let error = 0;
+        let scale = 0;
+        for (let i = 0; i < whole.out.length; i++) {
+          error = Math.max(error, Math.abs(split.out[i]! - whole.out[i]!));
+          scale = Math.max(scale, Math.abs(whole.out[i]!));
+        }
+        expect(error / scale).toBeLessThan(1e-5);
+      });
   }
 
-  it('keeps no more WebAssembly memory than scanStoreBytes says (the backend folds above a limit)', async () => {
+  it('keeps no more WebAssembly memory than scanStoreBytes says (above a limit, the backend keeps nothing)', async () => {
     const N = 4096;
     const D = 32;
     const { setup, engine, job } = await causalHead(1, N, D, 32);
@@ -61,11 +63,25 @@ describe('prefix scan over query shares', () => {
     expect(engine.memoryBytes - before).toBeLessThanOrEqual(largest + 65536);
   });
 
-  it('stops a share whose prefix will not come (a failed call), with an error', async () => {
-    const { setup, engine, job } = await causalHead(1, 128, 16, 16);
-    const scan = shared(scanPrefixFloats(setup.paddedFeatures, 16), 1);
-    Atomics.store(scan.ready, 0, SCAN_ABORTED);
-    const split = job({ queryBounds: Int32Array.of(0, 64, 128), scan, shares: 2 });
-    expect(() => engine.runUnit(split, { head: 0, share: 1 })).toThrow(/failed before handing on/);
+  it('grows no WebAssembly memory past the engine scratch when it keeps nothing', async () => {
+    const N = 4096;
+    const D = 32;
+    const { setup, engine, job } = await causalHead(1, N, D, 32);
+    engine.runUnit(job(), { head: 0 });
+    const before = engine.memoryBytes;
+    const scan = shared(scanPrefixFloats(setup.paddedFeatures, D), 1, false);
+    const split = job({ queryBounds: Int32Array.of(0, 1024, N), scan, shares: 2 });
+    engine.runUnit(split, { head: 0, share: 0 });
+    engine.runUnit(split, { head: 0, share: 1 });
+    expect(engine.memoryBytes).toBe(before);
   });
+
+  for (const keep of [true, false])
+    it(`stops a share whose prefix will not come (a failed call), with an error${keep ? '' : ' (keeping nothing)'}`, async () => {
+      const { setup, engine, job } = await causalHead(1, 128, 16, 16);
+      const scan = shared(scanPrefixFloats(setup.paddedFeatures, 16), 1, keep);
+      Atomics.store(scan.ready, 0, SCAN_ABORTED);
+      const split = job({ queryBounds: Int32Array.of(0, 64, 128), scan, shares: 2 });
+      expect(() => engine.runUnit(split, { head: 0, share: 1 })).toThrow(/failed before handing on/);
+    });
 });
