@@ -29,6 +29,7 @@ import {
   balancedFeatureBounds,
   featureShareWork,
   PREPARATION_COST,
+  sharesPerHead,
   unevenSpeeds,
   updatedSpeeds,
 } from './balance.js';
@@ -232,15 +233,6 @@ function planUnits(heads: number, threads: number, shares: number, skipShare = -
   const batches: WorkUnit[][] = [];
   for (let i = 0; i < units.length; i += size) batches.push(units.slice(i, i + size));
   return batches;
-}
-
-/**
- * Units per head for a factorized call with fewer heads than threads: enough to give every thread
- * work, at most one per 4 features (the kernels' feature granularity).
- */
-function featureShares(heads: number, threads: number, paddedFeatures: number): number {
-  if (heads >= threads) return 1;
-  return Math.max(1, Math.min(Math.ceil(threads / heads), paddedFeatures / 4));
 }
 
 /**
@@ -461,10 +453,22 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         refuseLargeState(stateBytes(setup.paddedFeatures, Dv), `F = ${plan.featureCount}, Dv = ${Dv}`);
       const workers = heads > 0 && N > 0 && work >= parallelThreshold ? await pool() : null;
       const threadCount = workers?.size ?? 1;
-      const shares =
-        workers !== null && factorized ? featureShares(heads, threadCount, setup.paddedFeatures) : 1;
       const D = shape.headDim;
-      const bySequence = shares > 1 && resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
+      // Work a feature share has whatever its features, in features' worth: it prepares every
+      // query and key, and takes every shares-th diagonal block.
+      const fixedFeaturesFor = (shares: number): number =>
+        (PREPARATION_COST * (N * D + shape.keyLength * (D + Dv)) +
+          (resolved.causal ? (N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
+        ((N + shape.keyLength) * (Dv + 1));
+      // A causal head with few features splits by queries, whose shares repeat next to nothing.
+      const byQueries = resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
+      // At most one feature share per 4 features (the kernels' granularity).
+      const F = setup.paddedFeatures;
+      const shares =
+        workers !== null && factorized
+          ? sharesPerHead(heads, threadCount, F / 4, (s) => (byQueries ? 0 : fixedFeaturesFor(s) / F))
+          : 1;
+      const bySequence = shares > 1 && byQueries;
       // With one head split by queries, the calling thread answers one share itself, from the
       // caller's arrays into the caller's output, so that share's rows are not staged for the
       // workers: the first one when the shares scan (it waits for no other), else the last one
@@ -545,13 +549,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // Feature shares leave partial sums to be combined; query shares write finished rows.
       const combined = shares > 1 && queryBounds === null;
       // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run),
-      // sized to that worker's measured speed. Besides its features, each share prepares every
-      // query and key and takes every shares-th diagonal block: work that does not shrink with it.
+      // sized to that worker's measured speed, its fixed work counted (fixedFeaturesFor).
       const balanced = combined && heads === 1 && shares === threadCount && options.balanceShares !== false;
-      const fixedFeatures =
-        (PREPARATION_COST * (N * D + shape.keyLength * (D + Dv)) +
-          (resolved.causal ? (N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
-        ((N + shape.keyLength) * (Dv + 1));
+      const fixedFeatures = fixedFeaturesFor(shares);
       const featureBounds = balanced
         ? balancedFeatureBounds(setup.paddedFeatures, unevenSpeeds(workerSpeeds, shares), fixedFeatures)
         : null;

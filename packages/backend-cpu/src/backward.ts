@@ -13,6 +13,7 @@ import {
   featureShareWork,
   PREPARATION_COST,
   type ShareBalance,
+  sharesPerHead,
   unevenSpeeds,
 } from './balance.js';
 import type { WorkUnit } from './engine.js';
@@ -94,7 +95,24 @@ export async function cpuBackward(
   const heads = B * H;
   // Fewer heads than workers: split each head into shares. Every share walks all tokens (it
   // builds their features for its own feature range), so this pays only when F is large.
-  const shares = pool !== null && splitHeads && heads < pool.size ? Math.ceil(pool.size / heads) : 1;
+  // Work a share has whatever its features, in features' worth (five F × (Dv + 1) products per
+  // token): every share prepares each token again in both passes and takes every shares-th query
+  // block's diagonal part. The direct path's shares are query blocks, which repeat nothing.
+  const fixedFeaturesFor = (shares: number): number =>
+    (2 * PREPARATION_COST * (N + M) * (D + Dv) +
+      (options.causal ? (2.5 * N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
+    (2.5 * (N + M) * (Dv + 1));
+  const shares =
+    pool !== null && splitHeads
+      ? factorized
+        ? sharesPerHead(
+            heads,
+            pool.size,
+            setup.paddedFeatures / 4,
+            (s) => fixedFeaturesFor(s) / setup.paddedFeatures,
+          )
+        : sharesPerHead(heads, pool.size, Number.POSITIVE_INFINITY, () => 0)
+      : 1;
   const parallel = pool !== null && (heads >= 2 || shares >= 2);
   const slots = heads * shares;
   const z = stagedF32(staging, 'z', heads * N * D);
@@ -112,14 +130,9 @@ export async function cpuBackward(
     schedules.push(packedSchedule(querySchedule(b, shape, options, plan.path, scheduleChunk)));
   }
   // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run), sized
-  // to that worker's measured speed, as in the forward. Work a share has whatever its features:
-  // every share prepares each token again in both passes and takes every shares-th query block's
-  // diagonal part, here in units of one feature's work (five F × (Dv + 1) products per token).
+  // to that worker's measured speed, as in the forward, its fixed work counted (fixedFeaturesFor).
   const balanced = balance !== null && parallel && factorized && heads === 1 && shares === pool.size;
-  const fixedFeatures =
-    (2 * PREPARATION_COST * (N + M) * (D + Dv) +
-      (options.causal ? (2.5 * N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
-    (2.5 * (N + M) * (Dv + 1));
+  const fixedFeatures = fixedFeaturesFor(shares);
   const featureBounds = balanced
     ? balancedFeatureBounds(setup.paddedFeatures, unevenSpeeds(balance.speeds, shares), fixedFeatures)
     : null;

@@ -154,3 +154,35 @@ export interface ShareBalance {
   /** Each worker's work in features (its fixed part included) and the milliseconds it took. */
   learn(work: readonly number[], millis: readonly number[]): void;
 }
+
+/**
+ * Shares to split each of `heads` heads into when there are fewer heads than `threads`, for a
+ * split whose shares of a head are equal: a share costs 1 / shares of a head's divisible work plus
+ * `fixedWork(shares)` (what every share repeats, as a fraction of that work), and the heads · shares
+ * units run in ceil(heads · shares / threads) rounds. Of the counts from enough to give every
+ * thread work to twice that (at most `limit`), the one with the least modelled time: 2 heads on 3
+ * threads in 3 shares each (2 rounds of a third of a head) rather than 2 each (2 rounds of a half).
+ */
+export function sharesPerHead(
+  heads: number,
+  threads: number,
+  limit: number,
+  fixedWork: (shares: number) => number,
+): number {
+  if (heads >= threads) return 1;
+  const fewest = Math.ceil(threads / heads);
+  const most = Math.min(2 * fewest, limit);
+  if (most <= fewest) return Math.max(1, most);
+  let best = fewest;
+  let bestTime = Number.POSITIVE_INFINITY;
+  for (let shares = fewest; shares <= most; shares++) {
+    const time = Math.ceil((heads * shares) / threads) * (1 / shares + fixedWork(shares));
+    // A count wins only by a clear margin: more shares cost what the model leaves out (staging,
+    // scheduling, a second pass over more partial sums).
+    if (time < bestTime * 0.97) {
+      best = shares;
+      bestTime = time;
+    }
+  }
+  return best;
+}

@@ -120,7 +120,8 @@ describe('threads', () => {
   });
 
   // Fewer heads than threads: each head is split over the workers (3 threads: one head in 3 shares,
-  // two heads in 2 shares each, so that the shares of several heads are laid out side by side).
+  // two heads in 3 shares each, 2 rounds on the 3 workers (sharesPerHead), so that the shares of
+  // several heads are laid out side by side).
   // Causal calls with fewer than 256 features (p = 1, or p = 2 at D = 16: F = 153) split by queries:
   // each share gets the state of the keys before its queries from the share before it (queryScan,
   // the default from 3 shares on; with scanKeepBytes: 0 the shares keep nothing between the scan's
@@ -138,7 +139,7 @@ describe('threads', () => {
     [1, true, 1, 16, -30],
     [1, true, 2, 32, -30],
   ] as const) {
-    const shares = batch === 1 ? 3 : 2;
+    const shares = 3;
     const features = order === 1 ? headDim + 1 : ((headDim + 1) * (headDim + 2)) / 2;
     const by = causal && features < 256 ? 'queries' : 'features';
     const ways =

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { BackwardEngine, BackwardHead } from '../src/backward-engine.js';
-import { balancedFeatureBounds, unevenSpeeds, updatedSpeeds } from '../src/balance.js';
+import { balancedFeatureBounds, sharesPerHead, unevenSpeeds, updatedSpeeds } from '../src/balance.js';
 import { combineShares, featureShare } from '../src/engine.js';
 import { kernelSetup } from '../src/setup.js';
 import { type BackwardJob, backwardHead } from '../src/worker.js';
@@ -62,6 +62,44 @@ describe('unevenSpeeds', () => {
     // No estimate, or one of fewer threads than the split has.
     expect(unevenSpeeds(null, 2)).toBeNull();
     expect(unevenSpeeds(Float64Array.of(0.5, 1.5), 3)).toBeNull();
+  });
+});
+
+describe('sharesPerHead', () => {
+  const none = () => 0;
+
+  it('keeps whole heads when there are as many as threads, and one head in a share per thread', () => {
+    expect(sharesPerHead(4, 4, 100, none)).toBe(1);
+    expect(sharesPerHead(9, 4, 100, none)).toBe(1);
+    expect(sharesPerHead(1, 4, 100, none)).toBe(4);
+    expect(sharesPerHead(1, 16, 100, (s) => 0.01 * s)).toBe(16);
+  });
+
+  it('picks the count that leaves no thread idle in the last round', () => {
+    // 2 heads on 3 threads: 3 shares each run in 2 full rounds (2/3 of a head), where 2 shares
+    // each take 2 rounds of half a head with one thread idle in the second.
+    expect(sharesPerHead(2, 3, 100, none)).toBe(3);
+    // 12 heads on 16 threads: 4 shares, 3 rounds of a quarter (0.75), against 2 rounds of a half.
+    expect(sharesPerHead(12, 16, 100, none)).toBe(4);
+    // 7 heads on 16 threads: 4 shares (28 units, 2 rounds of a quarter) beat 3 (21 units, 2 rounds
+    // of a third); 6 shares tie with 4 and lose to it for their extra shares.
+    expect(sharesPerHead(7, 16, 100, none)).toBe(4);
+    // 4 heads on 5 threads: 2, 3 and 4 shares all take one head's time; the fewest wins.
+    expect(sharesPerHead(4, 5, 100, none)).toBe(2);
+  });
+
+  it('takes fewer shares when what every share repeats outweighs the idle threads', () => {
+    // 3 heads on 4 threads: 4 shares each run in 3 rounds of a quarter (0.75 of a head) against 2
+    // rounds of a half for 2 shares (1). When every share also repeats 0.3 of a head's work, that is
+    // 3 × 0.55 = 1.65 against 2 × 0.8 = 1.6.
+    expect(sharesPerHead(3, 4, 100, none)).toBe(4);
+    expect(sharesPerHead(3, 4, 100, () => 0.3)).toBe(2);
+  });
+
+  it('never exceeds the limit (one share per 4 features)', () => {
+    expect(sharesPerHead(2, 3, 2, none)).toBe(2);
+    expect(sharesPerHead(1, 8, 3, none)).toBe(3);
+    expect(sharesPerHead(1, 8, 0, none)).toBe(1);
   });
 });
 

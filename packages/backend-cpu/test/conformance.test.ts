@@ -8,7 +8,7 @@ runConformance({
   name: 'cpu (2 worker threads)',
   create: () => cpuBackend({ threads: 2, parallelThreshold: 0 }),
 });
-// Three workers splitting one head by queries as a prefix scan (and two heads in two shares each).
+// Three workers splitting one head by queries as a prefix scan (and two heads in three shares each).
 runConformance({
   name: 'cpu (3 worker threads, prefix scan)',
   create: () => cpuBackend({ threads: 3, parallelThreshold: 0, queryScan: true }),
