@@ -786,7 +786,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // A head split into shares (features and query blocks) repeats only the per-token loading and
       // feature rows: worth it with many features, and on the direct path (its blocks are split).
       const splitHeads = plan.path === 'direct' || plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT;
-      const workers = (heads >= 2 || splitHeads) && work >= parallelThreshold ? await pool() : null;
+      // One head that is not split runs on a worker too: the calling thread allocates and touches
+      // the result arrays meanwhile (fresh pages: about 37 ms for the three of N = 16384, D = 64
+      // on the VM of docs/benchmarks.md), and the finishing pass spreads over every worker.
+      const workers = work >= parallelThreshold ? await pool() : null;
       const engine = backwardEngine;
       try {
         return await staging.exclusive(() =>

@@ -113,7 +113,6 @@ export async function cpuBackward(
           )
         : sharesPerHead(heads, pool.size, Number.POSITIVE_INFINITY, () => 0)
       : 1;
-  const parallel = pool !== null && (heads >= 2 || shares >= 2);
   const slots = heads * shares;
   const z = stagedF32(staging, 'z', heads * N * D);
   for (let row = 0; row < heads * N; row++) {
@@ -131,7 +130,7 @@ export async function cpuBackward(
   }
   // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run), sized
   // to that worker's measured speed, as in the forward, its fixed work counted (fixedFeaturesFor).
-  const balanced = balance !== null && parallel && factorized && heads === 1 && shares === pool.size;
+  const balanced = balance !== null && pool !== null && factorized && heads === 1 && shares === pool.size;
   const fixedFeatures = fixedFeaturesFor(shares);
   const featureBounds = balanced
     ? balancedFeatureBounds(setup.paddedFeatures, unevenSpeeds(balance.speeds, shares), fixedFeatures)
@@ -186,8 +185,10 @@ export async function cpuBackward(
   // Timings of passes 1 and 2 (batch i is share i when balanced: one unit a batch, all workers idle
   // at the start).
   const passTimings: RunTotals['timings'][] = [];
+  // With a pool, even a single unit runs on a worker: the calling thread allocates the results
+  // meanwhile.
   const runPass = async (job: BackwardJob, alongside?: () => void): Promise<void> => {
-    if (parallel) {
+    if (pool !== null) {
       const perBatch = Math.ceil(units.length / (pool.size * 2));
       const batches: WorkUnit[][] = [];
       for (let i = 0; i < units.length; i += perBatch) batches.push(units.slice(i, i + perBatch));
