@@ -29,6 +29,7 @@ import {
   balancedFeatureBounds,
   featureShareWork,
   PREPARATION_COST,
+  sequenceBounds,
   sharesPerHead,
   unevenSpeeds,
   updatedSpeeds,
@@ -274,45 +275,6 @@ const FRESH_PAGE_MS = 0.002;
 
 /** Default of CpuBackendOptions.scanKeepBytes. */
 const SCAN_KEEP_BYTES = 64 * 2 ** 20;
-
-/**
- * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
- * `prefixCost` per key before its first query (building the state it starts from, when the shares
- * fold) plus `queryCost` per query it answers, plus `extras[s]` (the calling thread's own duties),
- * all of it `factors[s]` times (see STAGED_SLOWDOWN, and the thread's measured speed); the
- * boundaries make those totals equal.
- */
-function sequenceBounds(
-  rows: number,
-  shares: number,
-  chunk: number,
-  queryCost: number,
-  prefixCost: number,
-  extras: readonly number[],
-  factors: readonly number[],
-): Int32Array {
-  const endFor = (budget: number): number[] => {
-    const bounds = [0];
-    for (let s = 0; s < shares; s++) {
-      const start = bounds[s]!;
-      const factor = factors[s]!;
-      bounds.push(start + Math.max(0, budget / factor - extras[s]! - prefixCost * start) / queryCost);
-    }
-    return bounds;
-  };
-  let low = 0;
-  let high =
-    ((queryCost + prefixCost) * rows + extras.reduce((sum, extra) => sum + extra, 0)) *
-    Math.max(1, ...factors);
-  for (let step = 0; step < 60; step++) {
-    const middle = (low + high) / 2;
-    if (endFor(middle)[shares]! < rows) low = middle;
-    else high = middle;
-  }
-  const bounds = endFor(high).map((b) => Math.min(rows, Math.round(b / chunk) * chunk));
-  bounds[shares] = rows;
-  return Int32Array.from(bounds);
-}
 
 /** A numeric option that must be a non-negative number when given (`fallback` when not). */
 function nonNegativeOption(value: number | undefined, argument: string, fallback: number): number {

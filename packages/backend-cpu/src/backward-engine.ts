@@ -83,6 +83,14 @@ export interface BackwardHead {
   readonly shares: number;
   readonly path: 'factorized' | 'direct';
   readonly schedule: Int32Array;
+  /**
+   * The chunks of the schedule [firstChunk, endChunk) this unit answers (all of them unless the head
+   * is split by queries, BackwardJob.queryBounds): pass 1 their query rows, pass 2 their dz and the
+   * keys their diagonal blocks reach, [stateKeyEnd(firstChunk), stateKeyEnd(endChunk)) (from key 0
+   * for the first chunk, to the last key for the last), folding the queries after them into R.
+   */
+  readonly firstChunk: number;
+  readonly endChunk: number;
 }
 
 interface Buffers {
@@ -324,7 +332,7 @@ export class BackwardEngine {
   ): void {
     const C = this.buffers.C!;
     let index = 0;
-    for (let c = 0; c < head.schedule.length; c += 4) {
+    for (let c = 4 * head.firstChunk; c < 4 * head.endChunk; c += 4) {
       const chunkEnd = head.schedule[c + 1]!;
       const stateKeyEnd = head.path === 'factorized' ? Math.min(head.schedule[c + 2]!, head.valid) : 0;
       for (let i0 = head.schedule[c]!; i0 < chunkEnd; i0 += C) {
@@ -516,27 +524,32 @@ export class BackwardEngine {
     // rather than a ninth panel of eight (seven of them zeros) in both products with R.
     const gLast = b.gT! + Dv * C * 4;
 
-    // The state part writes dy and dv of the keys it reaches, [0, the last chunk's state end); the
-    // rest (the last chunk's own keys, padded keys, all keys without a state part) start at 0
-    // here, since the direct blocks add to them.
-    const stateChunks = head.schedule.length / 4;
-    const stateKeys =
-      head.path === 'factorized' && fStart < fEnd && stateChunks > 0
-        ? Math.min(head.schedule[4 * (stateChunks - 1) + 2]!, head.valid)
-        : 0;
-    head.dy.fill(0, head.dyBase + stateKeys * D, head.dyBase + head.keys * D);
-    head.dv.fill(0, head.dvBase + stateKeys * Dv, head.dvBase + head.keys * Dv);
+    // This unit's keys (BackwardHead.firstChunk): the state part writes dy and dv of those it
+    // reads out, chunk c reading out [stateKeyEnd(c − 1), stateKeyEnd(c)) for c in [readFrom,
+    // readTo); the rest (the last chunk's own keys, padded keys, all keys without a state part)
+    // start at 0 here, since the direct blocks add to them.
+    const chunks = head.schedule.length / 4;
+    const stateEndOf = (c: number): number => Math.min(head.schedule[4 * c + 2]!, head.valid);
+    const withState = head.path === 'factorized' && fStart < fEnd;
+    const readFrom = head.firstChunk === 0 ? 0 : head.firstChunk + 1;
+    const readTo = Math.min(chunks, head.endChunk + 1);
+    const keyStart = head.firstChunk === 0 ? 0 : stateEndOf(head.firstChunk);
+    const keyEnd = head.endChunk === chunks ? head.keys : stateEndOf(head.endChunk);
+    const readOut = withState && readTo > readFrom ? Math.max(keyStart, stateEndOf(readTo - 1)) : keyStart;
+    head.dy.fill(0, head.dyBase + readOut * D, head.dyBase + keyEnd * D);
+    head.dv.fill(0, head.dvBase + readOut * Dv, head.dvBase + keyEnd * Dv);
 
-    if (head.path === 'factorized' && fStart < fEnd) {
+    if (withState) {
       this.zero('r', F * Wp);
       this.zero('rComp', F * Wp);
       this.zero('rz', F);
       this.zero('rzComp', F);
-      const chunks = head.schedule.length / 4;
-      for (let c = chunks - 1; c >= 0; c--) {
-        const stateEnd = Math.min(head.schedule[4 * c + 2]!, head.valid);
+      // Chunks from readTo on only add their queries to R (folded: the keys they read out are
+      // another unit's).
+      for (let c = chunks - 1; c >= readFrom; c--) {
+        const stateEnd = stateEndOf(c);
         if (stateEnd === 0) break;
-        const previousEnd = c > 0 ? Math.min(head.schedule[4 * (c - 1) + 2]!, head.valid) : 0;
+        const previousEnd = c > 0 ? stateEndOf(c - 1) : 0;
         const chunkEnd = head.schedule[4 * c + 1]!;
         for (let i0 = head.schedule[4 * c]!; i0 < chunkEnd; i0 += C) {
           const nq = Math.min(C, chunkEnd - i0);
@@ -563,7 +576,7 @@ export class BackwardEngine {
             );
           }
         }
-        for (let k0 = previousEnd; k0 < stateEnd; k0 += KEY_CHUNK) {
+        for (let k0 = previousEnd; c < readTo && k0 < stateEnd; k0 += KEY_CHUNK) {
           const nk = Math.min(KEY_CHUNK, stateEnd - k0);
           const nk4 = Math.ceil(nk / 4);
           this.loadKeys(head, k0, nk);

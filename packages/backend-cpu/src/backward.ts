@@ -13,6 +13,7 @@ import {
   featureShareWork,
   PREPARATION_COST,
   type ShareBalance,
+  sequenceBounds,
   sharesPerHead,
   unevenSpeeds,
 } from './balance.js';
@@ -114,6 +115,32 @@ export async function cpuBackward(
         : sharesPerHead(heads, pool.size, Number.POSITIVE_INFINITY, () => 0)
       : 1;
   const slots = heads * shares;
+  // Causal heads with few features split by queries instead (BackwardJob.queryBounds): pass 1's
+  // later shares fold the keys before their first query into their state, pass 2's earlier ones
+  // the queries after their last key into theirs, so each pass gets bounds of its own (pass 2's
+  // mirror pass 1's). A key costs what a query costs with the moments alone.
+  const byQueries =
+    pool !== null && !splitHeads && factorized && options.causal && heads < pool.size && N > 0;
+  const queryShares = byQueries ? sharesPerHead(heads, pool.size, Math.ceil(N / scheduleChunk), () => 0) : 1;
+  let passBounds: { first: Int32Array; second: Int32Array } | null = null;
+  if (queryShares > 1) {
+    const W = Dv + 1;
+    const rowCost = 2 * plan.featureCount * W + scheduleChunk * (D + Dv) + PREPARATION_COST * (2 * D + Dv);
+    const foldCost = plan.featureCount * W + PREPARATION_COST * (D + Dv);
+    const none = new Array<number>(queryShares).fill(0);
+    const ones = new Array<number>(queryShares).fill(1);
+    const forward = sequenceBounds(N, queryShares, scheduleChunk, rowCost, foldCost, none, ones);
+    const mirrored = new Int32Array(queryShares + 1);
+    for (let s = 1; s < queryShares; s++) {
+      const start = N - forward[queryShares - s]!;
+      mirrored[s] = Math.min(
+        N,
+        Math.max(mirrored[s - 1]!, Math.round(start / scheduleChunk) * scheduleChunk),
+      );
+    }
+    mirrored[queryShares] = N;
+    passBounds = { first: forward, second: mirrored };
+  }
   const z = stagedF32(staging, 'z', heads * N * D);
   // The arrays in locals: property reads in the loop cost twice the loop (measured, N = 16384, D = 64).
   const { sigma, x } = prepared;
@@ -169,12 +196,15 @@ export async function cpuBackward(
     setup,
     shares,
     featureBounds,
+    queryBounds: passBounds?.first ?? null,
   };
-  const second: BackwardJob = { ...first, pass: 2 };
+  const second: BackwardJob = { ...first, pass: 2, queryBounds: passBounds?.second ?? null };
 
-  const third: BackwardJob = { ...first, pass: 3 };
+  const third: BackwardJob = { ...first, pass: 3, queryBounds: null };
   const units: WorkUnit[] = [];
-  for (let head = 0; head < heads; head++) for (let s = 0; s < shares; s++) units.push({ head, share: s });
+  const unitsPerHead = Math.max(shares, queryShares);
+  for (let head = 0; head < heads; head++)
+    for (let s = 0; s < unitsPerHead; s++) units.push({ head, share: s });
   // The result arrays, allocated and every page of them touched (first-touch page faults cost 12 to
   // 20 ms per 4 MiB on the VMs we measure on): work that does not depend on pass 1, done in this
   // thread while the workers run it.

@@ -69,6 +69,12 @@ export interface BackwardJob {
    * (balance.ts), as AttentionJob.featureBounds; null: equal counts.
    */
   readonly featureBounds: Int32Array | null;
+  /**
+   * Causal heads with few features split by queries instead (shares is then 1: one slot a head):
+   * unit share s answers the schedule's chunks starting in [queryBounds[s], queryBounds[s + 1])
+   * (BackwardEngine: BackwardHead.firstChunk), each pass with bounds of its own. Null: no such split.
+   */
+  readonly queryBounds: Int32Array | null;
 }
 
 /** Pass 3's unit: query rows [start, end) of the B·H·N, and key rows of the B·H·M. */
@@ -155,11 +161,27 @@ export function finishKeyRows(job: BackwardJob, rows: RowRange): void {
 /** Runs `job.pass` (1 or 2) of share `unit.share` (0 when absent) of query head `unit.head`. */
 export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: WorkUnit): void {
   const head = unit.head;
-  const share = unit.share ?? 0;
+  const bounds = job.queryBounds;
+  // A share by queries writes its rows of the head's one slot; a feature share a slot of its own.
+  const share = bounds === null ? (unit.share ?? 0) : 0;
   const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv, shares } = job;
   const b = Math.floor(head / H);
   const kvHead = kvHeadSlot(head, H, Hkv);
   const slot = head * shares + share;
+  const schedule = job.schedules[b]!;
+  let firstChunk = 0;
+  let endChunk = schedule.length / 4;
+  if (bounds !== null) {
+    const from = bounds[unit.share ?? 0]!;
+    const to = bounds[(unit.share ?? 0) + 1]!;
+    firstChunk = 0;
+    while (firstChunk < endChunk && schedule[4 * firstChunk]! < from) firstChunk++;
+    let last = firstChunk;
+    while (last < endChunk && schedule[4 * last]! < to) last++;
+    endChunk = last;
+    // An empty share owns no rows and no keys (its neighbours meet where it would have been).
+    if (firstChunk === endChunk) return;
+  }
   const features = featureShare(job.setup.paddedFeatures, share, shares, job.featureBounds);
   const task: BackwardHead = {
     z: job.z,
@@ -195,7 +217,9 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
     share,
     shares,
     path: job.path,
-    schedule: job.schedules[b]!,
+    schedule,
+    firstChunk,
+    endChunk,
   };
   if (job.pass === 1) engine.gradients(task);
   else engine.keyGradients(task);

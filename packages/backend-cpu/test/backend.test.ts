@@ -446,6 +446,45 @@ describe('threads', () => {
   // The backward's feature shares sized to the workers' speeds as the forward's are: skewed either
   // way, every feature is still some share's, so the gradients are the equal split's to float32
   // rounding (1e-5, as above).
+  // A causal head with few features (p = 1) splits its backward by queries: each pass's shares take
+  // whole chunks, pass 1's later ones folding the keys before them and pass 2's earlier ones the
+  // queries after them. Every row and key is written by one share, so the result is one thread's
+  // to float32 rounding (states summed in other groupings); 1e-5 as for the other splits. Shapes:
+  // more keys than queries (the keys every query sees go to share 0), fewer (the first rows see
+  // none), key padding over two heads on three workers, and chunks that end mid-block.
+  for (const [batch, N, M, D, Dv, threads, keyLengths] of [
+    [1, 300, 300, 16, 8, 2, null],
+    [1, 300, 340, 16, 12, 3, null],
+    [1, 300, 260, 12, 12, 2, null],
+    [2, 200, 200, 8, 5, 3, [150, 0]],
+    [1, 129, 129, 16, 16, 3, null],
+  ] as const) {
+    it(`splits the backward of a p = 1 causal head by queries (B = ${batch}, N = ${N}, M = ${M}, D = ${D}, Dv = ${Dv}, ${threads} workers${keyLengths ? ', key padding' : ''}), matching one thread`, async () => {
+      const q = tensor([batch, 1, N, D], 61);
+      const k = tensor([batch, 1, M, D], 62);
+      const v = tensor([batch, 1, M, Dv], 63);
+      const dOut = tensor([batch, 1, N, Dv], 64);
+      const options: FastmaxOptions = {
+        order: 1,
+        causal: true,
+        chunkSize: 16,
+        path: 'factorized',
+        ...(keyLengths === null ? {} : { keyLengths: [...keyLengths] }),
+      };
+      const parallel = await createFastmax({ backend: cpuBackend({ threads, parallelThreshold: 0 }) });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const a = await parallel.backward(q, k, v, dOut, options);
+      const b = await serial.backward(q, k, v, dOut, options);
+      for (const name of ['dq', 'dk', 'dv'] as const) {
+        const x = (a[name] as HostTensor).data;
+        expect(x.every(Number.isFinite)).toBe(true);
+        expect(relativeError(x, (b[name] as HostTensor).data)).toBeLessThan(1e-5);
+      }
+      await serial.dispose();
+      await parallel.dispose();
+    });
+  }
+
   it('sizes the backward feature shares to the measured speeds, matching equal shares', async () => {
     type Balanced = ReturnType<typeof cpuBackend> & {
       speedsForTesting(split: 'backward'): Float64Array | null;

@@ -194,6 +194,7 @@ it('a backward share works on the features featureBounds gives it', () => {
     setup,
     shares: 2,
     featureBounds: Int32Array.of(0, 40, setup.paddedFeatures),
+    queryBounds: null,
     heads: 1,
     kvHeads: 1,
     queryLength: 8,
@@ -209,5 +210,41 @@ it('a backward share works on the features featureBounds gives it', () => {
   expect(tasks.map(({ featureStart, featureEnd, share }) => [featureStart, featureEnd, share])).toEqual([
     [0, 40, 0],
     [40, setup.paddedFeatures, 1],
+  ]);
+});
+
+it("a backward share by queries answers the chunks queryBounds gives it, in the head's one slot", () => {
+  const tasks: BackwardHead[] = [];
+  const engine = {
+    gradients: (task: BackwardHead) => tasks.push(task),
+    keyGradients: (task: BackwardHead) => tasks.push(task),
+  } as unknown as BackwardEngine;
+  const setup = kernelSetup(16, 1, Float32Array.of(1, 1), true);
+  const empty = new Float32Array(0);
+  // Chunks of 16 rows starting at 0, 16, 32, 48; shares [0, 32), [32, 32) (empty), [32, 64).
+  const schedule = Int32Array.of(0, 16, 0, 16, 16, 32, 16, 32, 32, 48, 32, 48, 48, 64, 48, 64);
+  const job = {
+    pass: 1,
+    setup,
+    shares: 1,
+    featureBounds: null,
+    queryBounds: Int32Array.of(0, 32, 32, 64),
+    heads: 1,
+    kvHeads: 1,
+    queryLength: 64,
+    keyLength: 64,
+    headDim: 16,
+    valueDim: 16,
+    validKeys: Int32Array.of(64),
+    schedules: [schedule],
+    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
+  } as unknown as BackwardJob;
+  for (let share = 0; share < 3; share++) backwardHead(engine, job, { head: 0, share });
+  // The empty share runs nothing; the others take all features and write slot 0.
+  expect(
+    tasks.map((t) => [t.firstChunk, t.endChunk, t.featureStart, t.featureEnd, t.share, t.shares, t.rowBase]),
+  ).toEqual([
+    [0, 2, 0, setup.paddedFeatures, 0, 1, 0],
+    [2, 4, 0, setup.paddedFeatures, 0, 1, 0],
   ]);
 });
