@@ -191,8 +191,8 @@ export function sharesPerHead(
  * Query boundaries of a sequence split into `shares`, at multiples of `chunk`: share s costs
  * `prefixCost` per key before its first query (building the state it starts from, when the shares
  * fold) plus `queryCost` per query it answers, plus `extras[s]` (the calling thread's own duties),
- * all of it `factors[s]` times (see STAGED_SLOWDOWN in backend.ts, and the thread's measured speed); the
- * boundaries make those totals equal.
+ * all of it `factors[s]` times (see STAGED_SLOWDOWN in backend.ts, and the thread's measured
+ * speed); the boundaries make those totals equal.
  */
 export function sequenceBounds(
   rows: number,
