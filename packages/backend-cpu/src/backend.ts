@@ -14,8 +14,10 @@ import {
   type ForwardResult,
   type HostTensor,
   isDeviceTensor,
+  keyLimit,
   NORMALIZATION_KINDS,
   querySchedule,
+  type ResolvedOptions,
   type ResolvedStateOptions,
   SPEC_VERSION,
   type StepResult,
@@ -50,7 +52,7 @@ import {
 } from './engine.js';
 import { KERNELS_RELAXED_SIMD, KERNELS_SIMD } from './generated/kernels.js';
 import { type BatchTiming, WorkerPool, workerFactory } from './pool.js';
-import { kernelSetup, packedSchedule } from './setup.js';
+import { directSchedule, kernelSetup, packedSchedule } from './setup.js';
 import {
   FLOATS_PER_PAGE,
   firstTouchMs,
@@ -273,6 +275,46 @@ const COST_UNIT_NS = 0.042;
 const PROBED_PAGES = 32;
 const FRESH_PAGE_MS = 0.002;
 
+/**
+ * Query rows per chunk of a direct-path head split over threads (directSchedule): the direct path's
+ * query block, so that the shares compute the blocks one thread would (at N = 2048, p = 2, two
+ * threads: 11.0 ms causal against 11.9 with 128-row chunks, 17.1 ms on one thread).
+ */
+const DIRECT_SPLIT_ROWS = 256;
+
+/**
+ * Query boundaries (multiples of `chunk`) of a direct-path head split into `shares` of equal work:
+ * row i costs the keys it sees (all of them, or its causal prefix), plus what loading it costs.
+ */
+function directBounds(
+  shape: AttentionShape,
+  options: ResolvedOptions,
+  shares: number,
+  chunk: number,
+): Int32Array {
+  const N = shape.queryLength;
+  const rowCost = (i: number): number =>
+    PREPARATION_COST + (options.causal ? keyLimit(0, i, shape, options) : shape.keyLength);
+  const chunks = Math.ceil(N / chunk);
+  const cumulative = new Float64Array(chunks + 1);
+  for (let c = 0; c < chunks; c++) {
+    let cost = 0;
+    for (let i = c * chunk; i < Math.min(N, (c + 1) * chunk); i++) cost += rowCost(i);
+    cumulative[c + 1] = cumulative[c]! + cost;
+  }
+  const bounds = new Int32Array(shares + 1);
+  let c = 0;
+  for (let s = 1; s < shares; s++) {
+    const target = (cumulative[chunks]! * s) / shares;
+    while (c < chunks && cumulative[c + 1]! <= target) c++;
+    // The chunk boundary nearer the target.
+    const at = c < chunks && target - cumulative[c]! > cumulative[c + 1]! - target ? c + 1 : c;
+    bounds[s] = Math.max(bounds[s - 1]!, Math.min(N, at * chunk));
+  }
+  bounds[shares] = N;
+  return bounds;
+}
+
 /** Default of CpuBackendOptions.scanKeepBytes. */
 const SCAN_KEEP_BYTES = 64 * 2 ** 20;
 
@@ -426,16 +468,23 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const byQueries = resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
       // At most one feature share per 4 features (the kernels' granularity).
       const F = setup.paddedFeatures;
+      // The direct path splits a head by queries too, in chunks of DIRECT_SPLIT_ROWS: it keeps no
+      // state, so a share repeats nothing.
+      const directChunks = factorized ? 0 : Math.floor(N / DIRECT_SPLIT_ROWS);
       const shares =
-        workers !== null && factorized
-          ? sharesPerHead(heads, threadCount, F / 4, (s) => (byQueries ? 0 : fixedFeaturesFor(s) / F))
-          : 1;
-      const bySequence = shares > 1 && byQueries;
+        workers === null
+          ? 1
+          : factorized
+            ? sharesPerHead(heads, threadCount, F / 4, (s) => (byQueries ? 0 : fixedFeaturesFor(s) / F))
+            : sharesPerHead(heads, threadCount, directChunks, () => 0);
+      const bySequence = shares > 1 && (byQueries || !factorized);
+      if (bySequence && !factorized)
+        for (let b = 0; b < B; b++) schedules[b] = directSchedule(b, shape, resolved, DIRECT_SPLIT_ROWS);
       // With one head split by queries, the calling thread answers one share itself, from the
       // caller's arrays into the caller's output, so that share's rows are not staged for the
       // workers: the first one when the shares scan (it waits for no other), else the last one
       // (it needs the fewest rows staged). Its other duties count against it (callerExtra).
-      const callerShare = bySequence && heads === 1 && options.shareCallingThread !== false;
+      const callerShare = bySequence && factorized && heads === 1 && options.shareCallingThread !== false;
       const outLength = B * H * N * Dv;
       const stagedOutput = outLength * 4 <= LARGEST_STAGED_OUTPUT_BYTES;
       // The caller's output, allocated first when the calling thread takes a share: whether its
@@ -456,7 +505,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         2 * plan.featureCount * (Dv + 1) + (chunkSize * (D + Dv)) / 2 + PREPARATION_COST * (2 * D + Dv);
       // The speed of each query share relative to the model when one head's shares are balanced
       // (balance.ts).
-      const balancedQueries = bySequence && heads === 1 && options.balanceShares !== false;
+      const balancedQueries = bySequence && factorized && heads === 1 && options.balanceShares !== false;
       const learnedSpeeds = (scan: boolean) =>
         queryShareSpeedsScan === null || queryShareSpeedsScan === scan ? queryShareSpeeds : null;
       // A share's cost per key: what folding a key into its state, or adding a key twice, costs.
@@ -484,7 +533,19 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         );
         return { scan, keep, prefixCost, rowCost, callerIndex, factors, bounds };
       };
-      let querySplit = bySequence ? splitByQueries(options.queryScan ?? shares >= 3) : null;
+      let querySplit = !bySequence
+        ? null
+        : factorized
+          ? splitByQueries(options.queryScan ?? shares >= 3)
+          : {
+              scan: false,
+              keep: true,
+              prefixCost: 0,
+              rowCost: 0,
+              callerIndex: -1,
+              factors: new Array<number>(shares).fill(1),
+              bounds: directBounds(shape, resolved, shares, DIRECT_SPLIT_ROWS),
+            };
       if (querySplit?.scan) {
         let largest = 0;
         for (let s = 0; s < shares; s++)

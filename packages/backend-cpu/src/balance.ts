@@ -52,14 +52,37 @@ export function updatedSpeeds(
   return normalizedSpeeds(blended);
 }
 
-/** Scales `rates` to mean 1, each clamped to [1/SPEED_LIMIT, SPEED_LIMIT] of the mean. */
+/**
+ * Scales `rates` to mean 1 with each in [1/SPEED_LIMIT, SPEED_LIMIT]: a rate outside is set to the
+ * bound and the others are scaled again, so that the mean stays 1 (two workers rated 0.05 and
+ * 1.95 become 0.25 and 1.75, not 0.25 and 1.95).
+ */
 function normalizedSpeeds(rates: Float64Array): Float64Array {
   const n = rates.length;
-  let sum = 0;
-  for (const rate of rates) sum += rate;
-  const speeds = new Float64Array(n);
-  for (let s = 0; s < n; s++) {
-    speeds[s] = Math.min(SPEED_LIMIT, Math.max(1 / SPEED_LIMIT, (rates[s]! * n) / sum));
+  const speeds = Float64Array.from(rates);
+  const bounded = new Uint8Array(n);
+  // Each round bounds at least one more rate, or is the last.
+  for (let round = 0; round <= n; round++) {
+    let boundedSum = 0;
+    let freeSum = 0;
+    for (let s = 0; s < n; s++) {
+      if (bounded[s]) boundedSum += speeds[s]!;
+      else freeSum += speeds[s]!;
+    }
+    if (freeSum === 0) break;
+    const scale = (n - boundedSum) / freeSum;
+    let changed = false;
+    for (let s = 0; s < n; s++) {
+      if (bounded[s]) continue;
+      const speed = speeds[s]! * scale;
+      const limited = Math.min(SPEED_LIMIT, Math.max(1 / SPEED_LIMIT, speed));
+      speeds[s] = limited;
+      if (limited !== speed) {
+        bounded[s] = 1;
+        changed = true;
+      }
+    }
+    if (!changed) break;
   }
   return speeds;
 }

@@ -1,4 +1,12 @@
-import { featureCoefficients, featureLayout, type Order, type QueryChunk } from '@fastmax/core';
+import {
+  type AttentionShape,
+  featureCoefficients,
+  featureLayout,
+  keyLimit,
+  type Order,
+  type QueryChunk,
+  type ResolvedOptions,
+} from '@fastmax/core';
 import type { KernelSetup } from './engine.js';
 
 /**
@@ -59,4 +67,28 @@ export function packedSchedule(chunks: readonly QueryChunk[]): Int32Array {
     packed[4 * i + 3] = chunk.directKeyEnd;
   }
   return packed;
+}
+
+/**
+ * The direct path's schedule for batch `batch` cut into chunks of `rows` queries (core's is one
+ * chunk): the direct path keeps no state, so a head splits by queries at any chunk, each share
+ * reading only the keys its rows see.
+ */
+export function directSchedule(
+  batch: number,
+  shape: AttentionShape,
+  options: ResolvedOptions,
+  rows: number,
+): Int32Array {
+  const chunks: QueryChunk[] = [];
+  for (let start = 0; start < shape.queryLength; start += rows) {
+    const end = Math.min(shape.queryLength, start + rows);
+    chunks.push({
+      queryStart: start,
+      queryEnd: end,
+      stateKeyEnd: 0,
+      directKeyEnd: keyLimit(batch, end - 1, shape, options),
+    });
+  }
+  return packedSchedule(chunks);
 }

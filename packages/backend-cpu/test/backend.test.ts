@@ -195,6 +195,42 @@ describe('threads', () => {
     }
   }
 
+  // The direct path splits a head by queries as well, in chunks of 256 rows: it keeps no state, so
+  // each share computes its rows exactly as one thread does (the same blocks in the same order),
+  // and the result is one thread's bit for bit. prefix-max-norm's running maximum crosses the
+  // shares; key padding and M ≠ N shift the causal limits.
+  for (const [causal, normalization, N, M, keyLength, threads] of [
+    [true, 'prefix-max-norm', 700, 700, null, 2],
+    [true, 'max-norm', 1100, 1160, 1130, 3],
+    [false, 'max-norm', 900, 830, 800, 2],
+    [true, 'l2', 800, 760, null, 3],
+  ] as const) {
+    it(`splits a direct-path head by queries (${causal ? 'causal' : 'non-causal'}, ${normalization}, N = ${N}, M = ${M}${keyLength === null ? '' : ', key padding'}, ${threads} workers), equal to one thread`, async () => {
+      const q = tensor([1, 1, N, 16], 71, 2);
+      const k = tensor([1, 1, M, 16], 72, 2);
+      const v = tensor([1, 1, M, 24], 73);
+      const options: FastmaxOptions = {
+        order: 2,
+        causal,
+        normalization,
+        path: 'direct',
+        ...(keyLength === null ? {} : { keyLengths: [keyLength] }),
+      };
+      const parallel = await createFastmax({ backend: cpuBackend({ threads, parallelThreshold: 0 }) });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const a = await parallel.attention(q, k, v, options);
+      const b = await serial.attention(q, k, v, options);
+      expect(a.plan.path).toBe('direct');
+      expect(a.degenerateRows).toBe(b.degenerateRows);
+      const x = (a.output as HostTensor).data;
+      const y = (b.output as HostTensor).data;
+      expect(x.every(Number.isFinite)).toBe(true);
+      expect(Array.from(x)).toEqual(Array.from(y));
+      await serial.dispose();
+      await parallel.dispose();
+    });
+  }
+
   // One head in two shares sized to the threads' measured speeds (balance.ts): by features at
   // p = 2 (two workers), by queries at p = 1 (a worker and the calling thread, or two workers).
   // Skewed either way, the shares still cover every feature and every query once, so the result is

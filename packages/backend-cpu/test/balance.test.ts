@@ -23,9 +23,18 @@ describe('updatedSpeeds', () => {
     expect(second[1]).toBeCloseTo(7 / 6, 12);
   });
 
-  it('bounds one extreme sample', () => {
+  it('bounds one extreme sample, keeping the mean at 1', () => {
     const speeds = updatedSpeeds(null, [1, 1000], [10, 10])!;
     expect(speeds[0]).toBe(1 / 4);
+    expect(speeds[1]).toBeCloseTo(7 / 4, 12);
+    // Several workers: the slow one at the bound, the rest at their ratios, the mean still 1.
+    const four = updatedSpeeds(null, [1, 500, 500, 1000], [10, 10, 10, 10])!;
+    expect(four[0]).toBe(1 / 4);
+    expect(four[1]! + four[2]! + four[3]! + four[0]!).toBeCloseTo(4, 12);
+    expect(four[3]! / four[1]!).toBeCloseTo(2, 12);
+    // A blend of an extreme estimate with a new one stays at mean 1 too.
+    const blended = updatedSpeeds(speeds, [1, 1000], [10, 10])!;
+    expect(blended[0]! + blended[1]!).toBeCloseTo(2, 12);
   });
 
   it('moves the estimate halfway back to equal when a timing is unusable', () => {
