@@ -126,12 +126,13 @@ describe('threads', () => {
   // each share gets the state of the keys before its queries from the share before it (queryScan,
   // the default from 3 shares on; with scanKeepBytes: 0 the shares keep nothing between the scan's
   // phases and add their own keys twice) or builds it itself (queryScan: false). The others (p = 2 at D = 32:
-  // F = 561, or non-causal) split by features: the diagonal blocks alternate between shares and a
-  // second pass sums numerators and denominators. Both reorder float32 sums, so results match one thread to float32 rounding, not
+  // F = 561, causal or not) split by features: the diagonal blocks alternate between shares and a
+  // second pass sums numerators and denominators (non-causal heads with fewer features stay whole,
+  // tested below). Both reorder float32 sums, so results match one thread to float32 rounding, not
   // bit for bit.
   for (const [batch, causal, order, headDim, extraKeys] of [
     [2, true, 2, 32, 5],
-    [2, false, 2, 16, 5],
+    [2, false, 2, 32, 5],
     [1, true, 2, 32, 5],
     [2, true, 1, 16, 5],
     [1, true, 2, 16, 5],
@@ -193,6 +194,26 @@ describe('threads', () => {
         await parallel.dispose();
       });
     }
+  }
+
+  // A non-causal head with fewer than 256 features is not split: each feature share would prepare
+  // every token again, which measured slower than one thread (MIN_FEATURES_FOR_FEATURE_SPLIT). One
+  // head then runs in the calling thread, two go to two workers, each bit for bit as one thread.
+  for (const heads of [1, 2]) {
+    it(`keeps ${heads} non-causal head(s) with few features whole (p = 1, D = 16), equal to one thread`, async () => {
+      const q = tensor([1, heads, 200, 16], 81);
+      const k = tensor([1, heads, 180, 16], 82);
+      const v = tensor([1, heads, 180, 8], 83);
+      const options: FastmaxOptions = { order: 1, path: 'factorized' };
+      const parallel = await createFastmax({ backend: cpuBackend({ threads: 3, parallelThreshold: 0 }) });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const a = (await parallel.attention(q, k, v, options)).output as HostTensor;
+      const b = (await serial.attention(q, k, v, options)).output as HostTensor;
+      // Split by features, the sums would be grouped otherwise: equal only to rounding.
+      expect(Array.from(a.data)).toEqual(Array.from(b.data));
+      await serial.dispose();
+      await parallel.dispose();
+    });
   }
 
   // The direct path splits a head by queries as well, in chunks of 256 rows: it keeps no state, so
