@@ -386,10 +386,12 @@ describe('threads', () => {
     probe?: number;
     share?: boolean;
     scan?: boolean;
+    direct?: boolean;
   }[] = [
     { label: 'one unit in the calling thread', threads: 1, heads: 2, order: 2 },
     { label: 'whole heads on workers', threads: 2, heads: 2, order: 2 },
     { label: 'one head split by features', threads: 2, heads: 1, order: 2 },
+    { label: 'one direct-path head split by queries', threads: 2, heads: 1, order: 2, direct: true },
     { label: 'split by queries, recycled pages', threads: 2, heads: 1, order: 1, probe: 0 },
     { label: 'split by queries, fresh pages', threads: 2, heads: 1, order: 1, probe: 1 },
     { label: 'split by queries, no calling thread', threads: 2, heads: 1, order: 1, share: false },
@@ -404,7 +406,7 @@ describe('threads', () => {
       scan: true,
     },
   ];
-  for (const { label, threads, heads, order, probe, share, scan } of outPaths) {
+  for (const { label, threads, heads, order, probe, share, scan, direct } of outPaths) {
     it(`writes every element of options.out (${label})`, async () => {
       const tested = cpuBackend({
         threads,
@@ -432,6 +434,7 @@ describe('threads', () => {
         causal: true,
         chunkSize: 16,
         ...(batch === 2 ? { keyLengths: [N - 20, 0] } : {}),
+        ...(direct ? { path: 'direct' as const } : {}),
       };
       const expected = await serial.attention(q, k, v, options);
       const out = new Float32Array(batch * heads * N * 12).fill(Number.NaN);
