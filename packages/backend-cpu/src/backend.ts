@@ -42,6 +42,7 @@ import {
   type HeadState,
   kvHeadSlot,
   MAX_CHUNK,
+  momentStateFloats,
   type NormalizationSpec,
   type QueryScan,
   type RowRange,
@@ -242,10 +243,11 @@ function planUnits(heads: number, threads: number, shares: number, skipShare = -
  * A feature share repeats the preparation of every query and key of its head (centering, norms,
  * transposes: memory-bound work comparable to the moments themselves when F is small). Below this
  * many features, a causal forward splits a head by queries instead (a query share repeats only the
- * keys before its first query, folded into its state), a non-causal forward and a factorized
- * backward keep heads whole. Measured, the non-causal forward at N = 16384 on two threads against
- * one split by features: F = 68 (p = 1, D = 64) 0.75×, 153 0.83×, 129 1.02×, 257 1.16×, 325
- * 1.07×, 561 1.36×, 2145 1.7 to 1.9×.
+ * keys before its first query, folded into its state), a non-causal forward by keys, then queries
+ * (AttentionJob.keySplit), and a factorized backward by queries when causal, else not at all.
+ * Measured, the non-causal forward at N = 16384 on two threads against one split by features:
+ * F = 68 (p = 1, D = 64) 0.75×, 153 0.83×, 129 1.02×, 257 1.16×, 325 1.07×, 561 1.36×, 2145 1.7
+ * to 1.9×.
  */
 const MIN_FEATURES_FOR_FEATURE_SPLIT = 256;
 
@@ -467,6 +469,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         (PREPARATION_COST * (N * D + shape.keyLength * (D + Dv)) +
           (resolved.causal ? (N * chunkSize * (D + Dv)) / (2 * shares) : 0)) /
         ((N + shape.keyLength) * (Dv + 1));
+      // A non-causal one splits its keys' moments, then its queries (AttentionJob.keySplit), which
+      // repeats nothing but a sum of the partial states (prefix-max-norm is causal by nature).
+      const byKeys =
+        !resolved.causal &&
+        plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT &&
+        resolved.normalization.kind !== 'prefix-max-norm';
       // A causal head with few features splits by queries, whose shares repeat next to nothing.
       const byQueries = resolved.causal && plan.featureCount < MIN_FEATURES_FOR_FEATURE_SPLIT;
       // At most one feature share per 4 features (the kernels' granularity).
@@ -483,7 +491,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
               ? sharesPerHead(heads, threadCount, F / 4, () => 0)
               : plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT
                 ? sharesPerHead(heads, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
-                : 1;
+                : byKeys
+                  ? sharesPerHead(heads, threadCount, Math.max(1, Math.floor(N / 64)), () => 0)
+                  : 1;
       const bySequence = shares > 1 && (byQueries || !factorized);
       if (bySequence && !factorized)
         for (let b = 0; b < B; b++) schedules[b] = directSchedule(b, shape, resolved, DIRECT_SPLIT_ROWS);
@@ -577,7 +587,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         queryShareSpeedsScan = scan;
       };
       // Feature shares leave partial sums to be combined; query shares write finished rows.
-      const combined = shares > 1 && queryBounds === null;
+      const keySplit = factorized && shares > 1 && byKeys;
+      const combined = shares > 1 && queryBounds === null && !keySplit;
       // One head in as many feature shares as workers: share s runs on worker s (WorkerPool.run),
       // sized to that worker's measured speed, its fixed work counted (fixedFeaturesFor).
       const balanced = combined && heads === 1 && shares === threadCount && options.balanceShares !== false;
@@ -628,6 +639,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           partialDen: null,
           queryBounds: null,
           scan: null,
+          keySplit: null,
           stagedRows: null,
         };
         const local = await engine();
@@ -709,6 +721,13 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           featureBounds,
           queryBounds,
           scan: queryScan,
+          keySplit: keySplit
+            ? allocate(() => ({
+                phase: 'moments' as const,
+                states: staging.take('keySplitStates', heads * shares * momentStateFloats(F, Dv)),
+                maxima: staging.take('keySplitMaxima', heads * shares * 2),
+              }))
+            : null,
           stagedRows: progressive?.rows ?? null,
         };
         const runWorkers = (units: WorkUnit[][], alongside: () => void) =>
@@ -774,10 +793,17 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         // While the workers compute, the calling thread allocates the caller's output array and
         // touches every page of it (unless the caller gave one).
         const prepared: { output: Float32Array | null } = { output: request.out ?? null };
-        const totals = await runWorkers(planUnits(heads, threadCount, shares), () => {
+        let totals = await runWorkers(planUnits(heads, threadCount, shares), () => {
           if (!stagedOutput || prepared.output !== null) return;
           prepared.output = allocate(() => touchedFloat32(outLength));
         });
+        if (job.keySplit !== null) {
+          // The moments are in: each share now reads its queries out against their sum.
+          const moments = totals;
+          const readout = { ...job, keySplit: { ...job.keySplit, phase: 'readout' as const } };
+          totals = await workers.run(readout, planUnits(heads, threadCount, shares));
+          totals = { ...totals, nonFiniteInputs: totals.nonFiniteInputs + moments.nonFiniteInputs };
+        }
         failOnNonFinite(totals.nonFiniteInputs);
         if (balancedQueries) learnQueryShareSpeeds(totals.timings);
         if (balanced) {

@@ -92,6 +92,14 @@ export interface AttentionJob {
    */
   readonly scan: QueryScan | null;
   /**
+   * Non-causal heads with few features split by keys, then by queries (`shares` units a head, two
+   * runs): in phase 'moments' unit s adds keys [valid·s/shares, valid·(s + 1)/shares) to a partial
+   * state and finds the largest norms of those keys and of its queries; in phase 'readout' it sums
+   * the head's partial states and reads out queries [N·s/shares, N·(s + 1)/shares). Null: no such
+   * split.
+   */
+  readonly keySplit: KeySplit | null;
+  /**
    * Staging that goes on while the workers run (one head): [QUERY_ROWS] query rows and [KEY_ROWS]
    * key and value rows copied so far, raised by the calling thread with Atomics.notify; a worker
    * waits (Atomics.wait) before it reads past them. Null: everything was staged before the run.
@@ -117,12 +125,26 @@ export interface QueryScan {
   readonly keep: boolean;
 }
 
+/** Shared memory of AttentionJob.keySplit, one slot per (head, share): slot head·shares + share. */
+export interface KeySplit {
+  readonly phase: 'moments' | 'readout';
+  /** Each slot's partial moment state: S (F × W, in the state's 8-column panels), then z. */
+  readonly states: Float32Array;
+  /** Each slot's largest centered key norm and query norm (max-norm's divisors come from these). */
+  readonly maxima: Float32Array;
+}
+
 /** AttentionJob.scan's ready cell of a call that failed: waiting shares stop with an error. */
 export const SCAN_ABORTED = -1;
 
-/** Floats of one prefix slot (QueryScan.prefixes): S (F × W, W = Dv rounded up to 8), z, two maxima. */
+/** Floats of a moment state as the splits hand it on: S (F × W, W = Dv rounded up to 8), then z. */
+export function momentStateFloats(paddedFeatures: number, valueDim: number): number {
+  return paddedFeatures * roundUp(Math.max(valueDim, 1), 8) + paddedFeatures;
+}
+
+/** Floats of one prefix slot (QueryScan.prefixes): a moment state, then two maxima. */
 export function scanPrefixFloats(paddedFeatures: number, valueDim: number): number {
-  return paddedFeatures * roundUp(Math.max(valueDim, 1), 8) + paddedFeatures + 2;
+  return momentStateFloats(paddedFeatures, valueDim) + 2;
 }
 
 /** Byte offsets of what a scan share keeps between its two phases (see scanLayout). */
@@ -598,7 +620,7 @@ export class Engine {
     this.clearState(0);
     this.stagedRows = job.stagedRows;
     const share = unit.share ?? 0;
-    const bySequence = job.queryBounds !== null;
+    const bySequence = job.queryBounds !== null || job.keySplit !== null;
     // Feature shares of this unit: all of them when the head is split by queries.
     const shares = bySequence ? 1 : job.shares;
     const featureIndex = bySequence ? 0 : share;
@@ -640,6 +662,7 @@ export class Engine {
       partial,
     };
     const state: HeadState = { keys: 0, queryMax: 0, keyMax: 0 };
+    if (job.keySplit !== null) return this.runKeySplitShare(job, unit.head, share, view, state);
     const scales = this.queryScales(job, view);
     let schedule = job.schedules[b]!;
     if (bySequence) {
@@ -660,6 +683,76 @@ export class Engine {
         state.queryMax = this.maxCenteredNorm(view.q, view.qBase, 0, schedule[0]!, D, QUERY_ROWS);
     }
     return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+  }
+
+  /**
+   * Share `share` of a non-causal head split by keys, then by queries (AttentionJob.keySplit).
+   * max-norm's keys are all divided by the head's largest key norm, which no share knows in phase
+   * 'moments': the keys go in undivided and every query is divided by it as well, which for
+   * features homogeneous in the key gives the same sums (φ_f(q)·φ_f(k/m) = φ_f(q/m)·φ_f(k)).
+   */
+  private runKeySplitShare(
+    job: AttentionJob,
+    head: number,
+    share: number,
+    view: HeadView,
+    state: HeadState,
+  ): number {
+    const split = job.keySplit!;
+    const shares = job.shares;
+    const { features: F, columns: W } = this.layout!;
+    const b = this.buffers!;
+    const D = view.headDim;
+    const kind = job.normalization.kind;
+    const stateFloats = momentStateFloats(F, view.valueDim);
+    const slot = head * shares + share;
+    const sPtr = b.states;
+    const zPtr = sPtr + 2 * F * W * 4;
+    const part = (total: number, s: number): number => Math.floor((total * s) / shares);
+    if (split.phase === 'moments') {
+      const keyMax = this.addKeyRange(view, part(view.valid, share), part(view.valid, share + 1), kind, {
+        queryDivisor: 1,
+        keyDivisor: 1,
+      });
+      const queryMax =
+        kind === 'max-norm'
+          ? this.maxCenteredNorm(
+              view.q,
+              view.qBase,
+              part(view.rows, share),
+              part(view.rows, share + 1),
+              D,
+              QUERY_ROWS,
+            )
+          : 0;
+      this.refreshViews();
+      const to = split.states.subarray(slot * stateFloats, (slot + 1) * stateFloats);
+      to.set(this.f32.subarray(sPtr >> 2, (sPtr >> 2) + F * W));
+      to.set(this.f32.subarray(zPtr >> 2, (zPtr >> 2) + F), F * W);
+      split.maxima[2 * slot] = keyMax;
+      split.maxima[2 * slot + 1] = queryMax;
+      return 0;
+    }
+    // Phase 'readout': the head's moments, summed in share order (every share alike).
+    let keyMax = 0;
+    let queryMax = 0;
+    const f32 = this.f32;
+    for (let s = 0; s < shares; s++) {
+      const from = (head * shares + s) * stateFloats;
+      const S = split.states;
+      for (let i = 0; i < F * W; i++) f32[(sPtr >> 2) + i]! += S[from + i]!;
+      for (let i = 0; i < F; i++) f32[(zPtr >> 2) + i]! += S[from + F * W + i]!;
+      keyMax = Math.max(keyMax, split.maxima[2 * (head * shares + s)]!);
+      queryMax = Math.max(queryMax, split.maxima[2 * (head * shares + s) + 1]!);
+    }
+    const scales =
+      kind === 'max-norm'
+        ? { queryDivisor: (queryMax > 0 ? queryMax : 1) * (keyMax > 0 ? keyMax : 1), keyDivisor: 1 }
+        : null;
+    state.keys = view.valid;
+    const rows = Int32Array.of(part(view.rows, share), part(view.rows, share + 1), view.valid, view.valid);
+    if (rows[0] === rows[1]) return 0;
+    return this.runHead(view, rows, 'factorized', job.normalization, job.temperature, scales, state, 0, 0);
   }
 
   /**
@@ -720,8 +813,7 @@ export class Engine {
     // The share's own moments, in state slot 0.
     const sPtr = b.states;
     const zPtr = sPtr + 2 * F * W * 4;
-    const keyLd = Math.max(KEY_CHUNK, C);
-    const scratchKeys: PreparedKeys = { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
+    const scratchKeys = this.scratchKeys();
     // Kept keys from key `first` on.
     const kept = (first: number): PreparedKeys => ({
       y: yStore + (first - storeStart) * 4,
@@ -851,35 +943,16 @@ export class Engine {
   ): number {
     const bounds = job.queryBounds!;
     const shares = bounds.length - 1;
-    const { features: F, columns: W, chunk: C } = this.layout!;
+    const { features: F, columns: W } = this.layout!;
     const b = this.buffers!;
     const D = view.headDim;
     const kind = job.normalization.kind;
     const { rowStart, rowEnd, keyStart, keyEnd } = scanShareRows(view, bounds, share);
     const sPtr = b.states;
     const zPtr = sPtr + 2 * F * W * 4;
-    const keyLd = Math.max(KEY_CHUNK, C);
-    const scratchKeys: PreparedKeys = { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
 
     // Phase 1.
-    let ownKeyMax = 0;
-    for (let start = keyStart; start < keyEnd; start += KEY_CHUNK) {
-      const count = Math.min(KEY_CHUNK, keyEnd - start);
-      const f32 = this.loadRows(
-        view.k,
-        view.kBase,
-        start,
-        count,
-        D,
-        b.kRaw,
-        kind !== 'scale',
-        b.kNorms,
-        KEY_ROWS,
-      );
-      for (let t = 0; t < count; t++) ownKeyMax = Math.max(ownKeyMax, f32[(b.kNorms >> 2) + t]!);
-      this.packKeys(view, start, count, b.kRaw, kind, scales, scratchKeys);
-      this.addMoments(scratchKeys, count, 0, F, sPtr);
-    }
+    const ownKeyMax = this.addKeyRange(view, keyStart, keyEnd, kind, scales);
     const ownQueryMax =
       kind === 'prefix-max-norm'
         ? this.maxCenteredNorm(view.q, view.qBase, rowStart, rowEnd, D, QUERY_ROWS)
@@ -902,6 +975,48 @@ export class Engine {
     }
     const state: HeadState = { keys: keyStart, queryMax, keyMax };
     return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+  }
+
+  /** The scratch where keys are packed for one block (runHead's, a scan share's unkept keys). */
+  private scratchKeys(): PreparedKeys {
+    const b = this.buffers!;
+    const keyLd = Math.max(KEY_CHUNK, this.layout!.chunk);
+    return { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
+  }
+
+  /**
+   * Adds keys [start, end) of `view` to the moment state in slot 0 (every feature), packed with
+   * `scales`; returns their largest centered norm.
+   */
+  private addKeyRange(
+    view: HeadView,
+    start: number,
+    end: number,
+    kind: NormalizationSpec['kind'],
+    scales: { queryDivisor: number; keyDivisor: number } | null,
+  ): number {
+    const b = this.buffers!;
+    const { features: F } = this.layout!;
+    const keys = this.scratchKeys();
+    let keyMax = 0;
+    for (let first = start; first < end; first += KEY_CHUNK) {
+      const count = Math.min(KEY_CHUNK, end - first);
+      const f32 = this.loadRows(
+        view.k,
+        view.kBase,
+        first,
+        count,
+        view.headDim,
+        b.kRaw,
+        kind !== 'scale',
+        b.kNorms,
+        KEY_ROWS,
+      );
+      for (let t = 0; t < count; t++) keyMax = Math.max(keyMax, f32[(b.kNorms >> 2) + t]!);
+      this.packKeys(view, first, count, b.kRaw, kind, scales, keys);
+      this.addMoments(keys, count, 0, F, b.states);
+    }
+    return keyMax;
   }
 
   /**
@@ -1213,7 +1328,7 @@ export class Engine {
     const sPtr = stateBase;
     const zPtr = sPtr + 2 * F * W * 4;
     const keyLd = Math.max(KEY_CHUNK, C);
-    const scratchKeys: PreparedKeys = { y: b.yT, ldY: keyLd, v: b.vPanels, vPanel: keyLd * 32 };
+    const scratchKeys = this.scratchKeys();
     const kind = normalization.kind;
     const centered = kind !== 'scale';
     const T = temperature;

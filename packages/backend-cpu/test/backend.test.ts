@@ -196,21 +196,38 @@ describe('threads', () => {
     }
   }
 
-  // A non-causal head with fewer than 256 features is not split: each feature share would prepare
-  // every token again, which measured slower than one thread (MIN_FEATURES_FOR_FEATURE_SPLIT). One
-  // head then runs in the calling thread, two go to two workers, each bit for bit as one thread.
-  for (const heads of [1, 2]) {
-    it(`keeps ${heads} non-causal head(s) with few features whole (p = 1, D = 16), equal to one thread`, async () => {
-      const q = tensor([1, heads, 200, 16], 81);
-      const k = tensor([1, heads, 180, 16], 82);
-      const v = tensor([1, heads, 180, 8], 83);
-      const options: FastmaxOptions = { order: 1, path: 'factorized' };
-      const parallel = await createFastmax({ backend: cpuBackend({ threads: 3, parallelThreshold: 0 }) });
+  // A non-causal head with fewer than 256 features splits by keys, then by queries
+  // (AttentionJob.keySplit): each share adds its keys to a partial state, then sums the head's
+  // partial states and reads its queries out. max-norm's key divisor moves onto the queries. The
+  // sums are grouped otherwise than in one thread: 1e-5, as for the other splits.
+  for (const [batch, heads, N, M, D, Dv, normalization, keyLengths, threads] of [
+    [1, 1, 300, 300, 16, 8, 'max-norm', null, 2],
+    [1, 1, 300, 340, 16, 12, 'l2', null, 3],
+    [2, 1, 200, 180, 8, 5, 'max-norm', [150, 0], 3],
+    [1, 1, 129, 100, 16, 16, { scale: 0.3 }, null, 2],
+    [1, 2, 257, 257, 32, 8, 'max-norm', null, 3],
+  ] as const) {
+    it(`splits ${batch * heads} non-causal head(s) with few features by keys, then queries (${typeof normalization === 'string' ? normalization : 'scale'}, N = ${N}, M = ${M}${keyLengths ? ', key padding' : ''}, ${threads} workers)`, async () => {
+      const q = tensor([batch, heads, N, D], 81, 3);
+      const k = tensor([batch, heads, M, D], 82, 3);
+      const v = tensor([batch, heads, M, Dv], 83);
+      const options: FastmaxOptions = {
+        order: 1,
+        normalization,
+        path: 'factorized',
+        ...(keyLengths === null ? {} : { keyLengths: [...keyLengths] }),
+      };
+      const parallel = await createFastmax({ backend: cpuBackend({ threads, parallelThreshold: 0 }) });
       const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
-      const a = (await parallel.attention(q, k, v, options)).output as HostTensor;
-      const b = (await serial.attention(q, k, v, options)).output as HostTensor;
-      // Split by features, the sums would be grouped otherwise: equal only to rounding.
-      expect(Array.from(a.data)).toEqual(Array.from(b.data));
+      const a = await parallel.attention(q, k, v, options);
+      const b = await serial.attention(q, k, v, options);
+      const reference = referenceAttention(q, k, v, options);
+      expect(a.degenerateRows).toBe(b.degenerateRows);
+      expect(a.degenerateRows).toBe(reference.degenerateRows);
+      const x = (a.output as HostTensor).data;
+      expect(x.every(Number.isFinite)).toBe(true);
+      expect(relativeError(x, (b.output as HostTensor).data)).toBeLessThan(1e-5);
+      expect(relativeError(x, reference.output)).toBeLessThan(1e-5);
       await serial.dispose();
       await parallel.dispose();
     });

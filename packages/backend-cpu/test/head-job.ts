@@ -69,6 +69,7 @@ export async function causalHead(
     partialDen: null,
     queryBounds: null,
     scan: null,
+    keySplit: null,
     stagedRows: null,
     ...fields,
   });
