@@ -176,7 +176,7 @@ function scanLayout(
   chunks: number,
   base: number,
 ): ScanLayout {
-  const stateFloats = paddedFeatures * columns + paddedFeatures;
+  const stateFloats = momentStateFloats(paddedFeatures, columns);
   // The scores kernel reads whole 8-key tiles: a tile of zeros past the last kept key.
   const ldKeys = roundUp(keptKeys, 8) + 8;
   let offset = roundUp(base, 64);
@@ -235,6 +235,32 @@ function scanShareRows(
     keyStart: share === 0 ? 0 : clampKeys(rowStart + view.causalShift),
     keyEnd: clampKeys(rowEnd + view.causalShift),
   };
+}
+
+/**
+ * The chunks [first, end) of a packed schedule (four numbers a chunk, packedSchedule) whose first
+ * query lies in [from, to): a share's chunks when a head is split by queries.
+ */
+export function chunksStartingIn(
+  schedule: Int32Array,
+  from: number,
+  to: number,
+): { first: number; end: number } {
+  const chunks = schedule.length / 4;
+  let first = 0;
+  while (first < chunks && schedule[4 * first]! < from) first++;
+  let end = first;
+  while (end < chunks && schedule[4 * end]! < to) end++;
+  return { first, end };
+}
+
+/**
+ * max-norm's whole-head divisors of the query and key rows (queryScales); null for the other
+ * normalizations, which need none.
+ */
+interface HeadScales {
+  readonly queryDivisor: number;
+  readonly keyDivisor: number;
 }
 
 /** Cells of AttentionJob.stagedRows. */
@@ -452,7 +478,7 @@ function queryFactor(
   norm: number,
   queryMax: number,
   keyMax: number,
-  scales: { queryDivisor: number; keyDivisor: number } | null,
+  scales: HeadScales | null,
   temperature: number,
   scale: number,
 ): number {
@@ -666,13 +692,12 @@ export class Engine {
     const scales = this.queryScales(job, view);
     let schedule = job.schedules[b]!;
     if (bySequence) {
-      const from = job.queryBounds![share]!;
-      const to = job.queryBounds![share + 1]!;
-      let first = 0;
-      while (first < schedule.length && schedule[first]! < from) first += 4;
-      let last = first;
-      while (last < schedule.length && schedule[last]! < to) last += 4;
-      schedule = schedule.subarray(first, last);
+      const { first, end } = chunksStartingIn(
+        schedule,
+        job.queryBounds![share]!,
+        job.queryBounds![share + 1]!,
+      );
+      schedule = schedule.subarray(4 * first, 4 * end);
       if (job.scan !== null)
         return job.scan.keep
           ? this.runScanShare(job, unit.head, share, view, schedule, scales)
@@ -700,14 +725,11 @@ export class Engine {
   ): number {
     const split = job.keySplit!;
     const shares = job.shares;
-    const { features: F, columns: W } = this.layout!;
-    const b = this.buffers!;
+    const { features: F } = this.layout!;
     const D = view.headDim;
     const kind = job.normalization.kind;
     const stateFloats = momentStateFloats(F, view.valueDim);
     const slot = head * shares + share;
-    const sPtr = b.states;
-    const zPtr = sPtr + 2 * F * W * 4;
     const part = (total: number, s: number): number => Math.floor((total * s) / shares);
     if (split.phase === 'moments') {
       const keyMax = this.addKeyRange(view, part(view.valid, share), part(view.valid, share + 1), kind, {
@@ -725,10 +747,7 @@ export class Engine {
               QUERY_ROWS,
             )
           : 0;
-      this.refreshViews();
-      const to = split.states.subarray(slot * stateFloats, (slot + 1) * stateFloats);
-      to.set(this.f32.subarray(sPtr >> 2, (sPtr >> 2) + F * W));
-      to.set(this.f32.subarray(zPtr >> 2, (zPtr >> 2) + F), F * W);
+      this.copyStateTo(split.states.subarray(slot * stateFloats, (slot + 1) * stateFloats));
       split.maxima[2 * slot] = keyMax;
       split.maxima[2 * slot + 1] = queryMax;
       return 0;
@@ -736,12 +755,9 @@ export class Engine {
     // Phase 'readout': the head's moments, summed in share order (every share alike).
     let keyMax = 0;
     let queryMax = 0;
-    const f32 = this.f32;
     for (let s = 0; s < shares; s++) {
       const from = (head * shares + s) * stateFloats;
-      const S = split.states;
-      for (let i = 0; i < F * W; i++) f32[(sPtr >> 2) + i]! += S[from + i]!;
-      for (let i = 0; i < F; i++) f32[(zPtr >> 2) + i]! += S[from + F * W + i]!;
+      this.addToState(split.states.subarray(from, from + stateFloats));
       keyMax = Math.max(keyMax, split.maxima[2 * (head * shares + s)]!);
       queryMax = Math.max(queryMax, split.maxima[2 * (head * shares + s) + 1]!);
     }
@@ -770,7 +786,7 @@ export class Engine {
     share: number,
     view: HeadView,
     schedule: Int32Array,
-    scales: { queryDivisor: number; keyDivisor: number } | null,
+    scales: HeadScales | null,
   ): number {
     const scan = job.scan!;
     const bounds = job.queryBounds!;
@@ -794,7 +810,7 @@ export class Engine {
     const storeStart =
       rows > 0 ? clampKeys(rowStart + view.causalShift) : clampKeys(rowEnd + view.causalShift);
     const storedKeys = keyEnd - storeStart;
-    const stateFloats = F * W + F;
+    const stateFloats = momentStateFloats(F, view.valueDim);
     const {
       queries: qStore,
       queryNorms: qNormStore,
@@ -939,17 +955,13 @@ export class Engine {
     share: number,
     view: HeadView,
     schedule: Int32Array,
-    scales: { queryDivisor: number; keyDivisor: number } | null,
+    scales: HeadScales | null,
   ): number {
     const bounds = job.queryBounds!;
     const shares = bounds.length - 1;
-    const { features: F, columns: W } = this.layout!;
-    const b = this.buffers!;
     const D = view.headDim;
     const kind = job.normalization.kind;
     const { rowStart, rowEnd, keyStart, keyEnd } = scanShareRows(view, bounds, share);
-    const sPtr = b.states;
-    const zPtr = sPtr + 2 * F * W * 4;
 
     // Phase 1.
     const ownKeyMax = this.addKeyRange(view, keyStart, keyEnd, kind, scales);
@@ -969,12 +981,29 @@ export class Engine {
 
     // Phase 2.
     this.clearState(0);
-    if (prefix !== null) {
-      this.f32.set(prefix.subarray(0, F * W), sPtr >> 2);
-      this.f32.set(prefix.subarray(F * W, F * W + F), zPtr >> 2);
-    }
+    if (prefix !== null) this.addToState(prefix);
     const state: HeadState = { keys: keyStart, queryMax, keyMax };
     return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+  }
+
+  /** Slot 0's moment state into `to`, as the splits hand it on (S, then z: momentStateFloats). */
+  private copyStateTo(to: Float32Array): void {
+    const { features: F, columns: W } = this.layout!;
+    this.refreshViews();
+    const s = this.buffers!.states >> 2;
+    to.set(this.f32.subarray(s, s + F * W));
+    to.set(this.f32.subarray(s + 2 * F * W, s + 2 * F * W + F), F * W);
+  }
+
+  /** Adds a moment state handed on by the splits (S, then z; anything past them is left) to slot 0's. */
+  private addToState(from: Float32Array): void {
+    const { features: F, columns: W } = this.layout!;
+    this.refreshViews();
+    const f32 = this.f32;
+    const s = this.buffers!.states >> 2;
+    const z = s + 2 * F * W;
+    for (let i = 0; i < F * W; i++) f32[s + i]! += from[i]!;
+    for (let i = 0; i < F; i++) f32[z + i]! += from[F * W + i]!;
   }
 
   /** The scratch where keys are packed for one block (runHead's, a scan share's unkept keys). */
@@ -993,7 +1022,7 @@ export class Engine {
     start: number,
     end: number,
     kind: NormalizationSpec['kind'],
-    scales: { queryDivisor: number; keyDivisor: number } | null,
+    scales: HeadScales | null,
   ): number {
     const b = this.buffers!;
     const { features: F } = this.layout!;
@@ -1035,7 +1064,7 @@ export class Engine {
     ownKeyMax: number,
   ): { prefix: Float32Array | null; queryMax: number; keyMax: number } {
     const { features: F, columns: W } = this.layout!;
-    const stateFloats = F * W + F;
+    const stateFloats = momentStateFloats(F, valueDim);
     const slot = head * (shares - 1) + share - 1;
     const prefixFloats = scanPrefixFloats(F, valueDim);
     let prefix: Float32Array | null = null;
@@ -1103,10 +1132,7 @@ export class Engine {
    * Per-head divisors that need the whole head first: max-norm's largest query and key norms.
    * Returns null when the normalization needs none.
    */
-  private queryScales(
-    job: AttentionJob,
-    view: HeadView,
-  ): { queryDivisor: number; keyDivisor: number } | null {
+  private queryScales(job: AttentionJob, view: HeadView): HeadScales | null {
     if (job.normalization.kind !== 'max-norm') return null;
     const queryMax = this.maxCenteredNorm(view.q, view.qBase, 0, view.rows, view.headDim, QUERY_ROWS);
     const keyMax = this.maxCenteredNorm(view.k, view.kBase, 0, view.valid, view.headDim, KEY_ROWS);
@@ -1275,7 +1301,7 @@ export class Engine {
     count: number,
     raw: number,
     kind: NormalizationSpec['kind'],
-    scales: { queryDivisor: number; keyDivisor: number } | null,
+    scales: HeadScales | null,
     keys: PreparedKeys,
   ): void {
     const b = this.buffers!;
@@ -1311,7 +1337,7 @@ export class Engine {
     path: 'factorized' | 'direct',
     normalization: NormalizationSpec,
     temperature: number,
-    scales: { queryDivisor: number; keyDivisor: number } | null,
+    scales: HeadScales | null,
     state: HeadState,
     slot: number,
     /** Keys the state must hold when the head is done (decoding: all of them so far). */

@@ -7,6 +7,7 @@
 import { BackwardEngine, type BackwardHead, sumOverShares } from './backward-engine.js';
 import {
   type AttentionJob,
+  chunksStartingIn,
   combineShares,
   Engine,
   featureShare,
@@ -169,19 +170,12 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
   const kvHead = kvHeadSlot(head, H, Hkv);
   const slot = head * shares + share;
   const schedule = job.schedules[b]!;
-  let firstChunk = 0;
-  let endChunk = schedule.length / 4;
-  if (bounds !== null) {
-    const from = bounds[unit.share ?? 0]!;
-    const to = bounds[(unit.share ?? 0) + 1]!;
-    firstChunk = 0;
-    while (firstChunk < endChunk && schedule[4 * firstChunk]! < from) firstChunk++;
-    let last = firstChunk;
-    while (last < endChunk && schedule[4 * last]! < to) last++;
-    endChunk = last;
-    // An empty share owns no rows and no keys (its neighbours meet where it would have been).
-    if (firstChunk === endChunk) return;
-  }
+  const { first: firstChunk, end: endChunk } =
+    bounds === null
+      ? { first: 0, end: schedule.length / 4 }
+      : chunksStartingIn(schedule, bounds[unit.share ?? 0]!, bounds[(unit.share ?? 0) + 1]!);
+  // An empty share owns no rows and no keys (its neighbours meet where it would have been).
+  if (bounds !== null && firstChunk === endChunk) return;
   const features = featureShare(job.setup.paddedFeatures, share, shares, job.featureBounds);
   const task: BackwardHead = {
     z: job.z,
