@@ -1,11 +1,14 @@
 import {
   type BackwardRequest,
   type BackwardResult,
+  dividedSides,
   type HostTensor,
   type PrepareScratch,
-  prepareScores,
-  prepareScoresBackward,
+  preparationArrays,
+  prepareDivisors,
+  preparedScores,
   querySchedule,
+  sumNormGradients,
 } from '@fastmax/core';
 import type { BackwardEngine } from './backward-engine.js';
 import {
@@ -21,7 +24,14 @@ import type { WorkUnit } from './engine.js';
 import type { RunTotals, WorkerPool } from './pool.js';
 import { kernelSetup, packedSchedule } from './setup.js';
 import { type SharedStaging, touchedFloat32 } from './staging.js';
-import { type BackwardJob, backwardHead, backwardUnit, type FinishRange } from './worker.js';
+import {
+  type BackwardJob,
+  backwardHead,
+  backwardUnit,
+  type FinishRange,
+  type PreparationJob,
+  preparationRows,
+} from './worker.js';
 
 /**
  * The call's arrays in the backend's reused shared staging (staging.ts: fresh memory costs page
@@ -61,10 +71,12 @@ function prepareScratch(staging: SharedStaging): PrepareScratch {
 const BACKWARD_CHUNK = 128;
 
 /**
- * Backward on the CPU: core's `prepareScores` (float64, linear memory) gives z = σx and y, the
- * WebAssembly kernels give dz, dy and dv per head in two passes (backward-engine.ts), a third pass
- * sums the shares and forms dx = σ·dz and dσ = dz·x (worker.ts), all on the workers, and core's
- * `prepareScoresBackward` chains dx, dy and dσ back to dq and dk.
+ * Backward on the CPU: core's normalization (`prepareScores`, float64, linear memory) gives z = σx
+ * and y, the WebAssembly kernels give dz, dy and dv per head in two passes (backward-engine.ts), a
+ * third pass sums the shares and forms dx = σ·dz and dσ = dz·x (worker.ts), and core's
+ * `prepareScoresBackward` chains dx, dy and dσ back to dq and dk. All of it runs on the workers:
+ * core's normalization and its backward as its row steps over ranges of rows (PreparationJob), with
+ * only their scalar work per row in the calling thread.
  */
 export async function cpuBackward(
   request: BackwardRequest,
@@ -85,7 +97,47 @@ export async function cpuBackward(
   const { shape, options, plan } = request;
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
   const factorized = plan.path === 'factorized';
-  const prepared = prepareScores(q, k, shape, options, prepareScratch(staging));
+  const scratch = prepareScratch(staging);
+  const arrays = preparationArrays(shape, options, scratch);
+  // One range of query rows and one of key rows per worker: the steps are row-local and even.
+  const rowParts = pool === null ? 1 : pool.size;
+  const rowRanges: FinishRange[] = [];
+  for (let w = 0; w < rowParts; w++) {
+    rowRanges.push({
+      queries: evenRange(B * H * N, w, rowParts),
+      keys: evenRange(B * Hkv * M, w, rowParts),
+    });
+  }
+  const dz = stagedF64(staging, 'dz', B * H * N * D);
+  const preparation: PreparationJob = {
+    step: 'center',
+    headDim: D,
+    valueDim: Dv,
+    q: staging.input('backward.q', q.data),
+    k: staging.input('backward.k', k.data),
+    arrays,
+    z: stagedF32(staging, 'z', B * H * N * D),
+    y: stagedF32(staging, 'y', arrays.y.length),
+    // The gradients' arrays are given by the last two steps.
+    dx: dz,
+    dy: dz,
+    dv: dz,
+    queryDivisorGradients: stagedF64(staging, 'queryDivisorGradients', B * H * N),
+    keyDivisorGradients: stagedF64(staging, 'keyDivisorGradients', B * Hkv * M),
+    queryNormGradients: null,
+    keyNormGradients: null,
+    dq32: stagedF32(staging, 'dq32', B * H * N * D),
+    dk32: stagedF32(staging, 'dk32', B * Hkv * M * D),
+    dv32: stagedF32(staging, 'dv32', B * Hkv * M * Dv),
+  };
+  const runStep = async (job: PreparationJob): Promise<void> => {
+    if (pool !== null) await pool.preparation(job, rowRanges);
+    else for (const range of rowRanges) preparationRows(job, range);
+  };
+  await runStep(preparation);
+  prepareDivisors(arrays, shape, options);
+  await runStep({ ...preparation, step: 'divide' });
+  const prepared = preparedScores(arrays);
   const setup = kernelSetup(D, options.order, options.coefficients, factorized);
   const chunked = factorized && options.causal;
   const scheduleChunk =
@@ -141,16 +193,6 @@ export async function cpuBackward(
     mirrored[queryShares] = N;
     passBounds = { first: forward, second: mirrored };
   }
-  const z = stagedF32(staging, 'z', heads * N * D);
-  // The arrays in locals: property reads in the loop cost twice the loop (measured, N = 16384, D = 64).
-  const { sigma, x } = prepared;
-  for (let row = 0, i = 0; row < heads * N; row++) {
-    const rowSigma = sigma[row]!;
-    for (const end = i + D; i < end; i++) z[i] = rowSigma * x[i]!;
-  }
-  // Float64 to float32 by `set`, which converts natively.
-  const y = stagedF32(staging, 'y', prepared.y.length);
-  y.set(prepared.y);
   const validKeys = new Int32Array(B);
   const schedules: Int32Array[] = [];
   for (let b = 0; b < B; b++) {
@@ -166,8 +208,8 @@ export async function cpuBackward(
     : null;
   const first: BackwardJob = {
     pass: 1,
-    z,
-    y,
+    z: preparation.z,
+    y: preparation.y,
     v: staging.input('backward.v', v.data),
     dOut: staging.input('backward.dOut', dOut.data),
     gradA: stagedF32(staging, 'gradA', slots * N * D),
@@ -175,7 +217,7 @@ export async function cpuBackward(
     den: stagedF64(staging, 'den', slots * N),
     betaDen: stagedF64(staging, 'betaDen', slots * N),
     // Written in full by pass 2.
-    dz: stagedF64(staging, 'dz', heads * N * D),
+    dz,
     dy: stagedF64(staging, 'dy', slots * M * D),
     dv: stagedF64(staging, 'dv', slots * M * Dv),
     x: prepared.x,
@@ -259,13 +301,34 @@ export async function cpuBackward(
   else for (const range of finish) backwardUnit(engine, third, range);
 
   // Each head's shares are summed into its first slice: gather those, then sum per kv head.
-  const dyKv = sumGroups(firstSlices(first.dy, heads, shares, M * D), B, H, Hkv, M * D);
-  const dvKv = sumGroups(firstSlices(first.dv, heads, shares, M * Dv), B, H, Hkv, M * Dv);
-  const { dq, dk } = prepareScoresBackward(prepared, shape, options, first.dz, dyKv, first.dsigma);
-  // Float64 to float32 by `set`, which converts natively.
-  results.dq!.set(dq);
-  results.dk!.set(dk);
-  results.dv!.set(dvKv);
+  const grouped = (perHead: Float64Array, role: string, size: number): Float64Array =>
+    H === Hkv ? perHead : sumGroups(perHead, B, H, Hkv, size, stagedF64(staging, role, B * Hkv * size));
+  const gradients = {
+    dx: dz,
+    dy: grouped(firstSlices(first.dy, heads, shares, M * D), 'dyKv', M * D),
+    dv: grouped(firstSlices(first.dv, heads, shares, M * Dv), 'dvKv', M * Dv),
+  };
+  const { queriesDivided, keysDivided } = dividedSides(options);
+  if (queriesDivided || keysDivided) await runStep({ ...preparation, ...gradients, step: 'divideBackward' });
+  const norms = sumNormGradients(
+    prepared,
+    shape,
+    options,
+    preparation.queryDivisorGradients,
+    preparation.keyDivisorGradients,
+    first.dsigma,
+    scratch,
+  );
+  await runStep({
+    ...preparation,
+    ...gradients,
+    queryNormGradients: norms.queries,
+    keyNormGradients: norms.keys,
+    step: 'finish',
+  });
+  results.dq!.set(preparation.dq32);
+  results.dk!.set(preparation.dk32);
+  results.dv!.set(preparation.dv32);
   return {
     dq: { shape: [B, H, N, D], data: results.dq! },
     dk: { shape: [B, Hkv, M, D], data: results.dk! },
@@ -290,13 +353,16 @@ function firstSlices(slices: Float64Array, heads: number, shares: number, size: 
   return slices.subarray(0, heads * size);
 }
 
-/**
- * Sums the per-query-head slices of each kv head's group: [B, H, size] -> [B, Hkv, size]. Groups of
- * one slice need no sum: the input comes back as it is.
- */
-function sumGroups(perHead: Float64Array, B: number, H: number, Hkv: number, size: number): Float64Array {
-  if (H === Hkv) return perHead;
-  const out = new Float64Array(B * Hkv * size);
+/** Sums the per-query-head slices of each kv head's group, [B, H, size], into `out`, [B, Hkv, size]. */
+function sumGroups(
+  perHead: Float64Array,
+  B: number,
+  H: number,
+  Hkv: number,
+  size: number,
+  out: Float64Array,
+): Float64Array {
+  out.fill(0);
   const group = H / Hkv;
   for (let b = 0; b < B; b++) {
     for (let h = 0; h < H; h++) {

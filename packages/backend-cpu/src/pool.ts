@@ -1,7 +1,14 @@
 import { FastmaxError } from '@fastmax/core';
 import type { AttentionJob, RowRange, WorkUnit } from './engine.js';
 import { WORKER_SOURCE } from './generated/kernels.js';
-import type { BackwardJob, BackwardUnit, WorkerReply, WorkerRequest } from './worker.js';
+import type {
+  BackwardJob,
+  BackwardUnit,
+  FinishRange,
+  PreparationJob,
+  WorkerReply,
+  WorkerRequest,
+} from './worker.js';
 
 /** The part of a Node `Worker` or a browser `Worker` the pool uses. */
 interface PortableWorker {
@@ -190,6 +197,14 @@ export class WorkerPool {
     alongside?: () => void,
   ): Promise<RunTotals> {
     return this.enqueue((id, units) => ({ type: 'backward', id, job, units }), batches, alongside);
+  }
+
+  /** Runs a step of a backward's normalization (worker.ts: PreparationJob), one range per worker. */
+  preparation(job: PreparationJob, ranges: readonly FinishRange[]): Promise<RunTotals> {
+    return this.enqueue(
+      (id, units) => ({ type: 'preparation', id, job, units }),
+      ranges.map((range) => [range]),
+    );
   }
 
   private enqueue<Unit>(

@@ -2,8 +2,17 @@
  * The worker side of the pool: one kernel instance per worker for the forward (engine.ts) and one
  * for the backward (backward-engine.ts). The build bundles this file with those two into
  * src/generated/kernels.ts (WORKER_SOURCE), wrapped in a few lines of glue that connect it to the
- * platform's message port; it imports nothing else at run time.
+ * platform's message port. Of @fastmax/core it takes only the row steps of the normalization
+ * (core's prepare-rows.ts, which imports nothing), bundled with it; the build fails if a worker
+ * module takes anything else from core at run time.
  */
+import {
+  centerRowRange,
+  divideRowRange,
+  divideRowRangeBackward,
+  normAndCenterRowRangeBackward,
+  type PreparationArrays,
+} from '@fastmax/core';
 import { BackwardEngine, type BackwardHead, sumOverShares } from './backward-engine.js';
 import {
   type AttentionJob,
@@ -78,7 +87,10 @@ export interface BackwardJob {
   readonly queryBounds: Int32Array | null;
 }
 
-/** Pass 3's unit: query rows [start, end) of the B·H·N, and key rows of the B·H·M. */
+/**
+ * Pass 3's unit: query rows [start, end) of the B·H·N, and key rows of the B·H·M. A preparation
+ * step's unit: query rows of the B·H·N, and key rows of the B·Hkv·M.
+ */
 export interface FinishRange {
   readonly queries: RowRange;
   readonly keys: RowRange;
@@ -155,6 +167,127 @@ export function finishKeyRows(job: BackwardJob, rows: RowRange): void {
         const from = first + s * shareStride;
         for (let c = 0; c < width; c++) sums[first + c]! += sums[from + c]!;
       }
+    }
+  }
+}
+
+/**
+ * A backward call's normalization and its backward (core's prepareScores and prepareScoresBackward),
+ * run as core's row steps over ranges of rows; between steps the calling thread does core's scalar
+ * work per row (prepareDivisors, sumNormGradients). Every array is in shared memory.
+ */
+export interface PreparationJob {
+  /**
+   * 'center': q and k rows centered, with their norms; 'divide': x and y divided by their divisors,
+   * and the kernels' float32 inputs z = σx and y; 'divideBackward': dx and dy back through the
+   * division, with each row's part of its divisor's gradient; 'finish': back through the norms and
+   * the centering, and dq, dk and dv in float32.
+   */
+  readonly step: 'center' | 'divide' | 'divideBackward' | 'finish';
+  readonly headDim: number;
+  readonly valueDim: number;
+  readonly q: Float32Array;
+  readonly k: Float32Array;
+  readonly arrays: PreparationArrays;
+  readonly z: Float32Array;
+  readonly y: Float32Array;
+  /** ∂L/∂x (B×H×N×D) and ∂L/∂y (B×Hkv×M×D), turned into dq and dk in place. */
+  readonly dx: Float64Array;
+  readonly dy: Float64Array;
+  readonly queryDivisorGradients: Float64Array;
+  readonly keyDivisorGradients: Float64Array;
+  /** ∂L/∂|c| per row (core's sumNormGradients); null where no norm divides a side. */
+  readonly queryNormGradients: Float64Array | null;
+  readonly keyNormGradients: Float64Array | null;
+  /** ∂L/∂v, B×Hkv×M×Dv. */
+  readonly dv: Float64Array;
+  readonly dq32: Float32Array;
+  readonly dk32: Float32Array;
+  readonly dv32: Float32Array;
+}
+
+/** Runs `job.step` over the unit's query and key rows. */
+export function preparationRows(job: PreparationJob, unit: FinishRange): void {
+  const { headDim: D, arrays } = job;
+  const { queries, keys } = unit;
+  switch (job.step) {
+    case 'center':
+      centerRowRange(
+        job.q,
+        D,
+        arrays.centered,
+        arrays.centeredQ,
+        arrays.queryNorms,
+        queries.start,
+        queries.end,
+      );
+      centerRowRange(job.k, D, arrays.centered, arrays.centeredK, arrays.keyNorms, keys.start, keys.end);
+      return;
+    case 'divide': {
+      const { x, y, sigma, centeredQ, centeredK } = arrays;
+      if (arrays.queriesDivided)
+        divideRowRange(centeredQ, arrays.queryDivisors, D, x, queries.start, queries.end, job.z, sigma);
+      else {
+        for (let row = queries.start, i = row * D; row < queries.end; row++) {
+          const rowSigma = sigma[row]!;
+          for (const end = i + D; i < end; i++) job.z[i] = rowSigma * x[i]!;
+        }
+      }
+      if (arrays.keysDivided)
+        divideRowRange(centeredK, arrays.keyDivisors, D, y, keys.start, keys.end, job.y);
+      // Float64 to float32 by `set`, which converts natively.
+      else job.y.set(y.subarray(keys.start * D, keys.end * D), keys.start * D);
+      return;
+    }
+    case 'divideBackward':
+      if (arrays.queriesDivided)
+        divideRowRangeBackward(
+          job.dx,
+          arrays.x,
+          arrays.queryDivisors,
+          D,
+          job.queryDivisorGradients,
+          queries.start,
+          queries.end,
+        );
+      if (arrays.keysDivided)
+        divideRowRangeBackward(
+          job.dy,
+          arrays.y,
+          arrays.keyDivisors,
+          D,
+          job.keyDivisorGradients,
+          keys.start,
+          keys.end,
+        );
+      return;
+    case 'finish': {
+      const { centered, centeredQ, centeredK, queryNorms, keyNorms } = arrays;
+      const { dx, dy, dv, valueDim: Dv } = job;
+      normAndCenterRowRangeBackward(
+        dx,
+        centeredQ,
+        queryNorms,
+        job.queryNormGradients,
+        D,
+        centered,
+        job.dq32,
+        queries.start,
+        queries.end,
+      );
+      normAndCenterRowRangeBackward(
+        dy,
+        centeredK,
+        keyNorms,
+        job.keyNormGradients,
+        D,
+        centered,
+        job.dk32,
+        keys.start,
+        keys.end,
+      );
+      job.dv32.set(dv.subarray(keys.start * Dv, keys.end * Dv), keys.start * Dv);
+      return;
     }
   }
 }
@@ -239,6 +372,12 @@ export type WorkerRequest =
       readonly id: number;
       readonly job: BackwardJob;
       readonly units: readonly BackwardUnit[];
+    }
+  | {
+      readonly type: 'preparation';
+      readonly id: number;
+      readonly job: PreparationJob;
+      readonly units: readonly FinishRange[];
     };
 
 /**
@@ -277,6 +416,8 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
         nonFiniteInputs = forward.nonFiniteInputs;
       } else if (request.type === 'combine') {
         for (const rows of request.units) degenerate += combineShares(request.job, rows);
+      } else if (request.type === 'preparation') {
+        for (const rows of request.units) preparationRows(request.job, rows);
       } else {
         const job = request.job;
         backward ??= new BackwardEngine(module);

@@ -615,7 +615,8 @@ describe('threads', () => {
 
   it('gives the same backward on staging reused from other calls as a fresh backend', async () => {
     // The staged arrays are not cleared between calls: every pass writes each row it owns, and pass
-    // 2 zeroes the key rows its state part does not reach. Calls of other shapes first leave other
+    // 2 zeroes the key rows its state part does not reach; the normalization's row steps write every
+    // row, and the sums of its scalar steps are zeroed first. Calls of other shapes first leave other
     // values there (causal, key padding, non-causal, the direct path, a second head).
     const calls: [FastmaxOptions, Shape4, Shape4, number][] = [
       [{ order: 2, causal: true, path: 'factorized', chunkSize: 16 }, [1, 1, 90, 32], [1, 1, 90, 32], 40],
@@ -627,6 +628,19 @@ describe('threads', () => {
         40,
       ],
       [{ order: 1, causal: true, path: 'direct' }, [1, 2, 40, 32], [1, 2, 40, 32], 40],
+      // Normalizations that divide keys too, one with GQA (dk, dv summed per kv head).
+      [
+        { order: 2, causal: false, path: 'factorized', normalization: 'max-norm' },
+        [1, 4, 40, 16],
+        [1, 2, 40, 16],
+        24,
+      ],
+      [
+        { order: 1, causal: true, path: 'factorized', normalization: 'l2', chunkSize: 16 },
+        [1, 2, 60, 16],
+        [1, 2, 60, 16],
+        24,
+      ],
     ];
     // Equal shares on both (balanced ones follow the timings of the calls before, which would move
     // the split of the reused backend and its float32 rounding).

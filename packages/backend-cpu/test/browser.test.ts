@@ -130,7 +130,10 @@ describe.skipIf(chromiumMissing)(`cross-origin isolated page (chromium at ${CHRO
     const result = await fm!.backward(q, k, v, dOut, options);
     const posted = await takePosted(browser!.page);
     expect(posted.length).toBeGreaterThan(0);
-    expect(posted.every((m) => m.type === 'backward')).toBe(true);
+    // The passes, and the normalization's row steps (core's prepare-rows.ts, bundled into the worker).
+    expect(posted.some((m) => m.type === 'backward')).toBe(true);
+    expect(posted.some((m) => m.type === 'preparation')).toBe(true);
+    expect(posted.every((m) => m.type === 'backward' || m.type === 'preparation')).toBe(true);
     const want = referenceBackward(q, k, v, dOut, options);
     const actual = { dq: host(result.dq).data, dk: host(result.dk).data, dv: host(result.dv).data };
     const comparison = compareGradients(actual, want, GRADIENT_TOLERANCE);

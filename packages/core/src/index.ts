@@ -67,14 +67,26 @@ export {
   planAttention,
 } from './planner.js';
 export {
+  dividedSides,
   nonZeroDivisor,
+  type PreparationArrays,
   type PreparationTrace,
   type PreparedScores,
   type PrepareScratch,
+  preparationArrays,
+  prepareDivisors,
+  preparedScores,
   prepareScores,
   prepareScoresBackward,
   prepareToken,
+  sumNormGradients,
 } from './prepare.js';
+export {
+  centerRowRange,
+  divideRowRange,
+  divideRowRangeBackward,
+  normAndCenterRowRangeBackward,
+} from './prepare-rows.js';
 export { resolveStateOptions, validateStepInputs } from './state.js';
 export {
   type DeviceTensor,

@@ -1,4 +1,10 @@
 import type { ResolvedOptions } from './options.js';
+import {
+  centerRowRange,
+  divideRowRange,
+  divideRowRangeBackward,
+  normAndCenterRowRangeBackward,
+} from './prepare-rows.js';
 import type { HostTensor } from './tensor.js';
 import { type AttentionShape, keyLimit } from './validate.js';
 
@@ -41,6 +47,9 @@ export interface PreparationTrace {
   readonly queryArgmax: Int32Array;
   /** Per query row: the key index whose norm scales σ_i or divides every y of the head (-1: none). */
   readonly keyArgmax: Int32Array;
+  /** What divides each row of x (B×H×N) and of y (B×Hkv×M): a norm, or 1. */
+  readonly queryDivisors: Float64Array;
+  readonly keyDivisors: Float64Array;
 }
 
 /**
@@ -60,37 +69,6 @@ const FRESH: PrepareScratch = {
   int32: (_, length) => new Int32Array(length),
 };
 
-/**
- * Centers every row (as `prepareToken` does, unless `centered` is false) and returns the rows with
- * their norms. Written as one pass over a flat array, without a temporary per row: this runs on
- * every backward call at N×D elements, where per-row allocations dominated its cost.
- */
-function centerRows(
-  source: Float32Array | Float64Array,
-  rows: number,
-  dim: number,
-  centered: boolean,
-  values: Float64Array,
-  norms: Float64Array,
-): { values: Float64Array; norms: Float64Array } {
-  for (let r = 0; r < rows; r++) {
-    const base = r * dim;
-    let mean = 0;
-    if (centered) {
-      for (let d = 0; d < dim; d++) mean += source[base + d]!;
-      mean /= dim;
-    }
-    let squares = 0;
-    for (let d = 0; d < dim; d++) {
-      const value = source[base + d]! - mean;
-      values[base + d] = value;
-      squares += value * value;
-    }
-    norms[r] = Math.sqrt(squares);
-  }
-  return { values, norms };
-}
-
 /** A norm or maximum of 0 divides by 1 instead (the vector it divides is 0 then). */
 export function nonZeroDivisor(norm: number): number {
   return norm > 0 ? norm : 1;
@@ -107,60 +85,92 @@ export function prepareToken(
   centered: boolean,
 ): { vector: Float64Array; norm: number } {
   const vector = new Float64Array(dim);
-  let mean = 0;
-  if (centered) {
-    for (let d = 0; d < dim; d++) mean += source[offset + d]!;
-    mean /= dim;
-  }
-  let squares = 0;
-  for (let d = 0; d < dim; d++) {
-    vector[d] = source[offset + d]! - mean;
-    squares += vector[d]! * vector[d]!;
-  }
-  return { vector, norm: Math.sqrt(squares) };
+  const norm = new Float64Array(1);
+  centerRowRange(source.subarray(offset, offset + dim), dim, centered, vector, norm, 0, 1);
+  return { vector, norm: norm[0]! };
 }
 
-export function prepareScores(
-  q: HostTensor,
-  k: HostTensor,
+/**
+ * Every array of a preparation (taken from the scratch, nothing computed yet), for a backend that
+ * runs its steps itself, row range by row range on several threads (prepare-rows.ts), in this order:
+ * 1. `centerRowRange` of q into `centeredQ` and `queryNorms`, and of k into `centeredK`, `keyNorms`
+ *    (`centered` says whether to center);
+ * 2. `prepareDivisors` (scalar work per row, one thread);
+ * 3. `divideRowRange` of `centeredQ` by `queryDivisors` into `x` where `queriesDivided`, and of
+ *    `centeredK` by `keyDivisors` into `y` where `keysDivided`.
+ * `preparedScores` then gives what `prepareScores` would have returned.
+ */
+export interface PreparationArrays extends PreparationTrace {
+  readonly x: Float64Array;
+  readonly y: Float64Array;
+  readonly sigma: Float64Array;
+  readonly centered: boolean;
+  readonly queriesDivided: boolean;
+  readonly keysDivided: boolean;
+}
+
+export function preparationArrays(
   shape: AttentionShape,
   options: ResolvedOptions,
   scratch: PrepareScratch = FRESH,
-): PreparedScores {
+): PreparationArrays {
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
-  const mode = options.normalization.kind;
-  const centered = mode !== 'scale';
   const queryRows = B * H * N;
   const keyRows = B * Hkv * M;
-  const { values: cq, norms: qNorms } = centerRows(
-    q.data,
-    queryRows,
-    D,
-    centered,
-    scratch.float64('centeredQ', queryRows * D),
-    scratch.float64('queryNorms', queryRows),
-  );
-  const { values: ck, norms: kNorms } = centerRows(
-    k.data,
-    keyRows,
-    D,
-    centered,
-    scratch.float64('centeredK', keyRows * D),
-    scratch.float64('keyNorms', keyRows),
-  );
+  const centeredQ = scratch.float64('centeredQ', queryRows * D);
+  const centeredK = scratch.float64('centeredK', keyRows * D);
   // Where nothing divides them, x and y are the centered arrays themselves rather than copies
   // (every consumer only reads them): queries under `scale`, keys under prefix-max-norm and `scale`.
-  const queriesDivided = mode !== 'scale';
-  const keysDivided = mode === 'max-norm' || mode === 'l2';
-  const x = queriesDivided ? scratch.float64('x', cq.length) : cq;
-  const y = keysDivided ? scratch.float64('y', ck.length) : ck;
-  const sigma = scratch.float64('sigma', queryRows);
-  const queryArgmax = scratch.int32('queryArgmax', queryRows).fill(-1);
-  const keyArgmax = scratch.int32('keyArgmax', queryRows).fill(-1);
+  const { queriesDivided, keysDivided } = dividedSides(options);
+  return {
+    centered: options.normalization.kind !== 'scale',
+    queriesDivided,
+    keysDivided,
+    centeredQ,
+    centeredK,
+    queryNorms: scratch.float64('queryNorms', queryRows),
+    keyNorms: scratch.float64('keyNorms', keyRows),
+    x: queriesDivided ? scratch.float64('x', queryRows * D) : centeredQ,
+    y: keysDivided ? scratch.float64('y', keyRows * D) : centeredK,
+    sigma: scratch.float64('sigma', queryRows),
+    queryArgmax: scratch.int32('queryArgmax', queryRows),
+    keyArgmax: scratch.int32('keyArgmax', queryRows),
+    queryDivisors: scratch.float64('queryDivisors', queryRows),
+    keyDivisors: scratch.float64('keyDivisors', keyRows),
+  };
+}
+
+/** The `PreparedScores` of arrays whose three steps have run (see PreparationArrays). */
+export function preparedScores(arrays: PreparationArrays): PreparedScores {
+  return { x: arrays.x, y: arrays.y, sigma: arrays.sigma, trace: arrays };
+}
+
+/**
+ * The scalar part of the preparation, from the norms: σ, the argmaxes and each row's divisor.
+ */
+export function prepareDivisors(
+  arrays: PreparationArrays,
+  shape: AttentionShape,
+  options: ResolvedOptions,
+): void {
+  const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M } = shape;
+  const mode = options.normalization.kind;
+  const {
+    queryNorms: qNorms,
+    keyNorms: kNorms,
+    sigma,
+    queryArgmax,
+    keyArgmax,
+    queryDivisors,
+    keyDivisors,
+  } = arrays;
+  queryArgmax.fill(-1);
+  keyArgmax.fill(-1);
+  keyDivisors.fill(1);
   const T = options.temperature;
   const groupSize = H / Hkv;
 
-  // Keys: one y per kv head. Only max-norm and l2 divide keys; prefix-max-norm divides through σ.
+  // Keys: only max-norm and l2 divide them; prefix-max-norm divides through σ.
   for (let b = 0; b < B; b++) {
     const valid = options.keyLengths === null ? M : options.keyLengths[b]!;
     for (let g = 0; g < Hkv; g++) {
@@ -173,15 +183,13 @@ export function prepareScores(
           maxIndex = j;
         }
       }
-      for (let j = 0; keysDivided && j < M; j++) {
-        const row = head + j;
-        const divisor = mode === 'max-norm' ? nonZeroDivisor(maxNorm) : nonZeroDivisor(kNorms[row]!);
-        for (let d = 0; d < D; d++) y[row * D + d] = ck[row * D + d]! / divisor;
-      }
       if (mode === 'max-norm') {
+        keyDivisors.fill(nonZeroDivisor(maxNorm), head, head + M);
         for (let h = g * groupSize; h < (g + 1) * groupSize; h++) {
           keyArgmax.fill(maxIndex, (b * H + h) * N, (b * H + h + 1) * N);
         }
+      } else if (mode === 'l2') {
+        for (let row = head; row < head + M; row++) keyDivisors[row] = nonZeroDivisor(kNorms[row]!);
       }
     }
   }
@@ -240,51 +248,88 @@ export function prepareScores(
             break;
         }
         sigma[row] = s;
-        if (queriesDivided) for (let d = 0; d < D; d++) x[row * D + d] = cq[row * D + d]! / divisor;
+        queryDivisors[row] = divisor;
       }
     }
   }
-  return {
-    x,
-    y,
-    sigma,
-    trace: { centeredQ: cq, centeredK: ck, queryNorms: qNorms, keyNorms: kNorms, queryArgmax, keyArgmax },
-  };
 }
 
-/** Gradient through centering, in place: subtracts each row's mean (c = u - mean(u) is self-adjoint). */
-function uncenterInPlace(dc: Float64Array, rows: number, dim: number): Float64Array {
-  for (let r = 0; r < rows; r++) {
-    const base = r * dim;
-    let mean = 0;
-    for (let d = 0; d < dim; d++) mean += dc[base + d]!;
-    mean /= dim;
-    for (let d = 0; d < dim; d++) dc[base + d] = dc[base + d]! - mean;
-  }
-  return dc;
+export function prepareScores(
+  q: HostTensor,
+  k: HostTensor,
+  shape: AttentionShape,
+  options: ResolvedOptions,
+  scratch: PrepareScratch = FRESH,
+): PreparedScores {
+  const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
+  const arrays = preparationArrays(shape, options, scratch);
+  const queryRows = B * H * N;
+  const keyRows = B * Hkv * M;
+  centerRowRange(q.data, D, arrays.centered, arrays.centeredQ, arrays.queryNorms, 0, queryRows);
+  centerRowRange(k.data, D, arrays.centered, arrays.centeredK, arrays.keyNorms, 0, keyRows);
+  prepareDivisors(arrays, shape, options);
+  if (arrays.queriesDivided)
+    divideRowRange(arrays.centeredQ, arrays.queryDivisors, D, arrays.x, 0, queryRows);
+  if (arrays.keysDivided) divideRowRange(arrays.centeredK, arrays.keyDivisors, D, arrays.y, 0, keyRows);
+  return preparedScores(arrays);
 }
 
 /**
- * Adds g_r · ∂|c_r|/∂c_r = g_r · c_r/|c_r| to the centered gradient of every row r with g_r ≠ 0
- * (nothing when the norm is 0: it was replaced by the constant 1). g holds, per row, the summed
- * gradient of every quantity that row's norm divides or scales: a running maximum is one row's
- * norm for many rows, and adding their sum once keeps this pass O(rows + distinct maxima · dim)
- * rather than O(rows · dim).
+ * The scalar part of `prepareScoresBackward`: ∂L/∂|c| per row, from the parts of every row a norm
+ * divides (`divideRowRangeBackward`'s divisorGradients, summed at the row whose norm divided them:
+ * a running maximum is one row's norm for many rows, so the sum keeps the backward O(rows + distinct
+ * maxima · dim)) and, under prefix-max-norm, from σ_i = 1/(Mk_i·T): ∂σ/∂Mk = -σ/Mk = -1/(Mk²·T).
+ * Null for a side no norm divides. The sums are zeroed and added up in `scratch`'s arrays.
  */
-function addNormGradients(
-  target: Float64Array,
-  centered: Float64Array,
-  norms: Float64Array,
-  g: Float64Array,
-  dim: number,
-): void {
-  for (let row = 0; row < g.length; row++) {
-    const norm = norms[row]!;
-    if (g[row] === 0 || norm === 0) continue;
-    const scale = g[row]! / norm;
-    const base = row * dim;
-    for (let d = 0; d < dim; d++) target[base + d]! += scale * centered[base + d]!;
+export function sumNormGradients(
+  prepared: PreparedScores,
+  shape: AttentionShape,
+  options: ResolvedOptions,
+  queryDivisorGradients: Float64Array,
+  keyDivisorGradients: Float64Array,
+  dsigma: Float64Array,
+  scratch: PrepareScratch = FRESH,
+): { queries: Float64Array | null; keys: Float64Array | null } {
+  const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M } = shape;
+  const { sigma, trace } = prepared;
+  const { keyNorms: kNorms, queryArgmax, keyArgmax } = trace;
+  const mode = options.normalization.kind;
+  if (mode === 'scale') return { queries: null, keys: null };
+  const groupSize = H / Hkv;
+  const T = options.temperature;
+
+  const queries = scratch.float64('queryNormGradients', B * H * N).fill(0);
+  for (let row = 0; row < B * H * N; row++) {
+    const argmax = queryArgmax[row]!;
+    if (argmax >= 0) queries[row - (row % N) + argmax]! += queryDivisorGradients[row]!;
   }
+
+  const keys = scratch.float64('keyNormGradients', B * Hkv * M).fill(0);
+  for (let b = 0; b < B; b++) {
+    for (let g = 0; g < Hkv; g++) {
+      const head = (b * Hkv + g) * M;
+      if (mode === 'max-norm') {
+        // The key argmax is stored per query row; with no query row (N = 0) dy is 0 anyway.
+        const argmax = N > 0 ? keyArgmax[(b * H + g * groupSize) * N]! : -1;
+        if (argmax < 0) continue;
+        let sum = 0;
+        for (let row = head; row < head + M; row++) sum += keyDivisorGradients[row]!;
+        keys[head + argmax] = sum;
+      } else if (mode === 'l2') {
+        // A zero norm was replaced by the constant 1: nothing flows into it.
+        for (let row = head; row < head + M; row++)
+          if (kNorms[row]! > 0) keys[row] = keyDivisorGradients[row]!;
+      } else if (mode === 'prefix-max-norm') {
+        for (let h = g * groupSize; h < (g + 1) * groupSize; h++) {
+          for (let row = (b * H + h) * N; row < (b * H + h + 1) * N; row++) {
+            const argmax = keyArgmax[row]!;
+            if (argmax >= 0) keys[head + argmax]! -= dsigma[row]! * sigma[row]! * sigma[row]! * T;
+          }
+        }
+      }
+    }
+  }
+  return { queries, keys };
 }
 
 /**
@@ -292,7 +337,9 @@ function addNormGradients(
  * norms and maxima. dx is B×H×N×D, dy is B×Hkv×M×D, dσ is B×H×N; returns float64 dq and dk,
  * computed in the memory of dx and dy (which the call consumes): the chain is a few passes over
  * arrays as large as the inputs, and fresh memory of that size costs more than those passes.
- * The norms are the ones `prepareScores` computed (the trace keeps them).
+ * The norms are the ones `prepareScores` computed (the trace keeps them). In three steps, which a
+ * backend can run itself over row ranges: `divideRowRangeBackward` of each divided side,
+ * `sumNormGradients`, `normAndCenterRowRangeBackward` of each side.
  */
 export function prepareScoresBackward(
   prepared: PreparedScores,
@@ -303,85 +350,33 @@ export function prepareScoresBackward(
   dsigma: Float64Array,
 ): { dq: Float64Array; dk: Float64Array } {
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
-  const { x, y, sigma, trace } = prepared;
-  const {
-    centeredQ: cq,
-    centeredK: ck,
-    queryNorms: qNorms,
-    keyNorms: kNorms,
-    queryArgmax,
-    keyArgmax,
-  } = trace;
+  const { x, y, trace } = prepared;
+  if (options.normalization.kind === 'scale') return { dq: dx, dk: dy };
+  const queryRows = B * H * N;
+  const keyRows = B * Hkv * M;
+  const { queriesDivided, keysDivided } = dividedSides(options);
+  const queryParts = new Float64Array(queryRows);
+  const keyParts = new Float64Array(keyRows);
+  if (queriesDivided) divideRowRangeBackward(dx, x, trace.queryDivisors, D, queryParts, 0, queryRows);
+  if (keysDivided) divideRowRangeBackward(dy, y, trace.keyDivisors, D, keyParts, 0, keyRows);
+  const norms = sumNormGradients(prepared, shape, options, queryParts, keyParts, dsigma);
+  normAndCenterRowRangeBackward(
+    dx,
+    trace.centeredQ,
+    trace.queryNorms,
+    norms.queries,
+    D,
+    true,
+    dx,
+    0,
+    queryRows,
+  );
+  normAndCenterRowRangeBackward(dy, trace.centeredK, trace.keyNorms, norms.keys, D, true, dy, 0, keyRows);
+  return { dq: dx, dk: dy };
+}
+
+/** Which sides a normalization divides by a norm: queries unless `scale`, keys under max-norm and l2. */
+export function dividedSides(options: ResolvedOptions): { queriesDivided: boolean; keysDivided: boolean } {
   const mode = options.normalization.kind;
-  if (mode === 'scale') return { dq: dx, dk: dy };
-  const groupSize = H / Hkv;
-  const T = options.temperature;
-
-  // Queries, in two passes because a row's divisor is another row's norm: first x = c/m gives
-  // ∂/∂c = dx/m for every row (in place) and the row's ∂L/∂m = -(dx·x)/m, summed at the row m came
-  // from, m = |c_argmax|; then those sums flow into the norms, once every row's own part is in place.
-  const dQueryNorms = new Float64Array(B * H * N);
-  for (let row = 0; row < B * H * N; row++) {
-    const argmax = queryArgmax[row]!;
-    // x is c(q) divided by the constant 1: dx is already ∂L/∂c.
-    if (argmax < 0) continue;
-    const owner = row - (row % N) + argmax;
-    const inverse = 1 / qNorms[owner]!;
-    const base = row * D;
-    let dot = 0;
-    for (let d = base; d < base + D; d++) {
-      dot += dx[d]! * x[d]!;
-      dx[d] = dx[d]! * inverse;
-    }
-    dQueryNorms[owner]! -= dot * inverse;
-  }
-  addNormGradients(dx, cq, qNorms, dQueryNorms, D);
-
-  const dKeyNorms = new Float64Array(B * Hkv * M);
-
-  for (let b = 0; b < B; b++) {
-    for (let g = 0; g < Hkv; g++) {
-      const head = (b * Hkv + g) * M;
-      if (mode === 'max-norm') {
-        // The key argmax is stored per query row; with no query row (N = 0) dy is 0 anyway.
-        const argmax = N > 0 ? keyArgmax[(b * H + g * groupSize) * N]! : -1;
-        const inverse = argmax < 0 ? 1 : 1 / kNorms[head + argmax]!;
-        let dot = 0;
-        for (let j = head * D; j < (head + M) * D; j++) {
-          dot += dy[j]! * y[j]!;
-          dy[j] = dy[j]! * inverse;
-        }
-        if (argmax >= 0) dKeyNorms[head + argmax] = -dot * inverse;
-      } else if (mode === 'l2') {
-        for (let j = 0; j < M; j++) {
-          const row = head + j;
-          const base = row * D;
-          const norm = kNorms[row]!;
-          // A zero norm was replaced by the constant 1 (y = c), exactly as for a zero-norm query.
-          if (norm === 0) continue;
-          const inverse = 1 / norm;
-          let projection = 0;
-          for (let d = 0; d < D; d++) projection += dy[base + d]! * y[base + d]!;
-          for (let d = 0; d < D; d++) dy[base + d] = (dy[base + d]! - projection * y[base + d]!) * inverse;
-        }
-      }
-      // prefix-max-norm: y is c(k) itself, dy is already ∂L/∂c.
-    }
-  }
-
-  if (mode === 'prefix-max-norm') {
-    // σ_i = 1/(Mk_i·T): ∂σ/∂Mk = -σ/Mk = -1/(Mk²·T).
-    for (let b = 0; b < B; b++) {
-      for (let h = 0; h < H; h++) {
-        const kvHead = (b * Hkv + Math.floor(h / groupSize)) * M;
-        for (let i = 0; i < N; i++) {
-          const row = (b * H + h) * N + i;
-          const argmax = keyArgmax[row]!;
-          if (argmax >= 0) dKeyNorms[kvHead + argmax]! -= dsigma[row]! * sigma[row]! * sigma[row]! * T;
-        }
-      }
-    }
-  }
-  addNormGradients(dy, ck, kNorms, dKeyNorms, D);
-  return { dq: uncenterInPlace(dx, B * H * N, D), dk: uncenterInPlace(dy, B * Hkv * M, D) };
+  return { queriesDivided: mode !== 'scale', keysDivided: mode === 'max-norm' || mode === 'l2' };
 }

@@ -1,13 +1,21 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import {
+  centerRowRange,
+  dividedSides,
+  divideRowRange,
+  divideRowRangeBackward,
   type FastmaxOptions,
   type HostTensor,
   keyLimit,
   kvHeadOf,
+  normAndCenterRowRangeBackward,
+  preparationArrays,
+  prepareDivisors,
   prepareScores,
   prepareScoresBackward,
   resolveOptions,
   type Shape4,
+  sumNormGradients,
   validateAttentionInputs,
 } from '../src/index.js';
 import { referenceAttention, referenceBackward } from '../src/reference/oracle.js';
@@ -284,10 +292,146 @@ describe('prepareScores with a scratch allocator', () => {
         'keyNorms',
         'queryArgmax',
         'keyArgmax',
+        'queryDivisors',
+        'keyDivisors',
       ] as const) {
         expect(handed).toContain(reused.trace[name]);
         expect(Array.from(reused.trace[name])).toEqual(Array.from(fresh.trace[name]));
       }
     },
   );
+});
+
+describe('the row steps of the preparation, range by range', () => {
+  // Backends run these over ranges of rows on several threads (backend-cpu's backward): each range
+  // must write its own rows and nothing else, and the steps must give prepareScores's and
+  // prepareScoresBackward's numbers bit for bit.
+  const cases: [string, FastmaxOptions][] = [
+    ['max-norm, padded', { normalization: 'max-norm', keyLengths: [6, 4] }],
+    [
+      'prefix-max-norm, causal, padded',
+      { normalization: 'prefix-max-norm', causal: true, keyLengths: [6, 4] },
+    ],
+    ['l2', { normalization: 'l2' }],
+    ['scale', { normalization: { scale: 0.5 } }],
+  ];
+  const D = 3;
+  /** Ranges of [0, rows) of uneven sizes, some empty. */
+  const splits = (rows: number): [number, number][] => {
+    const cuts = [0, 0, Math.floor(rows / 5), Math.floor(rows / 2) + 1, rows, rows];
+    return cuts.slice(1).map((end, i) => [cuts[i]!, end]);
+  };
+  /** Runs `step` on one middle range of NaN-filled copies: rows outside it must stay NaN. */
+  const onlyItsRows = (
+    target: Float64Array | Float32Array,
+    rows: number,
+    step: (start: number, end: number) => void,
+  ) => {
+    target.fill(Number.NaN);
+    const start = Math.floor(rows / 3);
+    const end = Math.floor((2 * rows) / 3);
+    step(start, end);
+    target.forEach((value, i) => {
+      const row = Math.floor(i / D);
+      expect(Number.isNaN(value)).toBe(row < start || row >= end);
+    });
+  };
+  it.each(cases)('%s', (_, options) => {
+    const { q, k, v } = inputs(8, [2, 4, 6, D], [2, 2, 6, D]);
+    const { resolved, shape } = setup(q, k, v, options);
+    const queryRows = 2 * 4 * 6;
+    const keyRows = 2 * 2 * 6;
+    const random = seededRandom(21);
+    const dx = Float64Array.from({ length: queryRows * D }, () => random() - 0.5);
+    const dy = Float64Array.from({ length: keyRows * D }, () => random() - 0.5);
+    const dsigma = Float64Array.from({ length: queryRows }, () => random() - 0.5);
+    const whole = prepareScores(q, k, shape, resolved);
+    const wholeGradients = prepareScoresBackward(whole, shape, resolved, dx.slice(), dy.slice(), dsigma);
+
+    const arrays = preparationArrays(shape, resolved);
+    for (const [start, end] of splits(queryRows))
+      centerRowRange(q.data, D, arrays.centered, arrays.centeredQ, arrays.queryNorms, start, end);
+    for (const [start, end] of splits(keyRows))
+      centerRowRange(k.data, D, arrays.centered, arrays.centeredK, arrays.keyNorms, start, end);
+    prepareDivisors(arrays, shape, resolved);
+    const { queriesDivided, keysDivided } = dividedSides(resolved);
+    const z = new Float32Array(queryRows * D);
+    for (const [start, end] of splits(queryRows))
+      if (queriesDivided)
+        divideRowRange(arrays.centeredQ, arrays.queryDivisors, D, arrays.x, start, end, z, arrays.sigma);
+    for (const [start, end] of splits(keyRows))
+      if (keysDivided) divideRowRange(arrays.centeredK, arrays.keyDivisors, D, arrays.y, start, end);
+    for (const name of ['x', 'y', 'sigma'] as const)
+      expect(Array.from(arrays[name])).toEqual(Array.from(whole[name]));
+    if (queriesDivided)
+      expect(Array.from(z)).toEqual(
+        Array.from(arrays.x, (value, i) => Math.fround(arrays.sigma[Math.floor(i / D)]! * value)),
+      );
+
+    const gx = dx.slice();
+    const gy = dy.slice();
+    const queryParts = new Float64Array(queryRows);
+    const keyParts = new Float64Array(keyRows);
+    for (const [start, end] of splits(queryRows))
+      if (queriesDivided)
+        divideRowRangeBackward(gx, arrays.x, arrays.queryDivisors, D, queryParts, start, end);
+    for (const [start, end] of splits(keyRows))
+      if (keysDivided) divideRowRangeBackward(gy, arrays.y, arrays.keyDivisors, D, keyParts, start, end);
+    const norms = sumNormGradients(whole, shape, resolved, queryParts, keyParts, dsigma);
+    const dq = new Float64Array(queryRows * D);
+    const dk32 = new Float32Array(keyRows * D);
+    const finishQueries = (out: Float64Array | Float32Array, start: number, end: number) =>
+      normAndCenterRowRangeBackward(
+        gx,
+        arrays.centeredQ,
+        arrays.queryNorms,
+        norms.queries,
+        D,
+        arrays.centered,
+        out,
+        start,
+        end,
+      );
+    for (const [start, end] of splits(queryRows)) finishQueries(dq, start, end);
+    for (const [start, end] of splits(keyRows))
+      normAndCenterRowRangeBackward(
+        gy,
+        arrays.centeredK,
+        arrays.keyNorms,
+        norms.keys,
+        D,
+        arrays.centered,
+        dk32,
+        start,
+        end,
+      );
+    expect(Array.from(dq)).toEqual(Array.from(wholeGradients.dq));
+    expect(Array.from(dk32)).toEqual(Array.from(wholeGradients.dk, Math.fround));
+
+    // One range writes its rows and no other.
+    const centeredQ = new Float64Array(queryRows * D);
+    onlyItsRows(centeredQ, queryRows, (start, end) =>
+      centerRowRange(q.data, D, arrays.centered, centeredQ, new Float64Array(queryRows), start, end),
+    );
+    const x = new Float64Array(queryRows * D);
+    onlyItsRows(x, queryRows, (start, end) =>
+      divideRowRange(arrays.centeredQ, arrays.queryDivisors, D, x, start, end),
+    );
+    const inPlace = dx.slice();
+    onlyItsRows(inPlace, queryRows, (start, end) => {
+      const before = dx.slice();
+      inPlace.set(before);
+      divideRowRangeBackward(inPlace, arrays.x, arrays.queryDivisors, D, queryParts, start, end);
+      // Rows outside the range must be untouched: mark them after the step to check it.
+      for (let i = 0; i < inPlace.length; i++) {
+        const row = Math.floor(i / D);
+        if (row < start || row >= end) {
+          expect(inPlace[i]).toBe(before[i]);
+          inPlace[i] = Number.NaN;
+        }
+      }
+    });
+    const out = new Float32Array(queryRows * D);
+    onlyItsRows(out, queryRows, (start, end) => finishQueries(out, start, end));
+  });
 });

@@ -1,0 +1,133 @@
+/**
+ * The row-local steps of `prepareScores` and `prepareScoresBackward` (prepare.ts, where the math
+ * is), each over a range of rows [start, end), so that a backend can spread them over threads.
+ * Between them only scalar work per row remains (maxima, argmaxes, σ, and summing the gradients of
+ * the norms that divide other rows), which prepare.ts does; it composes these over every row, so
+ * both ways give the same numbers.
+ *
+ * This file imports nothing: backend-cpu bundles it into its worker script as it is.
+ */
+
+/**
+ * Centers rows [start, end) of `source` over their `dim` features (or copies them, when `centered`
+ * is false) into `values`, and writes each row's L2 norm into `norms`. One pass over flat arrays,
+ * with no temporary per row: it runs at N×D elements on every backward call.
+ */
+export function centerRowRange(
+  source: Float32Array | Float64Array,
+  dim: number,
+  centered: boolean,
+  values: Float64Array,
+  norms: Float64Array,
+  start: number,
+  end: number,
+): void {
+  for (let r = start; r < end; r++) {
+    const base = r * dim;
+    let mean = 0;
+    if (centered) {
+      for (let d = 0; d < dim; d++) mean += source[base + d]!;
+      mean /= dim;
+    }
+    let squares = 0;
+    for (let d = 0; d < dim; d++) {
+      const value = source[base + d]! - mean;
+      values[base + d] = value;
+      squares += value * value;
+    }
+    norms[r] = Math.sqrt(squares);
+  }
+}
+
+/**
+ * Row r of `target` = row r of `source` / divisors[r], for rows [start, end); with `scaled`, also
+ * scaled row r = scales[r] · target row r (scales null: 1), in the same pass (a backend's kernels may
+ * take σx, or take it in float32).
+ */
+export function divideRowRange(
+  source: Float64Array,
+  divisors: Float64Array,
+  dim: number,
+  target: Float64Array,
+  start: number,
+  end: number,
+  scaled: Float32Array | Float64Array | null = null,
+  scales: Float64Array | null = null,
+): void {
+  for (let r = start; r < end; r++) {
+    const divisor = divisors[r]!;
+    const first = r * dim;
+    if (scaled === null) {
+      for (let i = first; i < first + dim; i++) target[i] = source[i]! / divisor;
+      continue;
+    }
+    const scale = scales === null ? 1 : scales[r]!;
+    for (let i = first; i < first + dim; i++) {
+      const value = source[i]! / divisor;
+      target[i] = value;
+      scaled[i] = scale * value;
+    }
+  }
+}
+
+/**
+ * The backward of `divideRowRange`, in place, for rows [start, end): with m = divisors[r] and x_r
+ * the divided row, dx_r becomes ∂L/∂c_r = dx_r/m and divisorGradients[r] = -(dx_r·x_r)/m, the row's
+ * part of ∂L/∂m (prepare.ts adds the parts up at the row whose norm m is). A row divided by the
+ * constant 1 gets dx_r unchanged and a part nobody reads.
+ */
+export function divideRowRangeBackward(
+  dx: Float64Array,
+  x: Float64Array,
+  divisors: Float64Array,
+  dim: number,
+  divisorGradients: Float64Array,
+  start: number,
+  end: number,
+): void {
+  for (let r = start; r < end; r++) {
+    const inverse = 1 / divisors[r]!;
+    let dot = 0;
+    for (let i = r * dim, last = i + dim; i < last; i++) {
+      dot += dx[i]! * x[i]!;
+      dx[i] = dx[i]! * inverse;
+    }
+    divisorGradients[r] = -(dot * inverse);
+  }
+}
+
+/**
+ * For rows [start, end) of `gradients` (∂L/∂c, read only): adds, where g_r = normGradients[r] ≠ 0,
+ * g_r · ∂|c_r|/∂c_r = g_r · c_r/|c_r| (nothing when the norm is 0: it was replaced by the constant
+ * 1), then takes the row through the centering backward (c = u - mean(u) is self-adjoint: the row's
+ * mean is subtracted; skipped when `centered` is false, under `scale`), and writes it to `out`
+ * (which may be `gradients` itself, or a float32 array: one pass writes the result).
+ */
+export function normAndCenterRowRangeBackward(
+  gradients: Float64Array,
+  centeredRows: Float64Array,
+  norms: Float64Array,
+  normGradients: Float64Array | null,
+  dim: number,
+  centered: boolean,
+  out: Float64Array | Float32Array,
+  start: number,
+  end: number,
+): void {
+  for (let r = start; r < end; r++) {
+    const base = r * dim;
+    const norm = norms[r]!;
+    const gradient = normGradients === null ? 0 : normGradients[r]!;
+    const scale = gradient !== 0 && norm !== 0 ? gradient / norm : 0;
+    let mean = 0;
+    if (centered) {
+      if (scale !== 0)
+        for (let d = base; d < base + dim; d++) mean += gradients[d]! + scale * centeredRows[d]!;
+      else for (let d = base; d < base + dim; d++) mean += gradients[d]!;
+      mean /= dim;
+    }
+    if (scale !== 0)
+      for (let d = base; d < base + dim; d++) out[d] = gradients[d]! + scale * centeredRows[d]! - mean;
+    else for (let d = base; d < base + dim; d++) out[d] = gradients[d]! - mean;
+  }
+}
