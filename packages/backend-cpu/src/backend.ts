@@ -125,6 +125,19 @@ export interface CpuBackendOptions {
    * keeps nothing.
    */
   readonly scanKeepBytes?: number;
+  /**
+   * Shared memory, in bytes, the backend keeps between calls for good: the staged inputs, outputs
+   * and scratch the workers read and write (fresh memory costs a page fault per 4 KiB on first
+   * touch: about 12 µs a page on the VM of docs/benchmarks.md, 0.7 s for the 440 MiB a backward
+   * at N = 65536, D = 64 stages). Above it, staging stays while calls keep coming and is let go
+   * once none has come for `stagingIdleMillis`. Default 256 MiB.
+   */
+  readonly stagingKeepBytes?: number;
+  /**
+   * How long staging above `stagingKeepBytes` outlives the last call, in milliseconds (a pending
+   * release does not keep a Node process alive). 0 lets it go right after each call. Default 1000.
+   */
+  readonly stagingIdleMillis?: number;
 }
 
 /** The splits whose shares balance.ts sizes (see the testing hooks of cpuBackend). */
@@ -209,8 +222,11 @@ function refuseLargeState(bytes: number, what: string): void {
   }
 }
 
-/** Shared scratch kept between forward calls (inputs, output, partial sums), at most this much. */
+/** Default of CpuBackendOptions.stagingKeepBytes. */
 const KEEP_STAGING_BYTES = 256 * 2 ** 20;
+
+/** Default of CpuBackendOptions.stagingIdleMillis. */
+const STAGING_IDLE_MILLIS = 1000;
 
 /**
  * Outputs above this size are written to fresh shared memory and handed to the caller as they are:
@@ -367,7 +383,10 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
   let localEngine: Engine | null = null;
   let backwardEngine: BackwardEngine | null = null;
   let poolPromise: Promise<WorkerPool | null> | null = null;
-  const staging = new SharedStaging(KEEP_STAGING_BYTES);
+  const staging = new SharedStaging(
+    nonNegativeOption(options.stagingKeepBytes, 'stagingKeepBytes', KEEP_STAGING_BYTES),
+    nonNegativeOption(options.stagingIdleMillis, 'stagingIdleMillis', STAGING_IDLE_MILLIS),
+  );
   let disposed = false;
   // Relative speeds of the pool's workers (balance.ts), from the last feature-split forwards.
   let workerSpeeds: Float64Array | null = null;

@@ -24,7 +24,15 @@
  * that enter the state just before it).
  */
 
-import { FEATURE_BLOCK, FEATURE_ROW_PAD, KEY_CHUNK, type KernelSetup, MAX_CHUNK, roundUp } from './engine.js';
+import {
+  FEATURE_BLOCK,
+  FEATURE_ROW_PAD,
+  KEY_CHUNK,
+  type KernelSetup,
+  MAX_CHUNK,
+  type RowRange,
+  roundUp,
+} from './engine.js';
 import type { BackwardKernelExports } from './kernel-types.js';
 
 /**
@@ -91,6 +99,36 @@ export interface BackwardHead {
    */
   readonly firstChunk: number;
   readonly endChunk: number;
+  /** A non-causal head split by sequence (BackwardJob.sequenceSplit); null: not split so. */
+  readonly sequenceSplit: SequenceSplitShare | null;
+}
+
+/**
+ * One share of a non-causal head with few features split by sequence: each pass runs in two phases.
+ * In 'moments' the share adds its tokens (pass 1: its keys, pass 2: its queries, with their g) to a
+ * partial state (S and z, or R and rz) and writes it to its slot of `states`; pass 2 also writes the
+ * direct part of its queries' dz, 0 (a non-causal head has no direct blocks). In 'readout' it sums
+ * the head's slots in share order (every share alike) and reads its rows out against the sum (pass 1:
+ * its queries, pass 2: its keys, the last share also zeroing the padded keys' dy and dv). Nothing is
+ * computed twice.
+ */
+export interface SequenceSplitShare {
+  readonly phase: 'moments' | 'readout';
+  /** Partial states, sequenceStateFloats(...) apart: this share's at `slot`, the head's from `firstSlot`. */
+  readonly states: Float32Array;
+  readonly slot: number;
+  readonly firstSlot: number;
+  readonly slots: number;
+  /** This share's query rows and keys (of the valid ones). */
+  readonly queries: RowRange;
+  readonly keys: RowRange;
+  /** Whether this share zeroes the padded keys [valid, keys) in pass 2. */
+  readonly last: boolean;
+}
+
+/** Floats of a partial state of SequenceSplitShare: F × Wp (S or R), then F (z or rz). */
+export function sequenceStateFloats(paddedFeatures: number, valueDim: number): number {
+  return paddedFeatures * (roundUp(valueDim + 1, 8) + 1);
 }
 
 interface Buffers {
@@ -354,7 +392,6 @@ export class BackwardEngine {
     const Wp = b.Wp!;
     const keyLd = b.keyLd!;
     const uqLd = C + FEATURE_ROW_PAD;
-    const ukLd = keyLd + FEATURE_ROW_PAD;
     const F = setup.paddedFeatures;
     const D = head.headDim;
     const Dv = head.valueDim;
@@ -363,40 +400,30 @@ export class BackwardEngine {
     const fEnd = head.featureEnd;
     // Value columns rounded up to whole panels of 8.
     const valuePanels = roundUp(Dv, 8);
-    this.zero('s', F * Wp);
-    this.zero('sComp', F * Wp);
-    this.zero('z', F);
-    this.zero('zComp', F);
+    this.zeroMoments('s', 'z');
 
     let stateKeys = 0;
     const advance = (end: number): void => {
       while (stateKeys < end) {
         const nk = Math.min(KEY_CHUNK, end - stateKeys);
         this.loadKeys(head, stateKeys, nk);
-        for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
-          const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-          ex.features(b.yT!, keyLd, Math.ceil(nk / 4), b.table!, f0, f0 + nf, b.uk!, ukLd);
-          // S's value columns only: its denominator column is z, which moments keeps anyway.
-          ex.moments(
-            b.uk!,
-            ukLd,
-            nf,
-            b.vPanels!,
-            keyLd * 32,
-            nk,
-            valuePanels,
-            b.s! + f0 * 32,
-            b.sComp! + f0 * 32,
-            sPanel,
-            b.weights! + f0 * 4,
-            b.z! + f0 * 4,
-            b.zComp! + f0 * 4,
-            0,
-          );
-        }
+        // S's value columns only: its denominator column is z, which moments keeps anyway.
+        this.addMoments(head, 'keys', nk, 's', 'z', 0);
         stateKeys += nk;
       }
     };
+
+    const split = head.sequenceSplit;
+    if (split?.phase === 'moments') {
+      stateKeys = split.keys.start;
+      advance(split.keys.end);
+      this.handOn(split, 's', 'z');
+      return;
+    }
+    if (split !== null) {
+      this.gather(split, 's', 'z');
+      stateKeys = head.valid;
+    }
 
     this.forEachBlock(head, (i0, nq, stateKeyEnd, owned) => {
       const nq4 = Math.ceil(nq / 4);
@@ -503,26 +530,22 @@ export class BackwardEngine {
    * direct blocks of the query blocks it owns (their dz too). Needs g from the sum of pass 1.
    */
   keyGradients(head: BackwardHead): void {
+    if (head.sequenceSplit !== null) {
+      this.splitKeyGradients(head, head.sequenceSplit);
+      return;
+    }
     const ex = this.ex;
     const b = this.buffers;
     const setup = this.setup!;
     const C = b.C!;
-    const Wp = b.Wp!;
     const Dp = b.Dp!;
     const keyLd = b.keyLd!;
-    const uqLd = C + FEATURE_ROW_PAD;
-    const ukLd = keyLd + FEATURE_ROW_PAD;
-    const F = setup.paddedFeatures;
     const D = head.headDim;
     const Dv = head.valueDim;
-    const sPanel = F * 32;
     const fStart = head.featureStart;
     const fEnd = head.featureEnd;
     const order = setup.order;
     const valuePanels = roundUp(Dv, 8);
-    // g's last column, -αβ, as `moments`' token weights: R's last column goes to rz, a vector,
-    // rather than a ninth panel of eight (seven of them zeros) in both products with R.
-    const gLast = b.gT! + Dv * C * 4;
 
     // This unit's keys (BackwardHead.firstChunk): the state part writes dy and dv of those it
     // reads out, chunk c reading out [stateKeyEnd(c − 1), stateKeyEnd(c)) for c in [readFrom,
@@ -540,10 +563,7 @@ export class BackwardEngine {
     head.dv.fill(0, head.dvBase + readOut * Dv, head.dvBase + keyEnd * Dv);
 
     if (withState) {
-      this.zero('r', F * Wp);
-      this.zero('rComp', F * Wp);
-      this.zero('rz', F);
-      this.zero('rzComp', F);
+      this.zeroMoments('r', 'rz');
       // Chunks from readTo on only add their queries to R (folded: the keys they read out are
       // another unit's).
       for (let c = chunks - 1; c >= readFrom; c--) {
@@ -553,84 +573,11 @@ export class BackwardEngine {
         const chunkEnd = head.schedule[4 * c + 1]!;
         for (let i0 = head.schedule[4 * c]!; i0 < chunkEnd; i0 += C) {
           const nq = Math.min(C, chunkEnd - i0);
-          this.loadQueries(head, i0, nq);
-          this.loadGradients(head, i0, nq);
-          for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
-            const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-            ex.features(b.xT!, C, Math.ceil(nq / 4), b.table!, f0, f0 + nf, b.uq!, uqLd);
-            ex.moments(
-              b.uq!,
-              uqLd,
-              nf,
-              b.gPanels!,
-              C * 32,
-              nq,
-              valuePanels,
-              b.r! + f0 * 32,
-              b.rComp! + f0 * 32,
-              sPanel,
-              b.weights! + f0 * 4,
-              b.rz! + f0 * 4,
-              b.rzComp! + f0 * 4,
-              gLast,
-            );
-          }
+          this.addQueriesToR(head, i0, nq);
         }
         for (let k0 = previousEnd; c < readTo && k0 < stateEnd; k0 += KEY_CHUNK) {
           const nk = Math.min(KEY_CHUNK, stateEnd - k0);
-          const nk4 = Math.ceil(nk / 4);
-          this.loadKeys(head, k0, nk);
-          // loadKeys left these keys' v rows in rawV.
-          this.loadTokenBlocks('rawV', nk, Dv, 'vBlocks');
-          this.zero('dvRows', keyLd * valuePanels);
-          this.zero('dyT', D * keyLd);
-          for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
-            const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
-            ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, ukLd);
-            ex.readout(
-              b.uk!,
-              ukLd,
-              nf,
-              b.r! + f0 * 32,
-              sPanel,
-              b.z! + f0 * 4,
-              nk4,
-              valuePanels,
-              b.dvRows!,
-              valuePanels,
-              b.den!,
-            );
-            // h = R·[v | 1]: the ones column is rz, added as the bias.
-            ex.projectBlocks(
-              b.r! + f0 * 32,
-              sPanel,
-              nf,
-              valuePanels,
-              b.vBlocks!,
-              Wp * 32,
-              Math.ceil(nk / 8),
-              b.h!,
-              ukLd,
-              b.rz! + f0 * 4,
-            );
-            ex.featureGradient(b.h!, ukLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
-          }
-          // The state reaches each key once, before the direct blocks add theirs: its part is
-          // written (converted to float64 by `set`), not added.
-          ex.transpose(b.dyT!, keyLd, D, nk, b.rawY!, D);
-          this.views();
-          const f = this.f32;
-          const dyRows = b.rawY! >> 2;
-          head.dy.set(f.subarray(dyRows, dyRows + nk * D), head.dyBase + k0 * D);
-          const dvRows = b.dvRows! >> 2;
-          if (valuePanels === Dv) {
-            head.dv.set(f.subarray(dvRows, dvRows + nk * Dv), head.dvBase + k0 * Dv);
-          } else {
-            for (let t = 0; t < nk; t++) {
-              const row = dvRows + t * valuePanels;
-              head.dv.set(f.subarray(row, row + Dv), head.dvBase + (k0 + t) * Dv);
-            }
-          }
+          this.readOutKeys(head, k0, nk);
         }
       }
     }
@@ -725,6 +672,192 @@ export class BackwardEngine {
         }
       }
     });
+  }
+
+  /** Pass 2 of a share of a head split by sequence (SequenceSplitShare). */
+  private splitKeyGradients(head: BackwardHead, split: SequenceSplitShare): void {
+    const C = this.buffers.C!;
+    const D = head.headDim;
+    const Dv = head.valueDim;
+    if (split.phase === 'moments') {
+      this.zeroMoments('r', 'rz');
+      const { start, end } = split.queries;
+      for (let i0 = start; i0 < end; i0 += C) this.addQueriesToR(head, i0, Math.min(C, end - i0));
+      this.handOn(split, 'r', 'rz');
+      head.dz.fill(0, head.dzBase + start * D, head.dzBase + end * D);
+      return;
+    }
+    this.gather(split, 'r', 'rz');
+    const { start, end } = split.keys;
+    for (let k0 = start; k0 < end; k0 += KEY_CHUNK) this.readOutKeys(head, k0, Math.min(KEY_CHUNK, end - k0));
+    if (split.last) {
+      head.dy.fill(0, head.dyBase + head.valid * D, head.dyBase + head.keys * D);
+      head.dv.fill(0, head.dvBase + head.valid * Dv, head.dvBase + head.keys * Dv);
+    }
+  }
+
+  /** Zeroes a moment state (S and z, or R and rz) with its compensation terms. */
+  private zeroMoments(matrix: 's' | 'r', vector: 'z' | 'rz'): void {
+    const F = this.setup!.paddedFeatures;
+    const Wp = this.buffers.Wp!;
+    this.zero(matrix, F * Wp);
+    this.zero(`${matrix}Comp`, F * Wp);
+    this.zero(vector, F);
+    this.zero(`${vector}Comp`, F);
+  }
+
+  /** Writes a partial moment state to the share's slot (SequenceSplitShare). */
+  private handOn(split: SequenceSplitShare, matrix: 's' | 'r', vector: 'z' | 'rz'): void {
+    const F = this.setup!.paddedFeatures;
+    const matrixFloats = F * this.buffers.Wp!;
+    const at = split.slot * (matrixFloats + F);
+    this.views();
+    const m = this.buffers[matrix]! >> 2;
+    const v = this.buffers[vector]! >> 2;
+    split.states.set(this.f32.subarray(m, m + matrixFloats), at);
+    split.states.set(this.f32.subarray(v, v + F), at + matrixFloats);
+  }
+
+  /** The sum of the head's partial moment states, in share order, as this unit's state. */
+  private gather(split: SequenceSplitShare, matrix: 's' | 'r', vector: 'z' | 'rz'): void {
+    const F = this.setup!.paddedFeatures;
+    const matrixFloats = F * this.buffers.Wp!;
+    this.zeroMoments(matrix, vector);
+    this.views();
+    const f = this.f32;
+    const states = split.states;
+    const m = this.buffers[matrix]! >> 2;
+    const v = this.buffers[vector]! >> 2;
+    for (let slot = split.firstSlot; slot < split.firstSlot + split.slots; slot++) {
+      const at = slot * (matrixFloats + F);
+      for (let i = 0; i < matrixFloats; i++) f[m + i]! += states[at + i]!;
+      for (let i = 0; i < F; i++) f[v + i]! += states[at + matrixFloats + i]!;
+    }
+  }
+
+  /** Adds query rows [i0, i0 + nq) with their g to R and rz (pass 2; this unit's features). */
+  private addQueriesToR(head: BackwardHead, i0: number, nq: number): void {
+    this.loadQueries(head, i0, nq);
+    this.loadGradients(head, i0, nq);
+    // g's last column, -αβ, as `moments`' token weights: R's last column goes to rz, a vector,
+    // rather than a ninth panel of eight (seven of them zeros) in both products with R.
+    this.addMoments(head, 'queries', nq, 'r', 'rz', this.buffers.gT! + head.valueDim * this.buffers.C! * 4);
+  }
+
+  /**
+   * Adds the `count` tokens last loaded (keys: yT with their v panels; queries: xT with their g
+   * panels) to a moment state over this unit's features: `matrix` (S or R) and `vector` (z or rz),
+   * the latter weighted by `tokenWeights` (0: ones).
+   */
+  private addMoments(
+    head: BackwardHead,
+    tokens: 'keys' | 'queries',
+    count: number,
+    matrix: 's' | 'r',
+    vector: 'z' | 'rz',
+    tokenWeights: number,
+  ): void {
+    const ex = this.ex;
+    const b = this.buffers;
+    const keys = tokens === 'keys';
+    const ld = keys ? b.keyLd! : b.C!;
+    const featureRows = keys ? b.uk! : b.uq!;
+    const sPanel = this.setup!.paddedFeatures * 32;
+    const valuePanels = roundUp(head.valueDim, 8);
+    for (let f0 = head.featureStart; f0 < head.featureEnd; f0 += FEATURE_BLOCK) {
+      const nf = Math.min(FEATURE_BLOCK, head.featureEnd - f0);
+      ex.features(
+        keys ? b.yT! : b.xT!,
+        ld,
+        Math.ceil(count / 4),
+        b.table!,
+        f0,
+        f0 + nf,
+        featureRows,
+        ld + FEATURE_ROW_PAD,
+      );
+      ex.moments(
+        featureRows,
+        ld + FEATURE_ROW_PAD,
+        nf,
+        keys ? b.vPanels! : b.gPanels!,
+        ld * 32,
+        count,
+        valuePanels,
+        b[matrix]! + f0 * 32,
+        b[`${matrix}Comp`]! + f0 * 32,
+        sPanel,
+        b.weights! + f0 * 4,
+        b[vector]! + f0 * 4,
+        b[`${vector}Comp`]! + f0 * 4,
+        tokenWeights,
+      );
+    }
+  }
+
+  /** Writes dy and dv of keys [k0, k0 + nk) from R and rz (pass 2; their state part). */
+  private readOutKeys(head: BackwardHead, k0: number, nk: number): void {
+    const ex = this.ex;
+    const b = this.buffers;
+    const Wp = b.Wp!;
+    const keyLd = b.keyLd!;
+    const ukLd = keyLd + FEATURE_ROW_PAD;
+    const sPanel = this.setup!.paddedFeatures * 32;
+    const { featureStart: fStart, featureEnd: fEnd, headDim: D, valueDim: Dv } = head;
+    const valuePanels = roundUp(Dv, 8);
+    const nk4 = Math.ceil(nk / 4);
+    this.loadKeys(head, k0, nk);
+    // loadKeys left these keys' v rows in rawV.
+    this.loadTokenBlocks('rawV', nk, Dv, 'vBlocks');
+    this.zero('dvRows', keyLd * valuePanels);
+    this.zero('dyT', D * keyLd);
+    for (let f0 = fStart; f0 < fEnd; f0 += FEATURE_BLOCK) {
+      const nf = Math.min(FEATURE_BLOCK, fEnd - f0);
+      ex.features(b.yT!, keyLd, nk4, b.table!, f0, f0 + nf, b.uk!, ukLd);
+      ex.readout(
+        b.uk!,
+        ukLd,
+        nf,
+        b.r! + f0 * 32,
+        sPanel,
+        b.z! + f0 * 4,
+        nk4,
+        valuePanels,
+        b.dvRows!,
+        valuePanels,
+        b.den!,
+      );
+      // h = R·[v | 1]: the ones column is rz, added as the bias.
+      ex.projectBlocks(
+        b.r! + f0 * 32,
+        sPanel,
+        nf,
+        valuePanels,
+        b.vBlocks!,
+        Wp * 32,
+        Math.ceil(nk / 8),
+        b.h!,
+        ukLd,
+        b.rz! + f0 * 4,
+      );
+      ex.featureGradient(b.h!, ukLd, b.table!, f0, f0 + nf, b.yT!, keyLd, nk4, b.dyT!);
+    }
+    // The state reaches each key once, before the direct blocks add theirs: its part is
+    // written (converted to float64 by `set`), not added.
+    ex.transpose(b.dyT!, keyLd, D, nk, b.rawY!, D);
+    this.views();
+    const f = this.f32;
+    const dyRows = b.rawY! >> 2;
+    head.dy.set(f.subarray(dyRows, dyRows + nk * D), head.dyBase + k0 * D);
+    const dvRows = b.dvRows! >> 2;
+    if (valuePanels === Dv) {
+      head.dv.set(f.subarray(dvRows, dvRows + nk * Dv), head.dvBase + k0 * Dv);
+    } else {
+      for (let t = 0; t < nk; t++) {
+        const row = dvRows + t * valuePanels;
+        head.dv.set(f.subarray(row, row + Dv), head.dvBase + (k0 + t) * Dv);
+      }
+    }
   }
 
   private copy(from: string, to: string, floats: number): void {

@@ -10,7 +10,7 @@ import {
   querySchedule,
   sumNormGradients,
 } from '@fastmax/core';
-import type { BackwardEngine } from './backward-engine.js';
+import { type BackwardEngine, sequenceStateFloats } from './backward-engine.js';
 import {
   balancedFeatureBounds,
   featureShareWork,
@@ -174,6 +174,14 @@ export async function cpuBackward(
   const byQueries =
     pool !== null && !splitHeads && factorized && options.causal && heads < pool.size && N > 0;
   const queryShares = byQueries ? sharesPerHead(heads, pool.size, Math.ceil(N / scheduleChunk), () => 0) : 1;
+  // Non-causal ones split by sequence (BackwardJob.sequenceSplit): each pass adds its share of the
+  // tokens to partial moments, then reads its share of the rows out against their sum, so a share
+  // repeats nothing (by queries, each share would fold every key into its state).
+  const bySequence =
+    pool !== null && !splitHeads && factorized && !options.causal && heads < pool.size && N > 0;
+  const sequenceParts = bySequence
+    ? sharesPerHead(heads, pool.size, Math.max(1, Math.floor(Math.max(N, M) / 64)), () => 0)
+    : 1;
   let passBounds: { first: Int32Array; second: Int32Array } | null = null;
   if (queryShares > 1) {
     const W = Dv + 1;
@@ -239,12 +247,24 @@ export async function cpuBackward(
     shares,
     featureBounds,
     queryBounds: passBounds?.first ?? null,
+    sequenceSplit:
+      sequenceParts > 1
+        ? {
+            phase: 'moments',
+            parts: sequenceParts,
+            states: stagedF32(
+              staging,
+              'sequenceStates',
+              heads * sequenceParts * sequenceStateFloats(setup.paddedFeatures, Dv),
+            ),
+          }
+        : null,
   };
   const second: BackwardJob = { ...first, pass: 2, queryBounds: passBounds?.second ?? null };
 
-  const third: BackwardJob = { ...first, pass: 3, queryBounds: null };
+  const third: BackwardJob = { ...first, pass: 3, queryBounds: null, sequenceSplit: null };
   const units: WorkUnit[] = [];
-  const unitsPerHead = Math.max(shares, queryShares);
+  const unitsPerHead = Math.max(shares, queryShares, sequenceParts);
   for (let head = 0; head < heads; head++)
     for (let s = 0; s < unitsPerHead; s++) units.push({ head, share: s });
   // The result arrays, allocated and every page of them touched (first-touch page faults cost 12 to
@@ -272,8 +292,15 @@ export async function cpuBackward(
       alongside?.();
     }
   };
+  // A pass split by sequence runs twice: the partial moments, then the readout against their sum.
+  const readout = (job: BackwardJob): BackwardJob => ({
+    ...job,
+    sequenceSplit: job.sequenceSplit && { ...job.sequenceSplit, phase: 'readout' },
+  });
   await runPass(first, allocateResults);
+  if (first.sequenceSplit !== null) await runPass(readout(first));
   await runPass(second);
+  if (second.sequenceSplit !== null) await runPass(readout(second));
   if (balanced) {
     const { work, millis } = featureShareWork(
       passTimings,

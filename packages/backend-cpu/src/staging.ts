@@ -4,22 +4,42 @@ import { KEY_ROWS, QUERY_ROWS } from './engine.js';
  * SharedArrayBuffer scratch that the workers read and write, kept from one call to the next. Fresh
  * memory is paid for in page faults on first touch, which on this kind of machine cost as much as
  * the whole p = 1 forward at N = 16384 (about 10 ms for 4 MB of new shared memory, against 0.2 ms to
- * copy into memory already touched). Buffers grow as needed; after a call, everything is let go
- * when the staging holds more than `keepBytes`, so one huge call does not pin its memory.
+ * copy into memory already touched). Buffers grow as needed. Up to `keepBytes` stay for good; more
+ * stays while calls keep coming and is let go once no call has come for `idleMillis` (0: right
+ * after the call), so a run of large calls (a training loop over long sequences) does not pay its
+ * page faults again on every call, and one large call does not pin its memory.
  */
 export class SharedStaging {
   private readonly buffers = new Map<string, Float32Array>();
   private readonly counters = new Map<string, Int32Array>();
   /** Serializes the calls that use the staging: each one writes the same buffers. */
   private tail: Promise<unknown> = Promise.resolve();
+  /** The pending release of staging above `keepBytes` (see trim). */
+  private releaseTimer: ReturnType<typeof setTimeout> | null = null;
 
-  constructor(private readonly keepBytes: number) {}
+  constructor(
+    private readonly keepBytes: number,
+    private readonly idleMillis: number,
+  ) {}
 
   /** Runs `task` after every earlier task, then trims the staging. */
   exclusive<T>(task: () => Promise<T>): Promise<T> {
-    const result = this.tail.then(task).finally(() => this.trim());
+    const result = this.tail
+      .then(() => {
+        this.cancelRelease();
+        return task();
+      })
+      .finally(() => this.trim());
     this.tail = result.catch(() => {});
     return result;
+  }
+
+  /** Bytes of shared memory held (buffers and counters). */
+  get heldBytes(): number {
+    let bytes = 0;
+    for (const buffer of this.buffers.values()) bytes += buffer.buffer.byteLength;
+    for (const counters of this.counters.values()) bytes += counters.byteLength;
+    return bytes;
   }
 
   /** A shared buffer of `length` floats for `role`; its contents are whatever the last call left. */
@@ -53,12 +73,26 @@ export class SharedStaging {
   }
 
   private trim(): void {
-    let bytes = 0;
-    for (const buffer of this.buffers.values()) bytes += buffer.byteLength;
-    if (bytes > this.keepBytes) this.buffers.clear();
+    if (this.heldBytes <= this.keepBytes) return;
+    if (this.idleMillis <= 0) {
+      this.release();
+      return;
+    }
+    this.releaseTimer = setTimeout(() => {
+      this.releaseTimer = null;
+      this.buffers.clear();
+    }, this.idleMillis);
+    // A pending release must not keep a Node process alive (browsers' timers have no unref).
+    (this.releaseTimer as { unref?: () => void }).unref?.();
+  }
+
+  private cancelRelease(): void {
+    if (this.releaseTimer !== null) clearTimeout(this.releaseTimer);
+    this.releaseTimer = null;
   }
 
   release(): void {
+    this.cancelRelease();
     this.buffers.clear();
   }
 }

@@ -13,7 +13,12 @@ import {
   normAndCenterRowRangeBackward,
   type PreparationArrays,
 } from '@fastmax/core';
-import { BackwardEngine, type BackwardHead, sumOverShares } from './backward-engine.js';
+import {
+  BackwardEngine,
+  type BackwardHead,
+  type SequenceSplitShare,
+  sumOverShares,
+} from './backward-engine.js';
 import {
   type AttentionJob,
   chunksStartingIn,
@@ -85,6 +90,18 @@ export interface BackwardJob {
    * (BackwardEngine: BackwardHead.firstChunk), each pass with bounds of its own. Null: no such split.
    */
   readonly queryBounds: Int32Array | null;
+  /**
+   * Non-causal heads with few features split by sequence instead (shares is then 1: one slot a
+   * head): `parts` units a head, each pass run twice, in phase 'moments' then 'readout'
+   * (backward-engine.ts: SequenceSplitShare), unit s taking queries [N·s/parts, N·(s + 1)/parts)
+   * and valid keys [valid·s/parts, valid·(s + 1)/parts). `states` holds a partial moment state per
+   * (head, unit): slot head·parts + s. Null: no such split.
+   */
+  readonly sequenceSplit: {
+    readonly phase: 'moments' | 'readout';
+    readonly parts: number;
+    readonly states: Float32Array;
+  } | null;
 }
 
 /**
@@ -296,8 +313,9 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
 export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: WorkUnit): void {
   const head = unit.head;
   const bounds = job.queryBounds;
-  // A share by queries writes its rows of the head's one slot; a feature share a slot of its own.
-  const share = bounds === null ? (unit.share ?? 0) : 0;
+  // A share by queries or by sequence writes its rows of the head's one slot; a feature share a slot
+  // of its own.
+  const share = bounds === null && job.sequenceSplit === null ? (unit.share ?? 0) : 0;
   const { heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv, shares } = job;
   const b = Math.floor(head / H);
   const kvHead = kvHeadSlot(head, H, Hkv);
@@ -310,6 +328,33 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
   // An empty share owns no rows and no keys (its neighbours meet where it would have been).
   if (bounds !== null && firstChunk === endChunk) return;
   const features = featureShare(job.setup.paddedFeatures, share, shares, job.featureBounds);
+  const split = job.sequenceSplit;
+  let sequenceSplit: SequenceSplitShare | null = null;
+  let chunks = { schedule, firstChunk, endChunk };
+  if (split !== null) {
+    const part = unit.share ?? 0;
+    const valid = job.validKeys[b]!;
+    const range = (total: number): RowRange => ({
+      start: Math.floor((total * part) / split.parts),
+      end: Math.floor((total * (part + 1)) / split.parts),
+    });
+    sequenceSplit = {
+      phase: split.phase,
+      states: split.states,
+      slot: head * split.parts + part,
+      firstSlot: head * split.parts,
+      slots: split.parts,
+      queries: range(N),
+      keys: range(valid),
+      last: part === split.parts - 1,
+    };
+    // Pass 1 reads out its queries as a schedule of one chunk of them, every key in the state.
+    chunks = {
+      schedule: Int32Array.of(sequenceSplit.queries.start, sequenceSplit.queries.end, valid, valid),
+      firstChunk: 0,
+      endChunk: 1,
+    };
+  }
   const task: BackwardHead = {
     z: job.z,
     zBase: head * N * D,
@@ -344,9 +389,8 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
     share,
     shares,
     path: job.path,
-    schedule,
-    firstChunk,
-    endChunk,
+    ...chunks,
+    sequenceSplit,
   };
   if (job.pass === 1) engine.gradients(task);
   else engine.keyGradients(task);

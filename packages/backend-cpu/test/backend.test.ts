@@ -84,6 +84,8 @@ describe('options', () => {
     ['parallelThreshold', Number.NaN],
     ['scanKeepBytes', -1],
     ['scanKeepBytes', '64'],
+    ['stagingKeepBytes', -1],
+    ['stagingIdleMillis', Number.NaN],
   ] as const) {
     it(`refuses ${argument}: ${String(value)} with INVALID_OPTION naming it`, () => {
       let error: unknown = null;
@@ -520,6 +522,25 @@ describe('threads', () => {
     await serial.dispose();
   });
 
+  /** The backward on `threads` workers is finite and one thread's to float32 rounding (1e-5). */
+  async function expectBackwardOfOneThread(
+    threads: number,
+    [q, k, v, dOut]: HostTensor[],
+    options: FastmaxOptions,
+  ): Promise<void> {
+    const parallel = await createFastmax({ backend: cpuBackend({ threads, parallelThreshold: 0 }) });
+    const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+    const a = await parallel.backward(q!, k!, v!, dOut!, options);
+    const b = await serial.backward(q!, k!, v!, dOut!, options);
+    for (const name of ['dq', 'dk', 'dv'] as const) {
+      const x = (a[name] as HostTensor).data;
+      expect(x.every(Number.isFinite)).toBe(true);
+      expect(relativeError(x, (b[name] as HostTensor).data)).toBeLessThan(1e-5);
+    }
+    await serial.dispose();
+    await parallel.dispose();
+  }
+
   // The backward's feature shares sized to the workers' speeds as the forward's are: skewed either
   // way, every feature is still some share's, so the gradients are the equal split's to float32
   // rounding (1e-5, as above).
@@ -548,17 +569,35 @@ describe('threads', () => {
         path: 'factorized',
         ...(keyLengths === null ? {} : { keyLengths: [...keyLengths] }),
       };
-      const parallel = await createFastmax({ backend: cpuBackend({ threads, parallelThreshold: 0 }) });
-      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
-      const a = await parallel.backward(q, k, v, dOut, options);
-      const b = await serial.backward(q, k, v, dOut, options);
-      for (const name of ['dq', 'dk', 'dv'] as const) {
-        const x = (a[name] as HostTensor).data;
-        expect(x.every(Number.isFinite)).toBe(true);
-        expect(relativeError(x, (b[name] as HostTensor).data)).toBeLessThan(1e-5);
-      }
-      await serial.dispose();
-      await parallel.dispose();
+      await expectBackwardOfOneThread(threads, [q, k, v, dOut], options);
+    });
+  }
+
+  // A non-causal head with few features splits its backward by sequence: in each pass every share
+  // adds its tokens (keys, then queries) to partial moments and reads its rows (queries, then keys)
+  // out against their sum. One thread's to float32 rounding (the partial states are summed in
+  // another grouping); 1e-5 as above. Shapes: more keys than queries and fewer, key padding with a
+  // batch of no valid key, two heads of one kv head on three workers, each normalization.
+  for (const [batch, H, N, M, D, Dv, threads, keyLengths, normalization] of [
+    [1, 1, 300, 300, 16, 8, 2, null, 'max-norm'],
+    [1, 1, 300, 340, 16, 12, 3, null, 'l2'],
+    [1, 1, 1000, 40, 12, 12, 3, null, 'max-norm'],
+    [2, 1, 200, 200, 8, 5, 3, [150, 0], 'prefix-max-norm'],
+    [1, 2, 130, 170, 16, 24, 3, [150], 'max-norm'],
+  ] as const) {
+    it(`splits the backward of a p = 1 non-causal head by sequence (B = ${batch}, H = ${H}, N = ${N}, M = ${M}, D = ${D}, Dv = ${Dv}, ${threads} workers, ${normalization}${keyLengths ? ', key padding' : ''}), matching one thread`, async () => {
+      const q = tensor([batch, H, N, D], 71);
+      const k = tensor([batch, 1, M, D], 72);
+      const v = tensor([batch, 1, M, Dv], 73);
+      const dOut = tensor([batch, H, N, Dv], 74);
+      const options: FastmaxOptions = {
+        order: 1,
+        causal: false,
+        normalization,
+        path: 'factorized',
+        ...(keyLengths === null ? {} : { keyLengths: [...keyLengths] }),
+      };
+      await expectBackwardOfOneThread(threads, [q, k, v, dOut], options);
     });
   }
 
@@ -619,7 +658,15 @@ describe('threads', () => {
     // row, and the sums of its scalar steps are zeroed first. Calls of other shapes first leave other
     // values there (causal, key padding, non-causal, the direct path, a second head).
     const calls: [FastmaxOptions, Shape4, Shape4, number][] = [
-      [{ order: 2, causal: true, path: 'factorized', chunkSize: 16 }, [1, 1, 90, 32], [1, 1, 90, 32], 40],
+      [{ order: 2, causal: true, path: 'factorized', chunkSize: 16 }, [1, 1, 150, 32], [1, 1, 150, 32], 40],
+      // Split by sequence (p = 1, non-causal, two shares), after a call that left nonzero dz and dy
+      // in its rows: the split writes its dz and zeroes the padded keys' dy and dv itself.
+      [
+        { order: 1, causal: false, path: 'factorized', keyLengths: [140] },
+        [1, 1, 130, 32],
+        [1, 1, 150, 32],
+        40,
+      ],
       [{ order: 2, causal: false, path: 'factorized', keyLengths: [61] }, [1, 1, 50, 32], [1, 1, 80, 32], 40],
       [
         { order: 2, causal: true, path: 'factorized', keyLengths: [47], chunkSize: 16 },
@@ -800,13 +847,17 @@ describe('threads', () => {
     await fm.dispose();
   });
 
-  it('lets the process exit without dispose (idle workers are unref-ed)', async () => {
+  it('lets the process exit without dispose (idle workers and a pending staging release are unref-ed)', async () => {
     const { execFileSync } = await import('node:child_process');
+    // Every staged byte is above stagingKeepBytes: its release is pending for a minute at exit.
     const script = `
       import { cpuBackend } from '@fastmax/backend-cpu';
       import { createFastmax } from '@fastmax/core';
-      const fm = await createFastmax({ backend: cpuBackend({ threads: 2, parallelThreshold: 0 }) });
-      const t = { shape: [1, 1, 64, 8], data: new Float32Array(512).fill(0.5) };
+      const fm = await createFastmax({
+        backend: cpuBackend({ threads: 2, parallelThreshold: 0, stagingKeepBytes: 0, stagingIdleMillis: 60000 }),
+      });
+      // Two heads: two units on the workers, which read staged inputs.
+      const t = { shape: [1, 2, 64, 8], data: new Float32Array(1024).fill(0.5) };
       const r = await fm.attention(t, t, t, {});
       console.log(r.output.data[0]);
     `;

@@ -204,6 +204,7 @@ it('a backward share works on the features featureBounds gives it', () => {
     shares: 2,
     featureBounds: Int32Array.of(0, 40, setup.paddedFeatures),
     queryBounds: null,
+    sequenceSplit: null,
     heads: 1,
     kvHeads: 1,
     queryLength: 8,
@@ -238,6 +239,7 @@ it("a backward share by queries answers the chunks queryBounds gives it, in the 
     shares: 1,
     featureBounds: null,
     queryBounds: Int32Array.of(0, 32, 32, 64),
+    sequenceSplit: null,
     heads: 1,
     kvHeads: 1,
     queryLength: 64,
@@ -255,5 +257,62 @@ it("a backward share by queries answers the chunks queryBounds gives it, in the 
   ).toEqual([
     [0, 2, 0, setup.paddedFeatures, 0, 1, 0],
     [2, 4, 0, setup.paddedFeatures, 0, 1, 0],
+  ]);
+});
+
+it("a backward share by sequence answers its queries and keys, in the head's one slot", () => {
+  const tasks: BackwardHead[] = [];
+  const engine = {
+    gradients: (task: BackwardHead) => tasks.push(task),
+    keyGradients: (task: BackwardHead) => tasks.push(task),
+  } as unknown as BackwardEngine;
+  const setup = kernelSetup(16, 1, Float32Array.of(1, 1), true);
+  const empty = new Float32Array(0);
+  const states = new Float32Array(0);
+  // Two heads of 10 queries, 7 valid keys of 9 in batch 1, three shares a head.
+  const job = {
+    pass: 1,
+    setup,
+    shares: 1,
+    featureBounds: null,
+    queryBounds: null,
+    sequenceSplit: { phase: 'readout', parts: 3, states },
+    heads: 2,
+    kvHeads: 1,
+    queryLength: 10,
+    keyLength: 9,
+    headDim: 16,
+    valueDim: 16,
+    validKeys: Int32Array.of(7),
+    schedules: [Int32Array.of(0, 10, 7, 7)],
+    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
+  } as unknown as BackwardJob;
+  for (let share = 0; share < 3; share++) backwardHead(engine, job, { head: 1, share });
+  expect(
+    tasks.map((t) => {
+      const split = t.sequenceSplit!;
+      return [
+        split.slot,
+        split.firstSlot,
+        split.queries.start,
+        split.queries.end,
+        split.keys.start,
+        split.keys.end,
+        split.last,
+      ];
+    }),
+  ).toEqual([
+    [3, 3, 0, 3, 0, 2, false],
+    [4, 3, 3, 6, 2, 4, false],
+    [5, 3, 6, 10, 4, 7, true],
+  ]);
+  // All features, the head's one slot, and pass 1's readout as a schedule of the share's queries.
+  expect(tasks.map((t) => [t.featureStart, t.featureEnd, t.share, t.shares, t.rowBase])).toEqual(
+    [0, 1, 2].map(() => [0, setup.paddedFeatures, 0, 1, 10]),
+  );
+  expect(tasks.map((t) => Array.from(t.schedule))).toEqual([
+    [0, 3, 7, 7],
+    [3, 6, 7, 7],
+    [6, 10, 7, 7],
   ]);
 });

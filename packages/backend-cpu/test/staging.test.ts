@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
-import { expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { type AttentionJob, KEY_ROWS, QUERY_ROWS } from '../src/engine.js';
+import { SharedStaging } from '../src/staging.js';
 import { causalHead } from './head-job.js';
 
 const shared = (length: number): Float32Array => new Float32Array(new SharedArrayBuffer(length * 4));
@@ -39,4 +40,59 @@ it('an engine waits for rows staged while it runs, and gives what it gives on da
   engine.runUnit(progressive, { head: 0 });
   await helper.terminate();
   expect(Array.from(progressive.out)).toEqual(Array.from(whole.out));
+});
+
+describe('SharedStaging', () => {
+  // What a call staged above keepBytes stays while calls keep coming (a training loop over long
+  // sequences would otherwise pay every page fault again on every call) and goes once none has
+  // come for idleMillis.
+  it('keeps staging above keepBytes while calls keep coming, and lets it go once idle', async () => {
+    vi.useFakeTimers();
+    try {
+      const staging = new SharedStaging(1024, 1000);
+      const memoryOf = (): SharedArrayBuffer => staging.take('a', 1024).buffer as SharedArrayBuffer;
+      let first: SharedArrayBuffer | null = null;
+      await staging.exclusive(async () => {
+        first = memoryOf();
+      });
+      expect(staging.heldBytes).toBe(4096);
+      vi.advanceTimersByTime(999);
+      // A call within the idle time finds the same memory and puts the release off.
+      await staging.exclusive(async () => {
+        expect(memoryOf()).toBe(first);
+      });
+      vi.advanceTimersByTime(999);
+      expect(staging.heldBytes).toBe(4096);
+      vi.advanceTimersByTime(1);
+      expect(staging.heldBytes).toBe(0);
+      await staging.exclusive(async () => {
+        expect(memoryOf()).not.toBe(first);
+      });
+      staging.release();
+    } finally {
+      vi.useRealTimers();
+    }
+  });
+
+  it('keeps up to keepBytes for good, and with idleMillis 0 lets more go right after the call', async () => {
+    vi.useFakeTimers();
+    try {
+      const small = new SharedStaging(4096, 1000);
+      await small.exclusive(async () => void small.take('a', 1024));
+      vi.advanceTimersByTime(10_000);
+      expect(small.heldBytes).toBe(4096);
+      const eager = new SharedStaging(1024, 0);
+      await eager.exclusive(async () => void eager.take('a', 1024));
+      expect(eager.heldBytes).toBe(0);
+      // release() (dispose) lets everything go at once, pending release or not.
+      const pending = new SharedStaging(0, 1000);
+      await pending.exclusive(async () => void pending.take('a', 16));
+      expect(pending.heldBytes).toBe(64);
+      pending.release();
+      expect(pending.heldBytes).toBe(0);
+      expect(vi.getTimerCount()).toBe(0);
+    } finally {
+      vi.useRealTimers();
+    }
+  });
 });
