@@ -79,8 +79,15 @@ export function backendPageHtml(script: BackendPageScript): string {
     },
     async backward(r) {
       try {
-        const result = await backend().backward({ ...r, q: tensor(r.q), k: tensor(r.k), v: tensor(r.v), dOut: tensor(r.dOut), options: resolved(r.options), keepOnDevice: false });
-        return { dq: plain(result.dq), dk: plain(result.dk), dv: plain(result.dv) };
+        // The caller's options.gradientsOut, as the page's own arrays prefilled with NaN.
+        const out = r.outLengths === undefined ? undefined : {
+          dq: new Float32Array(r.outLengths.dq).fill(NaN),
+          dk: new Float32Array(r.outLengths.dk).fill(NaN),
+          dv: new Float32Array(r.outLengths.dv).fill(NaN),
+        };
+        const result = await backend().backward({ ...r, q: tensor(r.q), k: tensor(r.k), v: tensor(r.v), dOut: tensor(r.dOut), options: resolved(r.options), keepOnDevice: false, ...(out === undefined ? {} : { out }) });
+        const intoOut = out !== undefined && ['dq', 'dk', 'dv'].every((name) => result[name].data === out[name]);
+        return { dq: plain(result.dq), dk: plain(result.dk), dv: plain(result.dv), intoOut };
       } catch (error) { return fail(error); }
     },
     async createState(o) {
@@ -207,8 +214,29 @@ export function proxyBackend(
         shape: request.shape,
         plan: request.plan,
         options: plainOptions(request.options),
+        ...(request.out === undefined
+          ? {}
+          : {
+              outLengths: {
+                dq: request.out.dq.length,
+                dk: request.out.dk.length,
+                dv: request.out.dv.length,
+              },
+            }),
       });
-      return { dq: host(reply.dq), dk: host(reply.dk), dv: host(reply.dv) };
+      const gradients = { dq: host(reply.dq), dk: host(reply.dk), dv: host(reply.dv) };
+      // As in forward: the caller's arrays come back only when the page's backend returned its own.
+      const out = request.out;
+      if (out === undefined || reply.intoOut !== true) return gradients;
+      const into = (tensor: HostTensor, array: Float32Array): HostTensor => {
+        array.set(tensor.data);
+        return { shape: tensor.shape, data: array };
+      };
+      return {
+        dq: into(gradients.dq, out.dq),
+        dk: into(gradients.dk, out.dk),
+        dv: into(gradients.dv, out.dv),
+      };
     },
     async createState(options) {
       const { id } = (await call('createState', { ...options, options: plainOptions(options.options) })) as {

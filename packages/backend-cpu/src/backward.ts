@@ -270,8 +270,10 @@ export async function cpuBackward(
   // The result arrays, allocated and every page of them touched (first-touch page faults cost 12 to
   // 20 ms per 4 MiB on the VMs we measure on): work that does not depend on pass 1, done in this
   // thread while the workers run it.
-  const results: { dq?: Float32Array; dk?: Float32Array; dv?: Float32Array } = {};
+  // The caller's arrays when given (options.gradientsOut): nothing to allocate.
+  const results: { dq?: Float32Array; dk?: Float32Array; dv?: Float32Array } = { ...request.out };
   const allocateResults = (): void => {
+    if (request.out !== undefined) return;
     results.dq = touchedFloat32(heads * N * D);
     results.dk = touchedFloat32(B * Hkv * M * D);
     results.dv = touchedFloat32(B * Hkv * M * Dv);

@@ -652,6 +652,35 @@ describe('threads', () => {
     await serial.dispose();
   });
 
+  it('writes the gradients into options.gradientsOut, the same as into fresh arrays, on workers or not', async () => {
+    expect(backend.capabilities.writesGradientsIntoOut).toBe(true);
+    const q = tensor([1, 2, 70, 8], 81);
+    const k = tensor([1, 1, 90, 8], 82);
+    const v = tensor([1, 1, 90, 12], 83);
+    const dOut = tensor([1, 2, 70, 12], 84);
+    for (const [threads, options] of [
+      [1, { order: 2, causal: true, chunkSize: 16 }],
+      [2, { order: 1, causal: false, path: 'factorized' }],
+      [2, { order: 2, causal: true, chunkSize: 16, keyLengths: [80] }],
+    ] as const) {
+      const fm = await createFastmax({
+        backend: cpuBackend({ threads, parallelThreshold: 0, balanceShares: false }),
+      });
+      const want = await fm.backward(q, k, v, dOut, options);
+      const gradientsOut = {
+        dq: new Float32Array(2 * 70 * 8).fill(Number.NaN),
+        dk: new Float32Array(90 * 8).fill(Number.NaN),
+        dv: new Float32Array(90 * 12).fill(Number.NaN),
+      };
+      const got = await fm.backward(q, k, v, dOut, { ...options, gradientsOut });
+      for (const name of ['dq', 'dk', 'dv'] as const) {
+        expect((got[name] as HostTensor).data).toBe(gradientsOut[name]);
+        expect(Array.from(gradientsOut[name])).toEqual(Array.from((want[name] as HostTensor).data));
+      }
+      await fm.dispose();
+    }
+  });
+
   it('gives the same backward on staging reused from other calls as a fresh backend', async () => {
     // The staged arrays are not cleared between calls: every pass writes each row it owns, and pass
     // 2 zeroes the key rows its state part does not reach; the normalization's row steps write every

@@ -79,6 +79,12 @@ export interface BackwardCase extends CaseBase {
   readonly kind: 'backward';
   readonly spec: AttentionSpec;
   readonly strictPath?: boolean;
+  /**
+   * Run with `options.gradientsOut`: caller arrays prefilled with NaN, which must come back as the
+   * gradients' data with every element written (a backend declaring `writesGradientsIntoOut` must
+   * return those very arrays from `backward`, not leave core to copy its gradients in).
+   */
+  readonly intoOut?: boolean;
 }
 export interface GradientFiniteDifferenceCase extends CaseBase {
   readonly kind: 'gradient-fd';
@@ -993,6 +999,16 @@ export function conformanceCases(
       name: `shape ${index}: ${describeSpec(spec)}`,
       spec,
       strictPath: true,
+    });
+  }
+  // The short ones only: the float64 reference backward of N = 4096 costs seconds a case.
+  for (const spec of outputBufferSpecs().filter((spec) => spec.queryLength <= 64)) {
+    cases.push({
+      kind: 'backward',
+      group: 'output buffer',
+      name: `backward into options.gradientsOut: ${describeSpec(spec)}`,
+      spec,
+      intoOut: true,
     });
   }
   fdSpecs().forEach((spec, i) => {

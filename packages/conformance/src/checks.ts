@@ -1,5 +1,7 @@
 import {
   type BackendCapabilities,
+  type BackwardRequest,
+  type BackwardResult,
   createFastmax,
   type Fastmax,
   type FastmaxBackend,
@@ -287,20 +289,65 @@ async function checkForwardIntoOut(ctx: CheckContext, spec: AttentionSpec): Prom
   return report.done();
 }
 
-async function checkBackward(ctx: CheckContext, spec: AttentionSpec): Promise<CheckReport> {
+/**
+ * The backward against the float64 reference; with `intoOut`, into caller arrays prefilled with NaN
+ * (`options.gradientsOut`), which must come back as the gradients' data with every element written
+ * (a backend declaring `writesGradientsIntoOut` must return those very arrays from `backward`).
+ */
+async function checkBackward(ctx: CheckContext, spec: AttentionSpec, intoOut = false): Promise<CheckReport> {
   const report = new Report();
   const inputs = caseInputs(spec);
   const tensors = { q: inputs.q, k: inputs.k, v: inputs.v, dOut: inputs.dOut };
   const before = { q: copy(inputs.q), k: copy(inputs.k), v: copy(inputs.v), dOut: copy(inputs.dOut) };
-  const result = await ctx.fm.backward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
+  const sources = { dq: inputs.q, dk: inputs.k, dv: inputs.v };
+  const gradientsOut = intoOut
+    ? {
+        dq: new Float32Array(shapeSize(inputs.q.shape)).fill(Number.NaN),
+        dk: new Float32Array(shapeSize(inputs.k.shape)).fill(Number.NaN),
+        dv: new Float32Array(shapeSize(inputs.v.shape)).fill(Number.NaN),
+      }
+    : undefined;
+  // Seen through a wrapper that keeps what backward returned, so that a backend declaring
+  // writesGradientsIntoOut is held to it rather than rescued by core's copy.
+  const backend = ctx.fm.backend;
+  let returned: BackwardResult | undefined;
+  const observed: FastmaxBackend = Object.create(backend, {
+    backward: {
+      value: async (request: BackwardRequest) => {
+        returned = await backend.backward(request);
+        return returned;
+      },
+    },
+  });
+  const fm = intoOut ? await createFastmax({ backend: observed }) : ctx.fm;
+  const result = await fm.backward(inputs.q, inputs.k, inputs.v, inputs.dOut, {
+    ...spec.options,
+    ...(gradientsOut === undefined ? {} : { gradientsOut }),
+  });
   checkUntouched(report, tensors, before);
+  if (gradientsOut !== undefined) {
+    for (const name of ['dq', 'dk', 'dv'] as const) {
+      const gradient = result[name];
+      if (isDeviceTensor(gradient) || gradient.data !== gradientsOut[name])
+        report.fail(
+          `backward with options.gradientsOut returned another array than gradientsOut.${name} as ${name}.data`,
+        );
+      const given = returned?.[name];
+      if (
+        backend.capabilities.writesGradientsIntoOut === true &&
+        (given === undefined || !('data' in given) || given.data !== gradientsOut[name])
+      )
+        report.fail(
+          `capabilities.writesGradientsIntoOut is true but backward returned another array than request.out.${name}`,
+        );
+    }
+  }
   const expected = referenceBackward(inputs.q, inputs.k, inputs.v, inputs.dOut, spec.options);
   const actual = {
     dq: await toHost(result.dq),
     dk: await toHost(result.dk),
     dv: await toHost(result.dv),
   };
-  const sources = { dq: inputs.q, dk: inputs.k, dv: inputs.v };
   const comparisons = compareGradients(
     { dq: actual.dq.data, dk: actual.dk.data, dv: actual.dv.data },
     expected,
@@ -971,7 +1018,7 @@ async function checkContract(ctx: CheckContext, testCase: ContractCase): Promise
   ] as const) {
     if (typeof caps[flag] !== 'boolean') report.fail(`capabilities.${flag} must be a boolean`);
   }
-  for (const flag of ['checksFiniteInputs', 'writesIntoOut'] as const) {
+  for (const flag of ['checksFiniteInputs', 'writesIntoOut', 'writesGradientsIntoOut'] as const) {
     if (caps[flag] !== undefined && typeof caps[flag] !== 'boolean')
       report.fail(`capabilities.${flag} must be a boolean when present`);
   }
@@ -996,7 +1043,7 @@ export async function checkCase(ctx: CheckContext, original: ConformanceCase): P
           ? await checkForwardIntoOut(ctx, testCase.spec)
           : await checkForward(ctx, testCase.spec);
       case 'backward':
-        return await checkBackward(ctx, testCase.spec);
+        return await checkBackward(ctx, testCase.spec, testCase.intoOut === true);
       case 'gradient-fd':
         return await checkGradientFiniteDifference(ctx, testCase.spec);
       case 'padding-invariance':

@@ -27,6 +27,8 @@ import { toHost } from '@fastmax/core';
  *   scans ('invalid input', the NON_FINITE_INPUT cases of `attention`).
  * - `'skips-zero-rows-of-out'`: declares `writesIntoOut` and writes `request.out` except its rows
  *   that should be 0, as if every caller array came zero-filled ('output buffer').
+ * - `'ignores-gradients-out'`: declares `writesGradientsIntoOut` and returns gradients in arrays of
+ *   its own, leaving `request.out` as it was ('output buffer', the backward cases).
  */
 export type BackendFault =
   | 'leaks-padded-keys'
@@ -39,7 +41,8 @@ export type BackendFault =
   | 'hangs-on-non-finite'
   | 'mutates-inputs'
   | 'skips-finite-check'
-  | 'skips-zero-rows-of-out';
+  | 'skips-zero-rows-of-out'
+  | 'ignores-gradients-out';
 
 export const BACKEND_FAULTS: readonly BackendFault[] = [
   'leaks-padded-keys',
@@ -53,6 +56,7 @@ export const BACKEND_FAULTS: readonly BackendFault[] = [
   'mutates-inputs',
   'skips-finite-check',
   'skips-zero-rows-of-out',
+  'ignores-gradients-out',
 ];
 
 /** Keeps the top 11 significant bits of a float32, like a float16 intermediate would. */
@@ -142,7 +146,9 @@ export function brokenBackend(inner: FastmaxBackend, fault: BackendFault): Fastm
         ? { ...inner.capabilities, checksFiniteInputs: true }
         : fault === 'skips-zero-rows-of-out'
           ? { ...inner.capabilities, writesIntoOut: true }
-          : inner.capabilities,
+          : fault === 'ignores-gradients-out'
+            ? { ...inner.capabilities, writesGradientsIntoOut: true }
+            : inner.capabilities,
     isAvailable: () => inner.isAvailable(),
     async forward(request) {
       if (fault === 'hangs-on-non-finite' && hasNonFinite([request.q, request.k, request.v])) {

@@ -49,6 +49,13 @@ export interface BackendCapabilities {
    * array instead, so `options.out` works on every backend.
    */
   readonly writesIntoOut?: boolean;
+  /**
+   * `backward` writes the gradients into `request.out` when the caller gave arrays for them
+   * (every element of each) and returns those arrays as `dq.data`, `dk.data` and `dv.data`.
+   * Default false: core copies the backend's gradients into the caller's arrays instead, so
+   * `options.gradientsOut` works on every backend.
+   */
+  readonly writesGradientsIntoOut?: boolean;
 }
 
 export type Availability =
@@ -79,10 +86,26 @@ export interface ForwardResult {
   readonly degenerateRows: number;
 }
 
-export interface BackwardRequest extends Omit<ForwardRequest, 'keepOnDevice'> {
+export interface BackwardRequest extends Omit<ForwardRequest, 'keepOnDevice' | 'out'> {
   /** Gradient of the loss with respect to the output, B×H×N×Dv. */
   readonly dOut: Tensor;
   readonly keepOnDevice: boolean;
+  /**
+   * The caller's gradient arrays (validated by core: sizes B·H·N·D, B·Hkv·M·D and B·Hkv·M·Dv, no
+   * memory shared with q, k, v, dOut or one another, and `keepOnDevice` is false), only for
+   * backends that declare `writesGradientsIntoOut`. Their contents on entry are arbitrary.
+   */
+  readonly out?: GradientBuffers;
+}
+
+/** Arrays a caller reuses for the gradients of `backward` (`options.gradientsOut`). */
+export interface GradientBuffers {
+  /** B·H·N·D floats. */
+  readonly dq: Float32Array;
+  /** B·Hkv·M·D floats. */
+  readonly dk: Float32Array;
+  /** B·Hkv·M·Dv floats. */
+  readonly dv: Float32Array;
 }
 
 export interface BackwardResult {

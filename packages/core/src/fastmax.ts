@@ -2,6 +2,7 @@ import {
   type BackendState,
   type BackwardResult,
   type FastmaxBackend,
+  type GradientBuffers,
   SPEC_VERSION,
   type StateOptions,
   type StepResult,
@@ -15,6 +16,7 @@ import { isDeviceTensor, type Tensor, toHost } from './tensor.js';
 import {
   type AttentionShape,
   validateAttentionInputs,
+  validateGradientBuffers,
   validateOutputBuffer,
   validateOutputGradient,
 } from './validate.js';
@@ -29,6 +31,13 @@ export interface CallOptions extends FastmaxOptions {
    * v; not with `output: 'device'`. When the call fails, its contents are unspecified.
    */
   readonly out?: Float32Array;
+  /**
+   * `backward` only: arrays to write dq, dk and dv into, returned as their `data`. Reusing them
+   * across training steps saves allocating (and page-faulting) three fresh arrays per call. They
+   * must share no memory with q, k, v, dOut or one another; not with `output: 'device'`. When the
+   * call fails, their contents are unspecified.
+   */
+  readonly gradientsOut?: GradientBuffers;
 }
 
 export interface AttentionResult {
@@ -167,6 +176,23 @@ async function adopt(tensor: Tensor, backend: FastmaxBackend): Promise<Tensor> {
   return tensor;
 }
 
+/** Caller arrays for results (`argument`) are host memory: they cannot go with `output: 'device'`. */
+function refuseOnDevice(options: CallOptions | undefined, argument: string, actual: string): void {
+  if (options?.output !== 'device') return;
+  throw new FastmaxError('INVALID_OPTION', `${argument} holds host memory: it cannot take output: 'device'`, {
+    argument,
+    expected: "undefined with output: 'device'",
+    actual,
+  });
+}
+
+/** `result` as a host tensor over the caller's `array`, copied in unless the backend wrote it there. */
+async function intoArray(result: Tensor, array: Float32Array): Promise<Tensor> {
+  if (!isDeviceTensor(result) && result.data === array) return result;
+  array.set((await toHost(result)).data);
+  return { shape: result.shape, data: array };
+}
+
 function keepOnDevice(options: CallOptions | undefined, backend: FastmaxBackend): boolean {
   if (options?.output === undefined || options.output === 'host') return false;
   if (options.output !== 'device') {
@@ -241,17 +267,7 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
       const onDevice = keepOnDevice(options, backend);
       const out =
         options?.out === undefined ? undefined : validateOutputBuffer(options.out, shape, { q, k, v });
-      if (out !== undefined && options?.output === 'device') {
-        throw new FastmaxError(
-          'INVALID_OPTION',
-          "options.out is a host array: it cannot take output: 'device'",
-          {
-            argument: 'options.out',
-            expected: "undefined with output: 'device'",
-            actual: `a Float32Array of ${out.length} values`,
-          },
-        );
-      }
+      if (out !== undefined) refuseOnDevice(options, 'options.out', `a Float32Array of ${out.length} values`);
       const direct = out !== undefined && backend.capabilities.writesIntoOut === true;
       const result = await backend.forward({
         q: await adopt(q, backend),
@@ -264,11 +280,7 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         ...(direct ? { out } : {}),
       });
       assertDegenerateRowsAllowed(result.degenerateRows, resolved);
-      let output = result.output;
-      if (out !== undefined && (isDeviceTensor(output) || output.data !== out)) {
-        out.set((await toHost(output)).data);
-        output = { shape: output.shape, data: out };
-      }
+      const output = out === undefined ? result.output : await intoArray(result.output, out);
       return { output, degenerateRows: result.degenerateRows, plan, backend: backend.name };
     },
     async backward(q, k, v, dOut, options) {
@@ -277,7 +289,14 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         throw unsupported('backward', 'backend', 'capabilities.backward = true', 'false');
       }
       validateOutputGradient(dOut, shape, resolved);
-      return backend.backward({
+      const onDevice = keepOnDevice(options, backend);
+      const out =
+        options?.gradientsOut === undefined
+          ? undefined
+          : validateGradientBuffers(options.gradientsOut, shape, { q, k, v, dOut });
+      if (out !== undefined) refuseOnDevice(options, 'options.gradientsOut', 'dq, dk and dv arrays');
+      const direct = out !== undefined && backend.capabilities.writesGradientsIntoOut === true;
+      const result = await backend.backward({
         q: await adopt(q, backend),
         k: await adopt(k, backend),
         v: await adopt(v, backend),
@@ -285,8 +304,15 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
         shape,
         options: resolved,
         plan,
-        keepOnDevice: keepOnDevice(options, backend),
+        keepOnDevice: onDevice,
+        ...(direct ? { out } : {}),
       });
+      if (out === undefined) return result;
+      return {
+        dq: await intoArray(result.dq, out.dq),
+        dk: await intoArray(result.dk, out.dk),
+        dv: await intoArray(result.dv, out.dv),
+      };
     },
     async createState(options) {
       live();

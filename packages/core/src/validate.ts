@@ -1,3 +1,4 @@
+import type { GradientBuffers } from './contract.js';
 import { describeValue, FastmaxError } from './errors.js';
 import type { ResolvedOptions } from './options.js';
 import { isDeviceTensor, type Shape4, shapeSize, type Tensor } from './tensor.js';
@@ -180,31 +181,105 @@ export function validateOutputBuffer(
   shape: AttentionShape,
   inputs: { readonly q: Tensor; readonly k: Tensor; readonly v: Tensor },
 ): Float32Array {
-  const length = shape.batch * shape.heads * shape.queryLength * shape.valueDim;
-  if (!(out instanceof Float32Array)) {
-    throw new FastmaxError('INVALID_OPTION', 'options.out must be a Float32Array', {
-      argument: 'options.out',
-      expected: `a Float32Array of B·H·N·Dv = ${length} values`,
-      actual: out === null || typeof out !== 'object' ? describeValue(out) : (out as object).constructor.name,
+  return validateResultArray(
+    out,
+    'options.out',
+    'the output',
+    'B·H·N·Dv',
+    [shape.batch, shape.heads, shape.queryLength, shape.valueDim],
+    inputs,
+    {},
+  );
+}
+
+/**
+ * A caller's gradient arrays (`options.gradientsOut`): dq, dk and dv as Float32Arrays of the
+ * gradients' sizes, sharing no memory with q, k, v, dOut or one another (a backend writes one
+ * while it reads the others).
+ */
+export function validateGradientBuffers(
+  buffers: unknown,
+  shape: AttentionShape,
+  inputs: { readonly q: Tensor; readonly k: Tensor; readonly v: Tensor; readonly dOut: Tensor },
+): GradientBuffers {
+  if (buffers === null || typeof buffers !== 'object') {
+    throw new FastmaxError('INVALID_OPTION', 'options.gradientsOut must be an object of dq, dk and dv', {
+      argument: 'options.gradientsOut',
+      expected: '{ dq, dk, dv } of Float32Arrays',
+      actual: describeValue(buffers),
     });
   }
-  if (out.length !== length) {
-    throw new FastmaxError('INVALID_SHAPE', 'options.out does not fit the output', {
-      argument: 'options.out',
-      expected: `${length} values (B·H·N·Dv for [${shape.batch}, ${shape.heads}, ${shape.queryLength}, ${shape.valueDim}])`,
-      actual: `${out.length} values`,
+  const given = buffers as Record<'dq' | 'dk' | 'dv', unknown>;
+  const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D, valueDim: Dv } = shape;
+  const gradients = [
+    ['dq', 'B·H·N·D', [B, H, N, D]],
+    ['dk', 'B·Hkv·M·D', [B, Hkv, M, D]],
+    ['dv', 'B·Hkv·M·Dv', [B, Hkv, M, Dv]],
+  ] as const;
+  const checked: Record<string, Float32Array> = {};
+  for (const [name, sizeName, dims] of gradients) {
+    const argument = `options.gradientsOut.${name}`;
+    checked[argument] = validateResultArray(given[name], argument, name, sizeName, dims, inputs, checked);
+  }
+  return {
+    dq: checked['options.gradientsOut.dq']!,
+    dk: checked['options.gradientsOut.dk']!,
+    dv: checked['options.gradientsOut.dv']!,
+  };
+}
+
+/**
+ * A caller's host array for a result (`argument`): a Float32Array of the result's size that shares
+ * no memory with the inputs or with `others`. Backends write results while they still read inputs
+ * (a calling thread computes its share into the caller's array while workers read staged copies),
+ * so an overlap would feed them their own partial results.
+ */
+function validateResultArray(
+  value: unknown,
+  argument: string,
+  result: string,
+  sizeName: string,
+  dims: readonly number[],
+  inputs: Readonly<Record<string, Tensor>>,
+  others: Readonly<Record<string, Float32Array>>,
+): Float32Array {
+  const length = dims.reduce((product, size) => product * size, 1);
+  if (!(value instanceof Float32Array)) {
+    throw new FastmaxError('INVALID_OPTION', `${argument} must be a Float32Array`, {
+      argument,
+      expected: `a Float32Array of ${sizeName} = ${length} values`,
+      actual:
+        value === null || typeof value !== 'object'
+          ? describeValue(value)
+          : (value as object).constructor.name,
     });
   }
-  for (const name of ['q', 'k', 'v'] as const) {
-    const tensor = inputs[name];
-    if (isDeviceTensor(tensor) || !overlaps(out, tensor.data)) continue;
-    throw new FastmaxError('INVALID_OPTION', `options.out shares memory with ${name}.data`, {
-      argument: 'options.out',
-      expected: 'an array that shares no memory with q, k or v',
-      actual: `bytes [${out.byteOffset}, ${out.byteOffset + out.byteLength}) of the buffer that holds ${name}.data at [${tensor.data.byteOffset}, ${tensor.data.byteOffset + tensor.data.byteLength})`,
+  if (value.length !== length) {
+    throw new FastmaxError('INVALID_SHAPE', `${argument} does not fit ${result}`, {
+      argument,
+      expected: `${length} values (${sizeName} for [${dims.join(', ')}])`,
+      actual: `${value.length} values`,
     });
   }
-  return out;
+  const names = Object.keys(inputs);
+  for (const name of names) {
+    const tensor = inputs[name]!;
+    if (isDeviceTensor(tensor) || !overlaps(value, tensor.data)) continue;
+    throw new FastmaxError('INVALID_OPTION', `${argument} shares memory with ${name}.data`, {
+      argument,
+      expected: `an array that shares no memory with ${names.slice(0, -1).join(', ')} or ${names.at(-1)}`,
+      actual: `bytes [${value.byteOffset}, ${value.byteOffset + value.byteLength}) of the buffer that holds ${name}.data at [${tensor.data.byteOffset}, ${tensor.data.byteOffset + tensor.data.byteLength})`,
+    });
+  }
+  for (const [name, other] of Object.entries(others)) {
+    if (!overlaps(value, other)) continue;
+    throw new FastmaxError('INVALID_OPTION', `${argument} shares memory with ${name}`, {
+      argument,
+      expected: `an array that shares no memory with ${name}`,
+      actual: `bytes [${value.byteOffset}, ${value.byteOffset + value.byteLength}) of the buffer that holds ${name} at [${other.byteOffset}, ${other.byteOffset + other.byteLength})`,
+    });
+  }
+  return value;
 }
 
 function overlaps(a: Float32Array, b: Float32Array): boolean {

@@ -1,12 +1,15 @@
 import { describe, expect, it } from 'vitest';
 import {
+  type BackwardRequest,
   createFastmax,
   type FastmaxBackend,
   type ForwardRequest,
+  type GradientBuffers,
   type HostTensor,
   hostTensor,
   isFastmaxError,
   type Shape4,
+  type Tensor,
 } from '../src/index.js';
 import { referenceBackend } from '../src/reference/backend.js';
 
@@ -127,5 +130,142 @@ describe('options.out', () => {
     expect((result.output as HostTensor).data).toBe(out);
     expect(shared[0]).toBe(0);
     expect(shared[outLength + 4]).toBe(0);
+  });
+});
+
+describe('options.gradientsOut', () => {
+  // GQA (2 query heads on 1 kv head) so that dk and dv differ in size from dq.
+  const gq = filled([1, 2, 5, 4], 11);
+  const gk = filled([1, 1, 6, 4], 12);
+  const gv = filled([1, 1, 6, 3], 13);
+  const dOut = filled([1, 2, 5, 3], 14);
+  const sizes = { dq: 2 * 5 * 4, dk: 6 * 4, dv: 6 * 3 };
+  const fresh = () => ({
+    dq: new Float32Array(sizes.dq).fill(Number.NaN),
+    dk: new Float32Array(sizes.dk).fill(Number.NaN),
+    dv: new Float32Array(sizes.dv).fill(Number.NaN),
+  });
+
+  /** The reference backend declaring `writesGradientsIntoOut`, writing the arrays when `honest`. */
+  function writingGradients(honest: boolean) {
+    const inner = referenceBackend();
+    const requests: BackwardRequest[] = [];
+    const backend: FastmaxBackend = {
+      ...inner,
+      name: 'writes-gradients-into-out',
+      capabilities: { ...inner.capabilities, writesGradientsIntoOut: true },
+      async backward(request) {
+        requests.push(request);
+        const result = await inner.backward(request);
+        if (!honest || request.out === undefined) return result;
+        const into = (tensor: Tensor, array: Float32Array): HostTensor => {
+          array.set((tensor as HostTensor).data);
+          return { shape: tensor.shape, data: array };
+        };
+        return {
+          dq: into(result.dq, request.out.dq),
+          dk: into(result.dk, request.out.dk),
+          dv: into(result.dv, request.out.dv),
+        };
+      },
+    };
+    return { backend, requests };
+  }
+
+  it('a backend without writesGradientsIntoOut: core copies the gradients into the caller arrays', async () => {
+    const fm = await createFastmax({ backend: referenceBackend() });
+    const expected = await fm.backward(gq, gk, gv, dOut, { causal: true });
+    const out = fresh();
+    const result = await fm.backward(gq, gk, gv, dOut, { causal: true, gradientsOut: out });
+    for (const name of ['dq', 'dk', 'dv'] as const) {
+      expect((result[name] as HostTensor).data).toBe(out[name]);
+      expect(result[name].shape).toEqual(expected[name].shape);
+      expect(Array.from(out[name])).toEqual(Array.from((expected[name] as HostTensor).data));
+    }
+  });
+
+  it.each([true, false])(
+    'a backend with writesGradientsIntoOut gets the arrays; the caller gets them filled (writes them: %s)',
+    async (honest) => {
+      const { backend, requests } = writingGradients(honest);
+      const fm = await createFastmax({ backend });
+      const out = fresh();
+      const result = await fm.backward(gq, gk, gv, dOut, { gradientsOut: out });
+      expect(requests.at(-1)?.out).toEqual(out);
+      for (const name of ['dq', 'dk', 'dv'] as const) {
+        expect((result[name] as HostTensor).data).toBe(out[name]);
+        expect(out[name].every(Number.isFinite)).toBe(true);
+      }
+      await fm.backward(gq, gk, gv, dOut);
+      expect(requests.at(-1)?.out).toBeUndefined();
+    },
+  );
+
+  const memory = new Float32Array(sizes.dq + sizes.dk);
+  it.each([
+    ['not an object', () => 7, 'options.gradientsOut', 'INVALID_OPTION', '7'],
+    [
+      'dq missing',
+      () => ({ ...fresh(), dq: undefined }),
+      'options.gradientsOut.dq',
+      'INVALID_OPTION',
+      'undefined',
+    ],
+    [
+      'dk a Float64Array',
+      () => ({ ...fresh(), dk: new Float64Array(sizes.dk) }),
+      'options.gradientsOut.dk',
+      'INVALID_OPTION',
+      'Float64Array',
+    ],
+    [
+      'dv one value short',
+      () => ({ ...fresh(), dv: new Float32Array(sizes.dv - 1) }),
+      'options.gradientsOut.dv',
+      'INVALID_SHAPE',
+      '17 values',
+    ],
+    [
+      'dq sized like dk',
+      () => ({ ...fresh(), dq: new Float32Array(sizes.dk) }),
+      'options.gradientsOut.dq',
+      'INVALID_SHAPE',
+      '24 values',
+    ],
+    [
+      'dk a view of dOut.data',
+      () => ({ ...fresh(), dk: dOut.data.subarray(0, sizes.dk) }),
+      'options.gradientsOut.dk',
+      'INVALID_OPTION',
+      'dOut.data',
+    ],
+    [
+      'dk overlapping dq',
+      () => ({
+        ...fresh(),
+        dq: memory.subarray(0, sizes.dq),
+        dk: memory.subarray(sizes.dq - 1, sizes.dq - 1 + sizes.dk),
+      }),
+      'options.gradientsOut.dk',
+      'INVALID_OPTION',
+      'options.gradientsOut.dq',
+    ],
+  ])('gradientsOut with %s -> an error naming %s', async (_label, make, argument, code, actual) => {
+    const fm = await createFastmax({ backend: referenceBackend() });
+    const error = await thrown(() =>
+      fm.backward(gq, gk, gv, dOut, { gradientsOut: make() as unknown as GradientBuffers }),
+    );
+    expect(isFastmaxError(error, code as 'INVALID_OPTION')).toBe(true);
+    expect((error as { argument: string }).argument).toBe(argument);
+    expect((error as { actual: string }).actual).toContain(actual);
+  });
+
+  it("refuses gradientsOut together with output: 'device'", async () => {
+    const fm = await createFastmax({ backend: referenceBackend() });
+    const error = await thrown(() =>
+      fm.backward(gq, gk, gv, dOut, { gradientsOut: fresh(), output: 'device' }),
+    );
+    expect(isFastmaxError(error, 'INVALID_OPTION')).toBe(true);
+    expect((error as { argument: string }).argument).toBe('options.gradientsOut');
   });
 });
