@@ -128,7 +128,7 @@ export interface CpuBackendOptions {
   /**
    * Shared memory, in bytes, the backend keeps between calls for good: the staged inputs, outputs
    * and scratch the workers read and write (fresh memory costs a page fault per 4 KiB on first
-   * touch: about 12 µs a page on the VM of docs/benchmarks.md, 1.3 s for the 480 MiB a backward
+   * touch: about 12 µs a page on the VM of docs/benchmarks.md, over 1 s for the 430 MiB a backward
    * at N = 65536, D = 64 stages). Above it, staging stays while calls keep coming and is let go
    * once none has come for `stagingIdleMillis`. Default 256 MiB.
    */

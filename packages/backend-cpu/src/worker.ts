@@ -7,11 +7,11 @@
  * module takes anything else from core at run time.
  */
 import {
-  centerRowRange,
-  divideRowRange,
+  centerDivideRowRange,
   divideRowRangeBackward,
   normAndCenterRowRangeBackward,
   type PreparationArrays,
+  rowStatsRange,
 } from '@fastmax/core';
 import {
   BackwardEngine,
@@ -195,8 +195,8 @@ export function finishKeyRows(job: BackwardJob, rows: RowRange): void {
  */
 export interface PreparationJob {
   /**
-   * 'center': q and k rows centered, with their norms; 'divide': x and y divided by their divisors,
-   * and the kernels' float32 inputs z = σx and y; 'divideBackward': dx and dy back through the
+   * 'center': the means and norms of the q and k rows; 'divide': x and y, the rows centered and
+   * divided by their divisors, and the kernels' float32 inputs z = σx and y; 'divideBackward': dx and dy back through the
    * division, with each row's part of its divisor's gradient; 'finish': back through the norms and
    * the centering, and dq, dk and dv in float32.
    */
@@ -229,33 +229,41 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
   const { queries, keys } = unit;
   switch (job.step) {
     case 'center':
-      centerRowRange(
+      rowStatsRange(
         job.q,
         D,
         arrays.centered,
-        arrays.centeredQ,
+        arrays.queryMeans,
         arrays.queryNorms,
         queries.start,
         queries.end,
       );
-      centerRowRange(job.k, D, arrays.centered, arrays.centeredK, arrays.keyNorms, keys.start, keys.end);
+      rowStatsRange(job.k, D, arrays.centered, arrays.keyMeans, arrays.keyNorms, keys.start, keys.end);
       return;
-    case 'divide': {
-      const { x, y, sigma, centeredQ, centeredK } = arrays;
-      if (arrays.queriesDivided)
-        divideRowRange(centeredQ, arrays.queryDivisors, D, x, queries.start, queries.end, job.z, sigma);
-      else {
-        for (let row = queries.start, i = row * D; row < queries.end; row++) {
-          const rowSigma = sigma[row]!;
-          for (const end = i + D; i < end; i++) job.z[i] = rowSigma * x[i]!;
-        }
-      }
-      if (arrays.keysDivided)
-        divideRowRange(centeredK, arrays.keyDivisors, D, y, keys.start, keys.end, job.y);
-      // Float64 to float32 by `set`, which converts natively.
-      else job.y.set(y.subarray(keys.start * D, keys.end * D), keys.start * D);
+    case 'divide':
+      // x and the kernels' z = σx, y and its float32 copy, each in one pass over the raw rows.
+      centerDivideRowRange(
+        job.q,
+        arrays.queryMeans,
+        arrays.queryDivisors,
+        D,
+        arrays.x,
+        queries.start,
+        queries.end,
+        job.z,
+        arrays.sigma,
+      );
+      centerDivideRowRange(
+        job.k,
+        arrays.keyMeans,
+        arrays.keyDivisors,
+        D,
+        arrays.y,
+        keys.start,
+        keys.end,
+        job.y,
+      );
       return;
-    }
     case 'divideBackward':
       if (arrays.queriesDivided)
         divideRowRangeBackward(
@@ -279,11 +287,12 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
         );
       return;
     case 'finish': {
-      const { centered, centeredQ, centeredK, queryNorms, keyNorms } = arrays;
+      const { centered, x, y, queryDivisors, keyDivisors, queryNorms, keyNorms } = arrays;
       const { dx, dy, dv, valueDim: Dv } = job;
       normAndCenterRowRangeBackward(
         dx,
-        centeredQ,
+        x,
+        queryDivisors,
         queryNorms,
         job.queryNormGradients,
         D,
@@ -294,7 +303,8 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
       );
       normAndCenterRowRangeBackward(
         dy,
-        centeredK,
+        y,
+        keyDivisors,
         keyNorms,
         job.keyNormGradients,
         D,

@@ -83,10 +83,10 @@ export {
   sumNormGradients,
 } from './prepare.js';
 export {
-  centerRowRange,
-  divideRowRange,
+  centerDivideRowRange,
   divideRowRangeBackward,
   normAndCenterRowRangeBackward,
+  rowStatsRange,
 } from './prepare-rows.js';
 export { resolveStateOptions, validateStepInputs } from './state.js';
 export {

@@ -9,15 +9,16 @@
  */
 
 /**
- * Centers rows [start, end) of `source` over their `dim` features (or copies them, when `centered`
- * is false) into `values`, and writes each row's L2 norm into `norms`. One pass over flat arrays,
- * with no temporary per row: it runs at N×D elements on every backward call.
+ * Each row's mean over its `dim` features (0 when `centered` is false) and the L2 norm of the row
+ * centered by it, for rows [start, end) of `source`. Reads the rows and writes two numbers per row:
+ * the centered rows themselves are never stored (centerDivideRowRange forms them again from
+ * `source`, which reads fewer bytes than a float64 copy would).
  */
-export function centerRowRange(
+export function rowStatsRange(
   source: Float32Array | Float64Array,
   dim: number,
   centered: boolean,
-  values: Float64Array,
+  means: Float64Array,
   norms: Float64Array,
   start: number,
   end: number,
@@ -32,20 +33,21 @@ export function centerRowRange(
     let squares = 0;
     for (let d = 0; d < dim; d++) {
       const value = source[base + d]! - mean;
-      values[base + d] = value;
       squares += value * value;
     }
+    means[r] = mean;
     norms[r] = Math.sqrt(squares);
   }
 }
 
 /**
- * Row r of `target` = row r of `source` / divisors[r], for rows [start, end); with `scaled`, also
- * scaled row r = scales[r] · target row r (scales null: 1), in the same pass (a backend's kernels may
- * take σx, or take it in float32).
+ * Row r of `target` = (row r of `source` − means[r]) / divisors[r], for rows [start, end): the
+ * centered row divided by its divisor; with `scaled`, also scaled row r = scales[r] · target row r
+ * (scales null: 1), in the same pass (a backend's kernels may take σx, or take it in float32).
  */
-export function divideRowRange(
-  source: Float64Array,
+export function centerDivideRowRange(
+  source: Float32Array | Float64Array,
+  means: Float64Array,
   divisors: Float64Array,
   dim: number,
   target: Float64Array,
@@ -55,15 +57,16 @@ export function divideRowRange(
   scales: Float64Array | null = null,
 ): void {
   for (let r = start; r < end; r++) {
+    const mean = means[r]!;
     const divisor = divisors[r]!;
     const first = r * dim;
     if (scaled === null) {
-      for (let i = first; i < first + dim; i++) target[i] = source[i]! / divisor;
+      for (let i = first; i < first + dim; i++) target[i] = (source[i]! - mean) / divisor;
       continue;
     }
     const scale = scales === null ? 1 : scales[r]!;
     for (let i = first; i < first + dim; i++) {
-      const value = source[i]! / divisor;
+      const value = (source[i]! - mean) / divisor;
       target[i] = value;
       scaled[i] = scale * value;
     }
@@ -71,7 +74,7 @@ export function divideRowRange(
 }
 
 /**
- * The backward of `divideRowRange`, in place, for rows [start, end): with m = divisors[r] and x_r
+ * The backward of `centerDivideRowRange`'s division, in place, for rows [start, end): with m = divisors[r] and x_r
  * the divided row, dx_r becomes ∂L/∂c_r = dx_r/m and divisorGradients[r] = -(dx_r·x_r)/m, the row's
  * part of ∂L/∂m (prepare.ts adds the parts up at the row whose norm m is). A row divided by the
  * constant 1 gets dx_r unchanged and a part nobody reads.
@@ -99,13 +102,15 @@ export function divideRowRangeBackward(
 /**
  * For rows [start, end) of `gradients` (∂L/∂c, read only): adds, where g_r = normGradients[r] ≠ 0,
  * g_r · ∂|c_r|/∂c_r = g_r · c_r/|c_r| (nothing when the norm is 0: it was replaced by the constant
- * 1), then takes the row through the centering backward (c = u - mean(u) is self-adjoint: the row's
- * mean is subtracted; skipped when `centered` is false, under `scale`), and writes it to `out`
- * (which may be `gradients` itself, or a float32 array: one pass writes the result).
+ * 1), with the centered row c_r = divided_r · divisors[r] formed from the prepared row, then takes
+ * the row through the centering backward (c = u - mean(u) is self-adjoint: the row's mean is
+ * subtracted; skipped when `centered` is false, under `scale`), and writes it to `out` (which may be
+ * `gradients` itself, or a float32 array: one pass writes the result).
  */
 export function normAndCenterRowRangeBackward(
   gradients: Float64Array,
-  centeredRows: Float64Array,
+  divided: Float64Array,
+  divisors: Float64Array,
   norms: Float64Array,
   normGradients: Float64Array | null,
   dim: number,
@@ -118,16 +123,16 @@ export function normAndCenterRowRangeBackward(
     const base = r * dim;
     const norm = norms[r]!;
     const gradient = normGradients === null ? 0 : normGradients[r]!;
-    const scale = gradient !== 0 && norm !== 0 ? gradient / norm : 0;
+    // g_r/|c_r| times c_r = divided_r · divisor_r.
+    const scale = gradient !== 0 && norm !== 0 ? (gradient / norm) * divisors[r]! : 0;
     let mean = 0;
     if (centered) {
-      if (scale !== 0)
-        for (let d = base; d < base + dim; d++) mean += gradients[d]! + scale * centeredRows[d]!;
+      if (scale !== 0) for (let d = base; d < base + dim; d++) mean += gradients[d]! + scale * divided[d]!;
       else for (let d = base; d < base + dim; d++) mean += gradients[d]!;
       mean /= dim;
     }
     if (scale !== 0)
-      for (let d = base; d < base + dim; d++) out[d] = gradients[d]! + scale * centeredRows[d]! - mean;
+      for (let d = base; d < base + dim; d++) out[d] = gradients[d]! + scale * divided[d]! - mean;
     else for (let d = base; d < base + dim; d++) out[d] = gradients[d]! - mean;
   }
 }

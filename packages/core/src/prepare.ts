@@ -1,9 +1,9 @@
 import type { ResolvedOptions } from './options.js';
 import {
-  centerRowRange,
-  divideRowRange,
+  centerDivideRowRange,
   divideRowRangeBackward,
   normAndCenterRowRangeBackward,
+  rowStatsRange,
 } from './prepare-rows.js';
 import type { HostTensor } from './tensor.js';
 import { type AttentionShape, keyLimit } from './validate.js';
@@ -24,9 +24,9 @@ import { type AttentionShape, keyLimit } from './validate.js';
  * out of every maximum. On ties the lowest index is the argmax, which fixes where gradients flow.
  */
 export interface PreparedScores {
-  /** Prepared queries, B×H×N×D (`trace.centeredQ` itself under `scale`: treat both as read-only). */
+  /** Prepared queries, B×H×N×D: c(q) divided by `trace.queryDivisors` (q itself under `scale`). */
   readonly x: Float64Array;
-  /** Prepared keys, B×Hkv×M×D (`trace.centeredK` itself unless max-norm or l2 divide them). */
+  /** Prepared keys, B×Hkv×M×D: c(k) divided by `trace.keyDivisors` (1 unless max-norm or l2). */
   readonly y: Float64Array;
   /** σ per query row, B×H×N. */
   readonly sigma: Float64Array;
@@ -34,12 +34,11 @@ export interface PreparedScores {
   readonly trace: PreparationTrace;
 }
 
-/** What the backward pass needs to route gradients through maxima and norms. */
+/**
+ * What the backward pass needs to route gradients through maxima and norms. The centered rows are
+ * not kept: c = x · divisor (and c = y · divisor) gives them back where a norm's gradient needs them.
+ */
 export interface PreparationTrace {
-  /** Centered queries c(q) (raw q for `scale`), B×H×N×D. */
-  readonly centeredQ: Float64Array;
-  /** Centered keys c(k) (raw k for `scale`), B×Hkv×M×D. */
-  readonly centeredK: Float64Array;
   /** |c(q)| per query row, B×H×N, and |c(k)| per key row, B×Hkv×M. */
   readonly queryNorms: Float64Array;
   readonly keyNorms: Float64Array;
@@ -84,26 +83,33 @@ export function prepareToken(
   dim: number,
   centered: boolean,
 ): { vector: Float64Array; norm: number } {
+  const row = source.subarray(offset, offset + dim);
   const vector = new Float64Array(dim);
+  const mean = new Float64Array(1);
   const norm = new Float64Array(1);
-  centerRowRange(source.subarray(offset, offset + dim), dim, centered, vector, norm, 0, 1);
+  rowStatsRange(row, dim, centered, mean, norm, 0, 1);
+  centerDivideRowRange(row, mean, Float64Array.of(1), dim, vector, 0, 1);
   return { vector, norm: norm[0]! };
 }
 
 /**
  * Every array of a preparation (taken from the scratch, nothing computed yet), for a backend that
  * runs its steps itself, row range by row range on several threads (prepare-rows.ts), in this order:
- * 1. `centerRowRange` of q into `centeredQ` and `queryNorms`, and of k into `centeredK`, `keyNorms`
- *    (`centered` says whether to center);
+ * 1. `rowStatsRange` of q into `queryMeans` and `queryNorms`, and of k into `keyMeans` and
+ *    `keyNorms` (`centered` says whether to center);
  * 2. `prepareDivisors` (scalar work per row, one thread);
- * 3. `divideRowRange` of `centeredQ` by `queryDivisors` into `x` where `queriesDivided`, and of
- *    `centeredK` by `keyDivisors` into `y` where `keysDivided`.
- * `preparedScores` then gives what `prepareScores` would have returned.
+ * 3. `centerDivideRowRange` of q by `queryMeans` and `queryDivisors` into `x`, and of k by
+ *    `keyMeans` and `keyDivisors` into `y`.
+ * `preparedScores` then gives what `prepareScores` would have returned. `queriesDivided` and
+ * `keysDivided` say which sides a norm divides (the other's divisors are all 1), so that the
+ * backward can skip the division's backward there.
  */
 export interface PreparationArrays extends PreparationTrace {
   readonly x: Float64Array;
   readonly y: Float64Array;
   readonly sigma: Float64Array;
+  readonly queryMeans: Float64Array;
+  readonly keyMeans: Float64Array;
   readonly centered: boolean;
   readonly queriesDivided: boolean;
   readonly keysDivided: boolean;
@@ -117,21 +123,15 @@ export function preparationArrays(
   const { batch: B, heads: H, kvHeads: Hkv, queryLength: N, keyLength: M, headDim: D } = shape;
   const queryRows = B * H * N;
   const keyRows = B * Hkv * M;
-  const centeredQ = scratch.float64('centeredQ', queryRows * D);
-  const centeredK = scratch.float64('centeredK', keyRows * D);
-  // Where nothing divides them, x and y are the centered arrays themselves rather than copies
-  // (every consumer only reads them): queries under `scale`, keys under prefix-max-norm and `scale`.
-  const { queriesDivided, keysDivided } = dividedSides(options);
   return {
     centered: options.normalization.kind !== 'scale',
-    queriesDivided,
-    keysDivided,
-    centeredQ,
-    centeredK,
+    ...dividedSides(options),
+    queryMeans: scratch.float64('queryMeans', queryRows),
+    keyMeans: scratch.float64('keyMeans', keyRows),
     queryNorms: scratch.float64('queryNorms', queryRows),
     keyNorms: scratch.float64('keyNorms', keyRows),
-    x: queriesDivided ? scratch.float64('x', queryRows * D) : centeredQ,
-    y: keysDivided ? scratch.float64('y', keyRows * D) : centeredK,
+    x: scratch.float64('x', queryRows * D),
+    y: scratch.float64('y', keyRows * D),
     sigma: scratch.float64('sigma', queryRows),
     queryArgmax: scratch.int32('queryArgmax', queryRows),
     keyArgmax: scratch.int32('keyArgmax', queryRows),
@@ -265,12 +265,11 @@ export function prepareScores(
   const arrays = preparationArrays(shape, options, scratch);
   const queryRows = B * H * N;
   const keyRows = B * Hkv * M;
-  centerRowRange(q.data, D, arrays.centered, arrays.centeredQ, arrays.queryNorms, 0, queryRows);
-  centerRowRange(k.data, D, arrays.centered, arrays.centeredK, arrays.keyNorms, 0, keyRows);
+  rowStatsRange(q.data, D, arrays.centered, arrays.queryMeans, arrays.queryNorms, 0, queryRows);
+  rowStatsRange(k.data, D, arrays.centered, arrays.keyMeans, arrays.keyNorms, 0, keyRows);
   prepareDivisors(arrays, shape, options);
-  if (arrays.queriesDivided)
-    divideRowRange(arrays.centeredQ, arrays.queryDivisors, D, arrays.x, 0, queryRows);
-  if (arrays.keysDivided) divideRowRange(arrays.centeredK, arrays.keyDivisors, D, arrays.y, 0, keyRows);
+  centerDivideRowRange(q.data, arrays.queryMeans, arrays.queryDivisors, D, arrays.x, 0, queryRows);
+  centerDivideRowRange(k.data, arrays.keyMeans, arrays.keyDivisors, D, arrays.y, 0, keyRows);
   return preparedScores(arrays);
 }
 
@@ -362,7 +361,8 @@ export function prepareScoresBackward(
   const norms = sumNormGradients(prepared, shape, options, queryParts, keyParts, dsigma);
   normAndCenterRowRangeBackward(
     dx,
-    trace.centeredQ,
+    x,
+    trace.queryDivisors,
     trace.queryNorms,
     norms.queries,
     D,
@@ -371,7 +371,18 @@ export function prepareScoresBackward(
     0,
     queryRows,
   );
-  normAndCenterRowRangeBackward(dy, trace.centeredK, trace.keyNorms, norms.keys, D, true, dy, 0, keyRows);
+  normAndCenterRowRangeBackward(
+    dy,
+    y,
+    trace.keyDivisors,
+    trace.keyNorms,
+    norms.keys,
+    D,
+    true,
+    dy,
+    0,
+    keyRows,
+  );
   return { dq: dx, dk: dy };
 }
 

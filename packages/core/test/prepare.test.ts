@@ -1,8 +1,7 @@
 import { afterAll, describe, expect, it } from 'vitest';
 import {
-  centerRowRange,
+  centerDivideRowRange,
   dividedSides,
-  divideRowRange,
   divideRowRangeBackward,
   type FastmaxOptions,
   type HostTensor,
@@ -14,6 +13,7 @@ import {
   prepareScores,
   prepareScoresBackward,
   resolveOptions,
+  rowStatsRange,
   type Shape4,
   sumNormGradients,
   validateAttentionInputs,
@@ -286,8 +286,6 @@ describe('prepareScores with a scratch allocator', () => {
         expect(Array.from(reused[name])).toEqual(Array.from(fresh[name]));
       }
       for (const name of [
-        'centeredQ',
-        'centeredK',
         'queryNorms',
         'keyNorms',
         'queryArgmax',
@@ -326,13 +324,14 @@ describe('the row steps of the preparation, range by range', () => {
     target: Float64Array | Float32Array,
     rows: number,
     step: (start: number, end: number) => void,
+    width = D,
   ) => {
     target.fill(Number.NaN);
     const start = Math.floor(rows / 3);
     const end = Math.floor((2 * rows) / 3);
     step(start, end);
     target.forEach((value, i) => {
-      const row = Math.floor(i / D);
+      const row = Math.floor(i / width);
       expect(Number.isNaN(value)).toBe(row < start || row >= end);
     });
   };
@@ -350,23 +349,31 @@ describe('the row steps of the preparation, range by range', () => {
 
     const arrays = preparationArrays(shape, resolved);
     for (const [start, end] of splits(queryRows))
-      centerRowRange(q.data, D, arrays.centered, arrays.centeredQ, arrays.queryNorms, start, end);
+      rowStatsRange(q.data, D, arrays.centered, arrays.queryMeans, arrays.queryNorms, start, end);
     for (const [start, end] of splits(keyRows))
-      centerRowRange(k.data, D, arrays.centered, arrays.centeredK, arrays.keyNorms, start, end);
+      rowStatsRange(k.data, D, arrays.centered, arrays.keyMeans, arrays.keyNorms, start, end);
     prepareDivisors(arrays, shape, resolved);
     const { queriesDivided, keysDivided } = dividedSides(resolved);
     const z = new Float32Array(queryRows * D);
     for (const [start, end] of splits(queryRows))
-      if (queriesDivided)
-        divideRowRange(arrays.centeredQ, arrays.queryDivisors, D, arrays.x, start, end, z, arrays.sigma);
+      centerDivideRowRange(
+        q.data,
+        arrays.queryMeans,
+        arrays.queryDivisors,
+        D,
+        arrays.x,
+        start,
+        end,
+        z,
+        arrays.sigma,
+      );
     for (const [start, end] of splits(keyRows))
-      if (keysDivided) divideRowRange(arrays.centeredK, arrays.keyDivisors, D, arrays.y, start, end);
+      centerDivideRowRange(k.data, arrays.keyMeans, arrays.keyDivisors, D, arrays.y, start, end);
     for (const name of ['x', 'y', 'sigma'] as const)
       expect(Array.from(arrays[name])).toEqual(Array.from(whole[name]));
-    if (queriesDivided)
-      expect(Array.from(z)).toEqual(
-        Array.from(arrays.x, (value, i) => Math.fround(arrays.sigma[Math.floor(i / D)]! * value)),
-      );
+    expect(Array.from(z)).toEqual(
+      Array.from(arrays.x, (value, i) => Math.fround(arrays.sigma[Math.floor(i / D)]! * value)),
+    );
 
     const gx = dx.slice();
     const gy = dy.slice();
@@ -383,7 +390,8 @@ describe('the row steps of the preparation, range by range', () => {
     const finishQueries = (out: Float64Array | Float32Array, start: number, end: number) =>
       normAndCenterRowRangeBackward(
         gx,
-        arrays.centeredQ,
+        arrays.x,
+        arrays.queryDivisors,
         arrays.queryNorms,
         norms.queries,
         D,
@@ -396,7 +404,8 @@ describe('the row steps of the preparation, range by range', () => {
     for (const [start, end] of splits(keyRows))
       normAndCenterRowRangeBackward(
         gy,
-        arrays.centeredK,
+        arrays.y,
+        arrays.keyDivisors,
         arrays.keyNorms,
         norms.keys,
         D,
@@ -409,13 +418,17 @@ describe('the row steps of the preparation, range by range', () => {
     expect(Array.from(dk32)).toEqual(Array.from(wholeGradients.dk, Math.fround));
 
     // One range writes its rows and no other.
-    const centeredQ = new Float64Array(queryRows * D);
-    onlyItsRows(centeredQ, queryRows, (start, end) =>
-      centerRowRange(q.data, D, arrays.centered, centeredQ, new Float64Array(queryRows), start, end),
+    const rowNorms = new Float64Array(queryRows);
+    onlyItsRows(
+      rowNorms,
+      queryRows,
+      (start, end) =>
+        rowStatsRange(q.data, D, arrays.centered, new Float64Array(queryRows), rowNorms, start, end),
+      1,
     );
     const x = new Float64Array(queryRows * D);
     onlyItsRows(x, queryRows, (start, end) =>
-      divideRowRange(arrays.centeredQ, arrays.queryDivisors, D, x, start, end),
+      centerDivideRowRange(q.data, arrays.queryMeans, arrays.queryDivisors, D, x, start, end),
     );
     const inPlace = dx.slice();
     onlyItsRows(inPlace, queryRows, (start, end) => {
