@@ -19,6 +19,7 @@ import {
   createProgressBar,
   formatBenchTable,
   formatDuration,
+  type Measurement,
   measure,
   measureInterleaved,
   median,
@@ -581,6 +582,44 @@ export async function run(context: BenchContext): Promise<number> {
     target: '(context)',
     met: null,
   });
+
+  // The p = 1 backward, causal (split by queries) and non-causal (split by sequence), and into
+  // reused gradient arrays (options.gradientsOut), each beside its own forward.
+  progress.update('fastmax p = 1 backward N = 16384');
+  const plain1 = { order: 1, causal: false } as const;
+  const gradientsOut = {
+    dq: new Float32Array(n16 * HEAD_DIM),
+    dk: new Float32Array(n16 * HEAD_DIM),
+    dv: new Float32Array(n16 * HEAD_DIM),
+  };
+  const [p1Forward, p1Backward, p1BackwardInto, p1PlainForward, p1PlainBackward] = await measureInterleaved(
+    [
+      () => fm.attention(in16.q, in16.k, in16.v, causal1),
+      () => fm.backward(in16.q, in16.k, in16.v, dOut, causal1),
+      () => fm.backward(in16.q, in16.k, in16.v, dOut, { ...causal1, gradientsOut }),
+      () => fm.attention(in16.q, in16.k, in16.v, plain1),
+      () => fm.backward(in16.q, in16.k, in16.v, dOut, plain1),
+    ],
+    timing,
+  );
+  const besideForward = (label: string, backward: Measurement, forward: Measurement, baseline: string) =>
+    rows.push({
+      case: label,
+      N: n16,
+      fastmaxMs: backward.median,
+      baselineMs: forward.median,
+      baseline,
+      target: '(context)',
+      met: null,
+    });
+  besideForward('p=1 causal backward', p1Backward!, p1Forward!, 'fastmax forward');
+  besideForward(
+    'p=1 causal backward, into gradientsOut',
+    p1BackwardInto!,
+    p1Backward!,
+    'fastmax backward, new arrays',
+  );
+  besideForward('p=1 non-causal backward', p1PlainBackward!, p1PlainForward!, 'fastmax forward');
   progress.tick();
 
   const in64 = inputsOf(n64, context.seed + 3);
