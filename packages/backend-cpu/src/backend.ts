@@ -161,6 +161,8 @@ const CAPABILITIES: BackendCapabilities = {
   deviceTensors: false,
   // Flagged by the kernels as they load rows; core's scan names the value (see forward).
   checksFiniteInputs: true,
+  // The backward's too: its first step flags them (backward.ts).
+  checksFiniteBackwardInputs: true,
   writesIntoOut: true,
   writesGradientsIntoOut: true,
 };

@@ -1,6 +1,7 @@
 import {
   type BackwardRequest,
   type BackwardResult,
+  checkFinite,
   dividedSides,
   type HostTensor,
   type PrepareScratch,
@@ -115,6 +116,9 @@ export async function cpuBackward(
     valueDim: Dv,
     q: staging.input('backward.q', q.data),
     k: staging.input('backward.k', k.data),
+    v: staging.input('backward.v', v.data),
+    dOut: staging.input('backward.dOut', dOut.data),
+    checkFinite: options.checkFinite,
     arrays,
     z: stagedF32(staging, 'z', B * H * N * D),
     y: stagedF32(staging, 'y', arrays.y.length),
@@ -130,11 +134,21 @@ export async function cpuBackward(
     dk32: stagedF32(staging, 'dk32', B * Hkv * M * D),
     dv32: stagedF32(staging, 'dv32', B * Hkv * M * Dv),
   };
-  const runStep = async (job: PreparationJob): Promise<void> => {
-    if (pool !== null) await pool.preparation(job, rowRanges);
-    else for (const range of rowRanges) preparationRows(job, range);
+  /** Runs a step over every range; returns what preparationRows counted. */
+  const runStep = async (job: PreparationJob): Promise<number> => {
+    if (pool !== null) return (await pool.preparation(job, rowRanges)).nonFiniteInputs;
+    let found = 0;
+    for (const range of rowRanges) found += preparationRows(job, range);
+    return found;
   };
-  await runStep(preparation);
+  // The backend declares checksFiniteBackwardInputs: the first step flags NaN and ±Infinity in the
+  // rows it reads anyway (norms of q and k) and in v and dOut; core's scans then name the value.
+  if ((await runStep(preparation)) > 0) {
+    checkFinite(q, 'q');
+    checkFinite(k, 'k');
+    checkFinite(v, 'v');
+    checkFinite(dOut, 'dOut');
+  }
   prepareDivisors(arrays, shape, options);
   await runStep({ ...preparation, step: 'divide' });
   const prepared = preparedScores(arrays);
@@ -218,8 +232,8 @@ export async function cpuBackward(
     pass: 1,
     z: preparation.z,
     y: preparation.y,
-    v: staging.input('backward.v', v.data),
-    dOut: staging.input('backward.dOut', dOut.data),
+    v: preparation.v,
+    dOut: preparation.dOut,
     gradA: stagedF32(staging, 'gradA', slots * N * D),
     gradB: stagedF32(staging, 'gradB', slots * N * D),
     den: stagedF64(staging, 'den', slots * N),

@@ -9,6 +9,7 @@
 import {
   centerDivideRowRange,
   divideRowRangeBackward,
+  hasNonFinite,
   normAndCenterRowRangeBackward,
   type PreparationArrays,
   rowStatsRange,
@@ -205,6 +206,10 @@ export interface PreparationJob {
   readonly valueDim: number;
   readonly q: Float32Array;
   readonly k: Float32Array;
+  /** Read by 'center' only, for NaN and ±Infinity (with q and k, when `checkFinite`). */
+  readonly v: Float32Array;
+  readonly dOut: Float32Array;
+  readonly checkFinite: boolean;
   readonly arrays: PreparationArrays;
   readonly z: Float32Array;
   readonly y: Float32Array;
@@ -223,12 +228,16 @@ export interface PreparationJob {
   readonly dv32: Float32Array;
 }
 
-/** Runs `job.step` over the unit's query and key rows. */
-export function preparationRows(job: PreparationJob, unit: FinishRange): void {
-  const { headDim: D, arrays } = job;
+/**
+ * Runs `job.step` over the unit's query and key rows. Returns, for 'center' with `checkFinite`, how
+ * many of q, k, v and dOut hold a NaN or an infinity in these rows (a row of q or k does when its
+ * norm is not finite: float64 squares of float32 values cannot overflow); 0 otherwise.
+ */
+export function preparationRows(job: PreparationJob, unit: FinishRange): number {
+  const { headDim: D, valueDim: Dv, arrays } = job;
   const { queries, keys } = unit;
   switch (job.step) {
-    case 'center':
+    case 'center': {
       rowStatsRange(
         job.q,
         D,
@@ -239,7 +248,14 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
         queries.end,
       );
       rowStatsRange(job.k, D, arrays.centered, arrays.keyMeans, arrays.keyNorms, keys.start, keys.end);
-      return;
+      if (!job.checkFinite) return 0;
+      return (
+        Number(hasNonFinite(arrays.queryNorms, queries.start, queries.end)) +
+        Number(hasNonFinite(arrays.keyNorms, keys.start, keys.end)) +
+        Number(hasNonFinite(job.v, keys.start * Dv, keys.end * Dv)) +
+        Number(hasNonFinite(job.dOut, queries.start * Dv, queries.end * Dv))
+      );
+    }
     case 'divide':
       // x and the kernels' z = σx, y and its float32 copy, each in one pass over the raw rows.
       centerDivideRowRange(
@@ -263,7 +279,7 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
         keys.end,
         job.y,
       );
-      return;
+      return 0;
     case 'divideBackward':
       if (arrays.queriesDivided)
         divideRowRangeBackward(
@@ -285,7 +301,7 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
           keys.start,
           keys.end,
         );
-      return;
+      return 0;
     case 'finish': {
       const { centered, x, y, queryDivisors, keyDivisors, queryNorms, keyNorms } = arrays;
       const { dx, dy, dv, valueDim: Dv } = job;
@@ -314,7 +330,7 @@ export function preparationRows(job: PreparationJob, unit: FinishRange): void {
         keys.end,
       );
       job.dv32.set(dv.subarray(keys.start * Dv, keys.end * Dv), keys.start * Dv);
-      return;
+      return 0;
     }
   }
 }
@@ -471,7 +487,7 @@ export function serveWorker(post: (reply: WorkerReply) => void): (request: Worke
       } else if (request.type === 'combine') {
         for (const rows of request.units) degenerate += combineShares(request.job, rows);
       } else if (request.type === 'preparation') {
-        for (const rows of request.units) preparationRows(request.job, rows);
+        for (const rows of request.units) nonFiniteInputs += preparationRows(request.job, rows);
       } else {
         const job = request.job;
         backward ??= new BackwardEngine(module);

@@ -649,6 +649,12 @@ function invalidInputCases(): InvalidInputCase[] {
     inputs[which].data[2] = value;
     return inputs;
   };
+  const backwardRequires = {
+    backward: true,
+    orders: [2],
+    normalizations: ['max-norm'],
+    headDim: 5,
+  } satisfies Partial<Requirements>;
   const list: Omit<InvalidInputCase, 'kind' | 'group'>[] = [
     {
       name: 'q of rank 3 -> INVALID_SHAPE',
@@ -824,35 +830,67 @@ function invalidInputCases(): InvalidInputCase[] {
         return inputs;
       },
     },
-    {
-      name: 'NaN in a padded key (keyLengths) -> NON_FINITE_INPUT',
-      call: 'attention',
-      code: 'NON_FINITE_INPUT',
+    ...(['attention', 'backward'] as const).map((call) => ({
+      name: `${call === 'backward' ? 'backward: ' : ''}NaN in a padded key (keyLengths) -> NON_FINITE_INPUT`,
+      call,
+      code: 'NON_FINITE_INPUT' as const,
       argument: 'k.data[11]',
-      requires: { keyPadding: true },
+      requires: call === 'backward' ? { ...backwardRequires, keyPadding: true } : { keyPadding: true },
       inputs: () => {
-        const inputs = ok();
+        const inputs = { ...ok(), dOut: t([1, 2, 3, 5]) };
         inputs.k.data[11] = Number.NaN;
         return { ...inputs, options: { keyLengths: [1] } };
       },
-    },
+    })),
     // createFastmax checks capabilities before dOut, so these need what the call itself needs.
+    // Whether core scans the backward's inputs or the backend does
+    // (capabilities.checksFiniteBackwardInputs), the error names the first bad flat index of the
+    // first bad tensor in the order q, k, v, dOut.
     {
       name: 'NaN in dOut -> NON_FINITE_INPUT',
       call: 'backward',
       code: 'NON_FINITE_INPUT',
-      requires: { backward: true, orders: [2], normalizations: ['max-norm'], headDim: 5 },
+      argument: 'dOut.data[0]',
+      requires: backwardRequires,
       inputs: () => {
         const dOut = t([1, 2, 3, 5]);
         dOut.data[0] = Number.NaN;
         return { ...ok(), dOut };
       },
     },
+    ...(
+      [
+        ['q', Number.NaN],
+        ['k', Number.POSITIVE_INFINITY],
+        ['v', Number.NEGATIVE_INFINITY],
+      ] as const
+    ).map(([which, value]) => ({
+      name: `backward: ${value} in ${which} -> NON_FINITE_INPUT`,
+      call: 'backward' as const,
+      code: 'NON_FINITE_INPUT' as const,
+      argument: `${which}.data[2]`,
+      requires: backwardRequires,
+      inputs: () => ({ ...poisoned(which, value)(), dOut: t([1, 2, 3, 5]) }),
+    })),
+    {
+      name: 'backward: NaN in v and dOut, Infinity later in k -> NON_FINITE_INPUT naming k',
+      call: 'backward',
+      code: 'NON_FINITE_INPUT',
+      argument: 'k.data[23]',
+      requires: backwardRequires,
+      inputs: () => {
+        const inputs = { ...ok(), dOut: t([1, 2, 3, 5]) };
+        inputs.k.data[23] = Number.POSITIVE_INFINITY;
+        inputs.v.data[0] = Number.NaN;
+        inputs.dOut.data[4] = Number.NaN;
+        return inputs;
+      },
+    },
     {
       name: 'dOut of the wrong shape -> SHAPE_MISMATCH',
       call: 'backward',
       code: 'SHAPE_MISMATCH',
-      requires: { backward: true, orders: [2], normalizations: ['max-norm'], headDim: 5 },
+      requires: backwardRequires,
       inputs: () => ({ ...ok(), dOut: t([1, 2, 3, 4]) }),
     },
   ];

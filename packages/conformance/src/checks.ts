@@ -1018,7 +1018,12 @@ async function checkContract(ctx: CheckContext, testCase: ContractCase): Promise
   ] as const) {
     if (typeof caps[flag] !== 'boolean') report.fail(`capabilities.${flag} must be a boolean`);
   }
-  for (const flag of ['checksFiniteInputs', 'writesIntoOut', 'writesGradientsIntoOut'] as const) {
+  for (const flag of [
+    'checksFiniteInputs',
+    'checksFiniteBackwardInputs',
+    'writesIntoOut',
+    'writesGradientsIntoOut',
+  ] as const) {
     if (caps[flag] !== undefined && typeof caps[flag] !== 'boolean')
       report.fail(`capabilities.${flag} must be a boolean when present`);
   }

@@ -23,8 +23,8 @@ import { toHost } from '@fastmax/core';
  * - `'forgetful-state'`: each `step` forgets the tokens of earlier steps ('state').
  * - `'hangs-on-non-finite'`: never settles when an input holds NaN/±Infinity ('non-finite propagation').
  * - `'mutates-inputs'`: writes into the caller's q ('forward').
- * - `'skips-finite-check'`: declares `checksFiniteInputs` (so core leaves the scan to it) and never
- *   scans ('invalid input', the NON_FINITE_INPUT cases of `attention`).
+ * - `'skips-finite-check'`: declares `checksFiniteInputs` and `checksFiniteBackwardInputs` (so core
+ *   leaves the scans to it) and never scans ('invalid input', the NON_FINITE_INPUT cases).
  * - `'skips-zero-rows-of-out'`: declares `writesIntoOut` and writes `request.out` except its rows
  *   that should be 0, as if every caller array came zero-filled ('output buffer').
  * - `'ignores-gradients-out'`: declares `writesGradientsIntoOut` and returns gradients in arrays of
@@ -143,7 +143,7 @@ export function brokenBackend(inner: FastmaxBackend, fault: BackendFault): Fastm
     specVersion: inner.specVersion,
     capabilities:
       fault === 'skips-finite-check'
-        ? { ...inner.capabilities, checksFiniteInputs: true }
+        ? { ...inner.capabilities, checksFiniteInputs: true, checksFiniteBackwardInputs: true }
         : fault === 'skips-zero-rows-of-out'
           ? { ...inner.capabilities, writesIntoOut: true }
           : fault === 'ignores-gradients-out'

@@ -38,10 +38,16 @@ export interface BackendCapabilities {
    * is true and throws core's error (core's `checkFinite` on q, k, v in that order, at least when
    * one holds such a value), and core skips its own scan before the call. This lets a backend fold
    * the check into work it does anyway (the CPU kernels flag the rows they load) instead of paying
-   * for a scan before the compute starts. Default false: core scans. `backward` and decoding
-   * inputs are always scanned by core.
+   * for a scan before the compute starts. Default false: core scans. `backward`'s inputs are
+   * covered by `checksFiniteBackwardInputs`; decoding inputs are always scanned by core.
    */
   readonly checksFiniteInputs?: boolean;
+  /**
+   * The same for `backward`: it checks q, k, v and dOut itself when `request.options.checkFinite`
+   * is true and throws core's error (core's `checkFinite` on q, k, v, dOut in that order, at least
+   * when one holds such a value), and core skips its own scan of them. Default false: core scans.
+   */
+  readonly checksFiniteBackwardInputs?: boolean;
   /**
    * `forward` writes the output into `request.out` when the caller gave one (every element of it)
    * and returns that array as `output.data`, so a caller that reuses one array across calls

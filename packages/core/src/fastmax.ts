@@ -284,11 +284,12 @@ export async function createFastmax(config: CreateFastmaxOptions): Promise<Fastm
       return { output, degenerateRows: result.degenerateRows, plan, backend: backend.name };
     },
     async backward(q, k, v, dOut, options) {
-      const { resolved, shape, plan } = prepare(q, k, v, options);
+      const scansItself = backend.capabilities.checksFiniteBackwardInputs === true;
+      const { resolved, shape, plan } = prepare(q, k, v, options, scansItself);
       if (!backend.capabilities.backward) {
         throw unsupported('backward', 'backend', 'capabilities.backward = true', 'false');
       }
-      validateOutputGradient(dOut, shape, resolved);
+      validateOutputGradient(dOut, shape, resolved, !scansItself);
       const onDevice = keepOnDevice(options, backend);
       const out =
         options?.gradientsOut === undefined

@@ -85,6 +85,7 @@ export {
 export {
   centerDivideRowRange,
   divideRowRangeBackward,
+  hasNonFinite,
   normAndCenterRowRangeBackward,
   rowStatsRange,
 } from './prepare-rows.js';

@@ -136,3 +136,24 @@ export function normAndCenterRowRangeBackward(
     else for (let d = base; d < base + dim; d++) out[d] = gradients[d]! - mean;
   }
 }
+
+/**
+ * Whether values [start, end) of `data` hold a NaN or an infinity. x·0 is 0 for every finite x and
+ * NaN for NaN and ±Infinity, so four branch-free sums answer at about twice the speed of a test per
+ * value (core's `checkFinite` then locates the value).
+ */
+export function hasNonFinite(data: Float32Array | Float64Array, start: number, end: number): boolean {
+  let sum0 = 0;
+  let sum1 = 0;
+  let sum2 = 0;
+  let sum3 = 0;
+  let i = start;
+  for (; i + 3 < end; i += 4) {
+    sum0 += data[i]! * 0;
+    sum1 += data[i + 1]! * 0;
+    sum2 += data[i + 2]! * 0;
+    sum3 += data[i + 3]! * 0;
+  }
+  for (; i < end; i++) sum0 += data[i]! * 0;
+  return sum0 + sum1 + sum2 + sum3 !== 0;
+}
