@@ -39,6 +39,7 @@ import {
 import {
   type AttentionJob,
   Engine,
+  evenRange,
   type HeadState,
   kvHeadSlot,
   MAX_CHUNK,
@@ -359,9 +360,8 @@ function nonNegativeOption(value: number | undefined, argument: string, fallback
 function rowRanges(rows: number, parts: number): RowRange[] {
   const ranges: RowRange[] = [];
   for (let p = 0; p < parts; p++) {
-    const start = Math.floor((rows * p) / parts);
-    const end = Math.floor((rows * (p + 1)) / parts);
-    if (end > start) ranges.push({ start, end });
+    const range = evenRange(rows, p, parts);
+    if (range.end > range.start) ranges.push(range);
   }
   return ranges;
 }

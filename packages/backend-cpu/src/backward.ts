@@ -21,7 +21,7 @@ import {
   sharesPerHead,
   unevenSpeeds,
 } from './balance.js';
-import type { WorkUnit } from './engine.js';
+import { evenRange, type WorkUnit } from './engine.js';
 import type { RunTotals, WorkerPool } from './pool.js';
 import { kernelSetup, packedSchedule } from './setup.js';
 import { type SharedStaging, touchedFloat32 } from './staging.js';
@@ -102,13 +102,7 @@ export async function cpuBackward(
   const arrays = preparationArrays(shape, options, scratch);
   // One range of query rows and one of key rows per worker: the steps are row-local and even.
   const rowParts = pool === null ? 1 : pool.size;
-  const rowRanges: FinishRange[] = [];
-  for (let w = 0; w < rowParts; w++) {
-    rowRanges.push({
-      queries: evenRange(B * H * N, w, rowParts),
-      keys: evenRange(B * Hkv * M, w, rowParts),
-    });
-  }
+  const rowRanges = queryKeyRanges(B * H * N, B * Hkv * M, rowParts);
   const dz = stagedF64(staging, 'dz', B * H * N * D);
   const preparation: PreparationJob = {
     step: 'center',
@@ -328,14 +322,7 @@ export async function cpuBackward(
     balance.learn(work, millis);
   }
   // Pass 3: the shares' sums and ∂L/∂x, ∂L/∂σ, over ranges of query and key rows.
-  const finishRanges = pool === null ? 1 : pool.size;
-  const finish: FinishRange[] = [];
-  for (let w = 0; w < finishRanges; w++) {
-    finish.push({
-      queries: evenRange(heads * N, w, finishRanges),
-      keys: evenRange(heads * M, w, finishRanges),
-    });
-  }
+  const finish = queryKeyRanges(heads * N, heads * M, rowParts);
   if (pool !== null)
     await pool.backward(
       third,
@@ -379,9 +366,12 @@ export async function cpuBackward(
   };
 }
 
-/** Range `index` of `parts` near-equal ranges of [0, total). */
-function evenRange(total: number, index: number, parts: number): { start: number; end: number } {
-  return { start: Math.floor((total * index) / parts), end: Math.floor((total * (index + 1)) / parts) };
+/** `queryRows` and `keyRows` each in `parts` near-equal ranges, one of each per unit. */
+function queryKeyRanges(queryRows: number, keyRows: number, parts: number): FinishRange[] {
+  return Array.from({ length: parts }, (_, index) => ({
+    queries: evenRange(queryRows, index, parts),
+    keys: evenRange(keyRows, index, parts),
+  }));
 }
 
 /**

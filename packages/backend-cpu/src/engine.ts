@@ -390,6 +390,11 @@ export interface RowRange {
   readonly end: number;
 }
 
+/** Range `index` of `parts` near-equal contiguous ranges of [0, total). */
+export function evenRange(total: number, index: number, parts: number): RowRange {
+  return { start: Math.floor((total * index) / parts), end: Math.floor((total * (index + 1)) / parts) };
+}
+
 /**
  * Finishes rows [start, end) of a feature-split forward (AttentionJob.shares) in place: share 0's
  * numerators in `out` plus the other shares', over the summed denominators, or zeros (counted) where

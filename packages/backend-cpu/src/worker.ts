@@ -25,6 +25,7 @@ import {
   chunksStartingIn,
   combineShares,
   Engine,
+  evenRange,
   featureShare,
   type KernelSetup,
   kvHeadSlot,
@@ -360,18 +361,14 @@ export function backwardHead(engine: BackwardEngine, job: BackwardJob, unit: Wor
   if (split !== null) {
     const part = unit.share ?? 0;
     const valid = job.validKeys[b]!;
-    const range = (total: number): RowRange => ({
-      start: Math.floor((total * part) / split.parts),
-      end: Math.floor((total * (part + 1)) / split.parts),
-    });
     sequenceSplit = {
       phase: split.phase,
       states: split.states,
       slot: head * split.parts + part,
       firstSlot: head * split.parts,
       slots: split.parts,
-      queries: range(N),
-      keys: range(valid),
+      queries: evenRange(N, part, split.parts),
+      keys: evenRange(valid, part, split.parts),
       last: part === split.parts - 1,
     };
     // Pass 1 reads out its queries as a schedule of one chunk of them, every key in the state.

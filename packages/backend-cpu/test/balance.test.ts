@@ -188,18 +188,32 @@ it('an engine runs the features featureBounds gives its share, and the shares st
   expect(error).toBeLessThan(1e-5);
 });
 
-// The backward's passes read their features through the same bounds: each share's task covers
-// exactly the features its bounds give it (a stand-in engine records the tasks).
-it('a backward share works on the features featureBounds gives it', () => {
-  const tasks: { featureStart: number; featureEnd: number; share: number }[] = [];
+/** A stand-in backward engine that records the tasks backwardHead gives it. */
+function recordingEngine(): { engine: BackwardEngine; tasks: BackwardHead[] } {
+  const tasks: BackwardHead[] = [];
   const engine = {
     gradients: (task: BackwardHead) => tasks.push(task),
     keyGradients: (task: BackwardHead) => tasks.push(task),
   } as unknown as BackwardEngine;
-  const setup = kernelSetup(16, 2, Float32Array.of(1, 1, 0.5), true);
+  return { engine, tasks };
+}
+
+/** A pass-1 BackwardJob with `fields` and empty data arrays (backwardHead only slices them). */
+function backwardJob(fields: Partial<Record<keyof BackwardJob, unknown>>): BackwardJob {
   const empty = new Float32Array(0);
-  const job = {
+  return {
     pass: 1,
+    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
+    ...fields,
+  } as unknown as BackwardJob;
+}
+
+// The backward's passes read their features through the same bounds: each share's task covers
+// exactly the features its bounds give it (a stand-in engine records the tasks).
+it('a backward share works on the features featureBounds gives it', () => {
+  const { engine, tasks } = recordingEngine();
+  const setup = kernelSetup(16, 2, Float32Array.of(1, 1, 0.5), true);
+  const job = backwardJob({
     setup,
     shares: 2,
     featureBounds: Int32Array.of(0, 40, setup.paddedFeatures),
@@ -213,8 +227,7 @@ it('a backward share works on the features featureBounds gives it', () => {
     valueDim: 16,
     validKeys: Int32Array.of(8),
     schedules: [Int32Array.of(0, 8, 0, 8)],
-    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
-  } as unknown as BackwardJob;
+  });
   backwardHead(engine, job, { head: 0, share: 0 });
   backwardHead(engine, { ...job, pass: 2 }, { head: 0, share: 1 });
   expect(tasks.map(({ featureStart, featureEnd, share }) => [featureStart, featureEnd, share])).toEqual([
@@ -224,17 +237,11 @@ it('a backward share works on the features featureBounds gives it', () => {
 });
 
 it("a backward share by queries answers the chunks queryBounds gives it, in the head's one slot", () => {
-  const tasks: BackwardHead[] = [];
-  const engine = {
-    gradients: (task: BackwardHead) => tasks.push(task),
-    keyGradients: (task: BackwardHead) => tasks.push(task),
-  } as unknown as BackwardEngine;
+  const { engine, tasks } = recordingEngine();
   const setup = kernelSetup(16, 1, Float32Array.of(1, 1), true);
-  const empty = new Float32Array(0);
   // Chunks of 16 rows starting at 0, 16, 32, 48; shares [0, 32), [32, 32) (empty), [32, 64).
   const schedule = Int32Array.of(0, 16, 0, 16, 16, 32, 16, 32, 32, 48, 32, 48, 48, 64, 48, 64);
-  const job = {
-    pass: 1,
+  const job = backwardJob({
     setup,
     shares: 1,
     featureBounds: null,
@@ -248,8 +255,7 @@ it("a backward share by queries answers the chunks queryBounds gives it, in the 
     valueDim: 16,
     validKeys: Int32Array.of(64),
     schedules: [schedule],
-    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
-  } as unknown as BackwardJob;
+  });
   for (let share = 0; share < 3; share++) backwardHead(engine, job, { head: 0, share });
   // The empty share runs nothing; the others take all features and write slot 0.
   expect(
@@ -261,17 +267,11 @@ it("a backward share by queries answers the chunks queryBounds gives it, in the 
 });
 
 it("a backward share by sequence answers its queries and keys, in the head's one slot", () => {
-  const tasks: BackwardHead[] = [];
-  const engine = {
-    gradients: (task: BackwardHead) => tasks.push(task),
-    keyGradients: (task: BackwardHead) => tasks.push(task),
-  } as unknown as BackwardEngine;
+  const { engine, tasks } = recordingEngine();
   const setup = kernelSetup(16, 1, Float32Array.of(1, 1), true);
-  const empty = new Float32Array(0);
   const states = new Float32Array(0);
   // Two heads of 10 queries, 7 valid keys of 9 in batch 1, three shares a head.
-  const job = {
-    pass: 1,
+  const job = backwardJob({
     setup,
     shares: 1,
     featureBounds: null,
@@ -285,8 +285,7 @@ it("a backward share by sequence answers its queries and keys, in the head's one
     valueDim: 16,
     validKeys: Int32Array.of(7),
     schedules: [Int32Array.of(0, 10, 7, 7)],
-    ...Object.fromEntries(['z', 'y', 'v', 'dOut', 'gradA', 'gradB'].map((name) => [name, empty])),
-  } as unknown as BackwardJob;
+  });
   for (let share = 0; share < 3; share++) backwardHead(engine, job, { head: 1, share });
   expect(
     tasks.map((t) => {
