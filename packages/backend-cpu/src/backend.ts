@@ -38,6 +38,7 @@ import {
 } from './balance.js';
 import {
   type AttentionJob,
+  batchUnits,
   Engine,
   evenRange,
   type HeadState,
@@ -252,11 +253,7 @@ function planUnits(heads: number, threads: number, shares: number, skipShare = -
       if (!(head === 0 && share === skipShare)) units.push({ head, share });
     }
   }
-  const batchCount = Math.min(units.length, threads * 4);
-  const size = Math.ceil(units.length / Math.max(1, batchCount));
-  const batches: WorkUnit[][] = [];
-  for (let i = 0; i < units.length; i += size) batches.push(units.slice(i, i + size));
-  return batches;
+  return batchUnits(units, threads);
 }
 
 /**
@@ -510,7 +507,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           : !factorized
             ? sharesPerHead(heads, threadCount, directChunks, () => 0)
             : byQueries
-              ? sharesPerHead(heads, threadCount, F / 4, () => 0)
+              ? // Whole heads once there are enough: a later query share folds the keys before
+                // its first query again, so shares are unequal and add work (3 heads on 2 threads
+                // in 2 shares each took 1.21× whole heads' time at p = 1, N = 16384).
+                heads >= threadCount
+                ? 1
+                : sharesPerHead(heads, threadCount, F / 4, () => 0)
               : plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT
                 ? sharesPerHead(heads, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
                 : byKeys

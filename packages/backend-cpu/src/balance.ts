@@ -179,12 +179,14 @@ export interface ShareBalance {
 }
 
 /**
- * Shares to split each of `heads` heads into when there are fewer heads than `threads`, for a
+ * Shares to split each of `heads` heads into when they do not divide evenly over `threads`, for a
  * split whose shares of a head are equal: a share costs 1 / shares of a head's divisible work plus
  * `fixedWork(shares)` (what every share repeats, as a fraction of that work), and the heads · shares
  * units run in ceil(heads · shares / threads) rounds. Of the counts from enough to give every
- * thread work to twice that (at most `limit`), the one with the least modelled time: 2 heads on 3
- * threads in 3 shares each (2 rounds of a third of a head) rather than 2 each (2 rounds of a half).
+ * thread work to twice that (with more heads than threads, from 1 to `threads`; at most `limit`),
+ * the one with the least modelled time: 2 heads on 3 threads in 3 shares each (2 rounds of a third
+ * of a head) rather than 2 each (2 rounds of a half); 3 heads on 2 threads in 2 shares each (3
+ * rounds of a half) rather than whole (2 rounds, one thread idle in the second).
  */
 export function sharesPerHead(
   heads: number,
@@ -192,9 +194,11 @@ export function sharesPerHead(
   limit: number,
   fixedWork: (shares: number) => number,
 ): number {
-  if (heads >= threads) return 1;
+  if (heads % threads === 0) return 1;
   const fewest = Math.ceil(threads / heads);
-  const most = Math.min(2 * fewest, limit);
+  // With more heads than threads, whole heads leave threads idle in the last round; up to `threads`
+  // shares a head fill it.
+  const most = Math.min(heads > threads ? threads : 2 * fewest, limit);
   if (most <= fewest) return Math.max(1, most);
   let best = fewest;
   let bestTime = Number.POSITIVE_INFINITY;

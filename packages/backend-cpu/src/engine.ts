@@ -277,6 +277,19 @@ export interface WorkUnit {
 }
 
 /**
+ * The units in batches for the pool, which hands the next batch to whichever worker is free.
+ * Several units a batch only when there are many (fewer messages), and rounded down, so that the
+ * last round stays even: 10 whole heads on 2 workers in batches of 3 took 6 heads' time on one of
+ * them, one a batch 5; and a head's shares are not batched back together (3 heads in 2 shares).
+ */
+export function batchUnits<Unit>(units: readonly Unit[], threads: number): Unit[][] {
+  const size = Math.max(1, Math.floor(units.length / (threads * 4)));
+  const batches: Unit[][] = [];
+  for (let i = 0; i < units.length; i += size) batches.push(units.slice(i, i + size));
+  return batches;
+}
+
+/**
  * Padded features [start, end) of share `share` of `shares`: from `bounds` when the shares were
  * sized to the workers' speeds (AttentionJob.featureBounds), else equal counts; in groups of 4
  * because the moment and readout kernels take features 4 at a time.

@@ -11,6 +11,7 @@ import {
 } from '@fastmax/core';
 import { referenceAttention } from '@fastmax/core/reference';
 import { afterAll, describe, expect, it } from 'vitest';
+import type { WorkUnit } from '../src/engine.js';
 import { type CpuBackendOptions, cpuBackend } from '../src/index.js';
 import type { WorkerPool } from '../src/pool.js';
 
@@ -196,6 +197,50 @@ describe('threads', () => {
         await parallel.dispose();
       });
     }
+  }
+
+  // More heads than threads, not a multiple of them: whole heads would leave a thread idle in the
+  // last round, so each head is split as when there are fewer heads than threads (sharesPerHead),
+  // except by queries, where a later share folds its prefix again (whole heads stay). The splits
+  // group float32 sums otherwise than one thread: 1e-5, as above.
+  for (const [label, order, D, causal, path, shares] of [
+    ['the direct path, by queries', 2, 16, true, 'direct', 2],
+    ['features (F = 561)', 2, 32, false, 'factorized', 2],
+    ['keys, then queries (p = 1, non-causal)', 1, 16, false, 'factorized', 2],
+    ['whole heads (p = 1, causal)', 1, 16, true, 'factorized', 1],
+  ] as const) {
+    it(`splits 3 heads on 2 workers: ${label}`, async () => {
+      const backend = cpuBackend({ threads: 2, parallelThreshold: 0 });
+      const pool = await (
+        backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
+      ).poolForTesting();
+      const units: WorkUnit[] = [];
+      const run = pool!.run.bind(pool!);
+      pool!.run = (job, batches, alongside) => {
+        units.push(...batches.flat());
+        return run(job, batches, alongside);
+      };
+      // 600 rows: the direct path splits in blocks of 256 queries.
+      const q = tensor([1, 3, 600, D], 91);
+      const k = tensor([1, 3, 600, D], 92);
+      const v = tensor([1, 3, 600, 12], 93);
+      const options: FastmaxOptions = { order, causal, path, chunkSize: 16 };
+      const parallel = await createFastmax({ backend });
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const a = await parallel.attention(q, k, v, options);
+      const b = await serial.attention(q, k, v, options);
+      const heads = new Set(units.map((unit) => unit.head));
+      expect([...heads].sort()).toEqual([0, 1, 2]);
+      expect(Math.max(...units.map((unit) => unit.share ?? 0)) + 1).toBe(shares);
+      const x = (a.output as HostTensor).data;
+      const y = (b.output as HostTensor).data;
+      let error = 0;
+      for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
+      expect(error).toBeLessThan(1e-5);
+      expect(relativeError(x, referenceAttention(q, k, v, options).output)).toBeLessThan(1e-5);
+      await serial.dispose();
+      await parallel.dispose();
+    });
   }
 
   // A non-causal head with fewer than 256 features splits by keys, then by queries

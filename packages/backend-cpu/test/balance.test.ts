@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import type { BackwardEngine, BackwardHead } from '../src/backward-engine.js';
 import { balancedFeatureBounds, sharesPerHead, unevenSpeeds, updatedSpeeds } from '../src/balance.js';
-import { combineShares, featureShare } from '../src/engine.js';
+import { batchUnits, combineShares, featureShare } from '../src/engine.js';
 import { kernelSetup } from '../src/setup.js';
 import { type BackwardJob, backwardHead } from '../src/worker.js';
 import { causalHead } from './head-job.js';
@@ -74,12 +74,29 @@ describe('unevenSpeeds', () => {
   });
 });
 
+describe('batchUnits', () => {
+  const units = (count: number) => Array.from({ length: count }, (_, head) => ({ head }));
+
+  it('gives each unit a batch of its own until there are more than 4 per thread', () => {
+    // 10 whole heads on 2 workers: batches of 3 would leave one worker 6 heads, one each 5.
+    expect(batchUnits(units(10), 2).map((batch) => batch.length)).toEqual(Array(10).fill(1));
+    expect(batchUnits(units(8), 2)).toHaveLength(8);
+  });
+
+  it('batches many units in order, every one once, in at least 4 batches per thread', () => {
+    const batches = batchUnits(units(100), 2);
+    expect(batches.map((batch) => batch.length)).toEqual([...Array(8).fill(12), 4]);
+    expect(batches.flat()).toEqual(units(100));
+    expect(batchUnits(units(0), 3)).toEqual([]);
+  });
+});
+
 describe('sharesPerHead', () => {
   const none = () => 0;
 
-  it('keeps whole heads when there are as many as threads, and one head in a share per thread', () => {
+  it('keeps whole heads when they divide evenly over the threads, and one head in a share per thread', () => {
     expect(sharesPerHead(4, 4, 100, none)).toBe(1);
-    expect(sharesPerHead(9, 4, 100, none)).toBe(1);
+    expect(sharesPerHead(12, 4, 100, none)).toBe(1);
     expect(sharesPerHead(1, 4, 100, none)).toBe(4);
     expect(sharesPerHead(1, 16, 100, (s) => 0.01 * s)).toBe(16);
   });
@@ -95,6 +112,18 @@ describe('sharesPerHead', () => {
     expect(sharesPerHead(7, 16, 100, none)).toBe(4);
     // 4 heads on 5 threads: 2, 3 and 4 shares all take one head's time; the fewest wins.
     expect(sharesPerHead(4, 5, 100, none)).toBe(2);
+  });
+
+  it('splits heads that leave threads idle in the last round when there are more heads than threads', () => {
+    // 3 heads on 2 threads: 3 rounds of half a head (1.5) against 2 rounds of a whole one.
+    expect(sharesPerHead(3, 2, 100, none)).toBe(2);
+    // 9 heads on 4 threads: 4 shares, 9 rounds of a quarter (2.25), against 2.33 for 3 shares, 2.5
+    // for 2 and 3 for whole heads.
+    expect(sharesPerHead(9, 4, 100, none)).toBe(4);
+    // 5 heads on 2 threads, at most 1 share a head (the limit): whole heads.
+    expect(sharesPerHead(5, 2, 1, none)).toBe(1);
+    // When every share repeats 0.6 of a head's work, 2 shares cost 3 × 1.1 = 3.3 against 2 × 1.
+    expect(sharesPerHead(3, 2, 100, () => 0.6)).toBe(1);
   });
 
   it('takes fewer shares when what every share repeats outweighs the idle threads', () => {
