@@ -240,15 +240,24 @@ const STAGING_IDLE_MILLIS = 1000;
 const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
 
 /**
- * Splits the (batch, head) pairs into work units, grouped in a few batches per thread so idle
- * workers keep finding work. With fewer pairs than threads, each head is split into `shares` units
- * (see AttentionJob.shares), in order of share within each head (a scan's share waits for the one
- * before it, which therefore starts first). `skipShare`: that share of head 0 is left out (the
- * calling thread runs it).
+ * Splits the (batch, head) pairs into work units, grouped in batches (batchUnits). When the heads
+ * do not divide evenly over the threads, each head is split into `shares` units (see
+ * AttentionJob.shares), in order of share within each head (a scan's share waits for the one
+ * before it, which therefore starts first), except the first `wholeHeads`, which go first as whole
+ * heads (WorkUnit.whole). `skipShare`: that share of head 0 is left out (the calling thread runs it).
  */
-function planUnits(heads: number, threads: number, shares: number, skipShare = -1): WorkUnit[][] {
+function planUnits(
+  heads: number,
+  threads: number,
+  shares: number,
+  { skipShare = -1, wholeHeads = 0 }: { skipShare?: number; wholeHeads?: number } = {},
+): WorkUnit[][] {
   const units: WorkUnit[] = [];
   for (let head = 0; head < heads; head++) {
+    if (head < wholeHeads) {
+      units.push({ head, whole: true });
+      continue;
+    }
     for (let share = 0; share < shares; share++) {
       if (!(head === 0 && share === skipShare)) units.push({ head, share });
     }
@@ -507,18 +516,18 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
           : !factorized
             ? sharesPerHead(heads, threadCount, directChunks, () => 0)
             : byQueries
-              ? // Whole heads once there are enough: a later query share folds the keys before
-                // its first query again, so shares are unequal and add work (3 heads on 2 threads
-                // in 2 shares each took 1.21× whole heads' time at p = 1, N = 16384).
-                heads >= threadCount
-                ? 1
-                : sharesPerHead(heads, threadCount, F / 4, () => 0)
+              ? // Only the heads past whole rounds of the threads: a later query share folds the
+                // keys before its first query again, so splitting every head adds work (3 heads on
+                // 2 threads in 2 shares each took 1.21× whole heads' time at p = 1, N = 16384).
+                sharesPerHead(heads % threadCount, threadCount, F / 4, () => 0)
               : plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT
                 ? sharesPerHead(heads, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
                 : byKeys
                   ? sharesPerHead(heads, threadCount, Math.max(1, Math.floor(N / 64)), () => 0)
                   : 1;
       const bySequence = shares > 1 && (byQueries || !factorized);
+      // Heads that run whole in a split by queries (WorkUnit.whole).
+      const wholeHeads = bySequence && factorized ? heads - (heads % threadCount) : 0;
       if (bySequence && !factorized)
         for (let b = 0; b < B; b++) schedules[b] = directSchedule(b, shape, resolved, DIRECT_SPLIT_ROWS);
       // With one head split by queries, the calling thread answers one share itself, from the
@@ -794,7 +803,8 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
             }
             if (callerRows > 0) callerMillis = performance.now() - start;
           };
-          const totals = await runWorkers(planUnits(heads, threadCount, shares, callerIndex), () => {
+          const workerUnits = planUnits(heads, threadCount, shares, { skipShare: callerIndex });
+          const totals = await runWorkers(workerUnits, () => {
             progressive!.finish(STAGE_BLOCK_ROWS);
             if (scan) runCallerShare();
             // Only the workers' rows: the calling thread's are written (and touched) by its share.
@@ -817,7 +827,7 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         // While the workers compute, the calling thread allocates the caller's output array and
         // touches every page of it (unless the caller gave one).
         const prepared: { output: Float32Array | null } = { output: request.out ?? null };
-        let totals = await runWorkers(planUnits(heads, threadCount, shares), () => {
+        let totals = await runWorkers(planUnits(heads, threadCount, shares, { wholeHeads }), () => {
           if (!stagedOutput || prepared.output !== null) return;
           prepared.output = allocate(() => touchedFloat32(outLength));
         });

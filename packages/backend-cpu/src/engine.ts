@@ -274,6 +274,11 @@ export const KEY_ROWS = 1;
 export interface WorkUnit {
   readonly head: number;
   readonly share?: number;
+  /**
+   * The whole head, in a job that splits heads by queries (AttentionJob.queryBounds): the heads
+   * that fill whole rounds of the threads run unsplit, only the rest in shares.
+   */
+  readonly whole?: boolean;
 }
 
 /**
@@ -664,6 +669,7 @@ export class Engine {
     this.clearState(0);
     this.stagedRows = job.stagedRows;
     const share = unit.share ?? 0;
+    // A job split by sequence has no feature shares, whether or not this unit is a whole head.
     const bySequence = job.queryBounds !== null || job.keySplit !== null;
     // Feature shares of this unit: all of them when the head is split by queries.
     const shares = bySequence ? 1 : job.shares;
@@ -709,7 +715,7 @@ export class Engine {
     if (job.keySplit !== null) return this.runKeySplitShare(job, unit.head, share, view, state);
     const scales = this.queryScales(job, view);
     let schedule = job.schedules[b]!;
-    if (bySequence) {
+    if (bySequence && unit.whole !== true) {
       const { first, end } = chunksStartingIn(
         schedule,
         job.queryBounds![share]!,

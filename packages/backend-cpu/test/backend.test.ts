@@ -201,37 +201,46 @@ describe('threads', () => {
 
   // More heads than threads, not a multiple of them: whole heads would leave a thread idle in the
   // last round, so each head is split as when there are fewer heads than threads (sharesPerHead),
-  // except by queries, where a later share folds its prefix again (whole heads stay). The splits
-  // group float32 sums otherwise than one thread: 1e-5, as above.
-  for (const [label, order, D, causal, path, shares] of [
-    ['the direct path, by queries', 2, 16, true, 'direct', 2],
-    ['features (F = 561)', 2, 32, false, 'factorized', 2],
-    ['keys, then queries (p = 1, non-causal)', 1, 16, false, 'factorized', 2],
-    ['whole heads (p = 1, causal)', 1, 16, true, 'factorized', 1],
+  // except by queries, where a later share folds its prefix again: there the heads that fill
+  // whole rounds run whole, and only the rest are split. The splits group float32 sums otherwise
+  // than one thread: 1e-5, as above.
+  for (const [label, threads, heads, order, D, causal, path, shares, wholeHeads] of [
+    ['the direct path, by queries', 2, 3, 2, 16, true, 'direct', 2, 0],
+    ['features (F = 561)', 2, 3, 2, 32, false, 'factorized', 2, 0],
+    ['keys, then queries (p = 1, non-causal)', 2, 3, 1, 16, false, 'factorized', 2, 0],
+    ['2 whole heads, the third by queries (p = 1, causal)', 2, 3, 1, 16, true, 'factorized', 2, 2],
+    // The last head in 3 query shares: a prefix scan beside the whole heads (default from 3).
+    ['3 whole heads, the fourth as a prefix scan (p = 1, causal)', 3, 4, 1, 16, true, 'factorized', 3, 3],
   ] as const) {
-    it(`splits 3 heads on 2 workers: ${label}`, async () => {
-      const backend = cpuBackend({ threads: 2, parallelThreshold: 0 });
+    it(`splits ${heads} heads on ${threads} workers: ${label}`, async () => {
+      const backend = cpuBackend({ threads, parallelThreshold: 0 });
       const pool = await (
         backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
       ).poolForTesting();
-      const units: WorkUnit[] = [];
+      // The units of the first run (a split by keys runs a second, the readout, over the same).
+      const runs: WorkUnit[][] = [];
       const run = pool!.run.bind(pool!);
       pool!.run = (job, batches, alongside) => {
-        units.push(...batches.flat());
+        runs.push(batches.flat());
         return run(job, batches, alongside);
       };
       // 600 rows: the direct path splits in blocks of 256 queries.
-      const q = tensor([1, 3, 600, D], 91);
-      const k = tensor([1, 3, 600, D], 92);
-      const v = tensor([1, 3, 600, 12], 93);
+      const q = tensor([1, heads, 600, D], 91);
+      const k = tensor([1, heads, 600, D], 92);
+      const v = tensor([1, heads, 600, 12], 93);
+      // prefix-max-norm (the causal default) starts a later query share from the rows before it.
       const options: FastmaxOptions = { order, causal, path, chunkSize: 16 };
       const parallel = await createFastmax({ backend });
       const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
       const a = await parallel.attention(q, k, v, options);
       const b = await serial.attention(q, k, v, options);
-      const heads = new Set(units.map((unit) => unit.head));
-      expect([...heads].sort()).toEqual([0, 1, 2]);
+      const units = runs[0]!;
+      expect(new Set(units.map((unit) => unit.head)).size).toBe(heads);
       expect(Math.max(...units.map((unit) => unit.share ?? 0)) + 1).toBe(shares);
+      expect(units.filter((unit) => unit.whole).map((unit) => unit.head)).toEqual(
+        Array.from({ length: wholeHeads }, (_, head) => head),
+      );
+      expect(units).toHaveLength(wholeHeads + (heads - wholeHeads) * shares);
       const x = (a.output as HostTensor).data;
       const y = (b.output as HostTensor).data;
       let error = 0;
