@@ -245,14 +245,23 @@ const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
  * AttentionJob.shares), in order of share within each head (a scan's share waits for the one
  * before it, which therefore starts first), except the first `wholeHeads`, which go first as whole
  * heads (WorkUnit.whole). `skipShare`: that share of head 0 is left out (the calling thread runs it).
+ * `groupSize` > 1 (whole heads only): the query heads of one key head make one unit (WorkUnit.heads).
  */
 function planUnits(
   heads: number,
   threads: number,
   shares: number,
-  { skipShare = -1, wholeHeads = 0 }: { skipShare?: number; wholeHeads?: number } = {},
+  {
+    skipShare = -1,
+    wholeHeads = 0,
+    groupSize = 1,
+  }: { skipShare?: number; wholeHeads?: number; groupSize?: number } = {},
 ): WorkUnit[][] {
   const units: WorkUnit[] = [];
+  if (groupSize > 1) {
+    for (let head = 0; head < heads; head += groupSize) units.push({ head, heads: groupSize });
+    return batchUnits(units, threads);
+  }
   for (let head = 0; head < heads; head++) {
     if (head < wholeHeads) {
       units.push({ head, whole: true });
@@ -510,8 +519,25 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       // The direct path splits a head by queries too, in chunks of DIRECT_SPLIT_ROWS: it keeps no
       // state, so a share repeats nothing.
       const directChunks = factorized ? 0 : Math.floor(N / DIRECT_SPLIT_ROWS);
+      // A share's cost per key: what folding a key into its state, or adding a key twice, costs.
+      const keyCost = plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
+      // Grouped-query attention: the query heads that read one key head run as one unit
+      // (WorkUnit.heads), which adds each key to the state once for all of them, when that beats
+      // spreading the heads over the threads (modelled evenly spread, which favours spreading).
+      const groupSize = H / shape.kvHeads;
+      const groups = B * shape.kvHeads;
+      const readCost =
+        plan.featureCount * (Dv + 1) +
+        (resolved.causal ? (chunkSize * (D + Dv)) / 2 : 0) +
+        PREPARATION_COST * (D + Dv);
+      const headCost = N * readCost + shape.keyLength * keyCost;
+      const groupCost = groupSize * N * readCost + shape.keyLength * keyCost;
+      const grouped =
+        factorized &&
+        groupSize > 1 &&
+        Math.ceil(groups / threadCount) * groupCost < 0.97 * (heads / threadCount) * headCost;
       const shares =
-        workers === null
+        workers === null || grouped
           ? 1
           : !factorized
             ? sharesPerHead(heads, threadCount, directChunks, () => 0)
@@ -558,8 +584,6 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
       const balancedQueries = bySequence && factorized && heads === 1 && options.balanceShares !== false;
       const learnedSpeeds = (scan: boolean) =>
         queryShareSpeedsScan === null || queryShareSpeedsScan === scan ? queryShareSpeeds : null;
-      // A share's cost per key: what folding a key into its state, or adding a key twice, costs.
-      const keyCost = plan.featureCount * (Dv + 1) + PREPARATION_COST * (D + Dv);
       const splitByQueries = (scan: boolean, keep = true) => {
         // Building the state of the keys before a share costs it per key only when it folds them;
         // a scan share that keeps nothing adds its own keys twice.
@@ -679,7 +703,9 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         let degenerateRows = 0;
         local.nonFiniteInputs = 0;
         try {
-          for (let head = 0; head < heads; head++) degenerateRows += local.runUnit(job, { head });
+          const step = grouped ? groupSize : 1;
+          for (let head = 0; head < heads; head += step)
+            degenerateRows += local.runUnit(job, step > 1 ? { head, heads: step } : { head });
         } catch (error) {
           throw wrapEngineError(error);
         }
@@ -827,10 +853,13 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         // While the workers compute, the calling thread allocates the caller's output array and
         // touches every page of it (unless the caller gave one).
         const prepared: { output: Float32Array | null } = { output: request.out ?? null };
-        let totals = await runWorkers(planUnits(heads, threadCount, shares, { wholeHeads }), () => {
-          if (!stagedOutput || prepared.output !== null) return;
-          prepared.output = allocate(() => touchedFloat32(outLength));
-        });
+        let totals = await runWorkers(
+          planUnits(heads, threadCount, shares, { wholeHeads, groupSize: grouped ? groupSize : 1 }),
+          () => {
+            if (!stagedOutput || prepared.output !== null) return;
+            prepared.output = allocate(() => touchedFloat32(outLength));
+          },
+        );
         if (job.keySplit !== null) {
           // The moments are in: each share now reads its queries out against their sum.
           const moments = totals;

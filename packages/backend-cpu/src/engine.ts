@@ -258,7 +258,7 @@ export function chunksStartingIn(
  * max-norm's whole-head divisors of the query and key rows (queryScales); null for the other
  * normalizations, which need none.
  */
-interface HeadScales {
+export interface HeadScales {
   readonly queryDivisor: number;
   readonly keyDivisor: number;
 }
@@ -279,6 +279,11 @@ export interface WorkUnit {
    * that fill whole rounds of the threads run unsplit, only the rest in shares.
    */
   readonly whole?: boolean;
+  /**
+   * Query heads [head, head + heads) run together: they read the same key head (grouped-query
+   * attention), whose keys then enter the moment state once for all of them. Whole heads only.
+   */
+  readonly heads?: number;
 }
 
 /**
@@ -391,6 +396,15 @@ export interface HeadState {
   /** Running maxima of centered norms (prefix-max-norm): all queries so far, all keys so far. */
   queryMax: number;
   keyMax: number;
+}
+
+/** A query head of a group that reads one key head's state (Engine.runHead's `group`). */
+export interface GroupMember {
+  readonly view: HeadView;
+  /** max-norm's divisors (queryScales); the key divisor is the same for every head of a group. */
+  readonly scales: HeadScales | null;
+  /** prefix-max-norm's running maximum of this head's query norms. */
+  readonly running: { queryMax: number };
 }
 
 /**
@@ -714,6 +728,26 @@ export class Engine {
     const state: HeadState = { keys: 0, queryMax: 0, keyMax: 0 };
     if (job.keySplit !== null) return this.runKeySplitShare(job, unit.head, share, view, state);
     const scales = this.queryScales(job, view);
+    if ((unit.heads ?? 1) > 1) {
+      const group = Array.from({ length: unit.heads! }, (_, h): GroupMember => {
+        if (h === 0) return { view, scales, running: state };
+        const head = { ...view, qBase: (unit.head + h) * N * D, oBase: (unit.head + h) * N * Dv };
+        return { view: head, scales: this.queryScales(job, head), running: { queryMax: 0 } };
+      });
+      const schedule = job.schedules[b]!;
+      return this.runHead(
+        view,
+        schedule,
+        job.path,
+        job.normalization,
+        job.temperature,
+        scales,
+        state,
+        0,
+        0,
+        group,
+      );
+    }
     let schedule = job.schedules[b]!;
     if (bySequence && unit.whole !== true) {
       const { first, end } = chunksStartingIn(
@@ -1366,7 +1400,14 @@ export class Engine {
     slot: number,
     /** Keys the state must hold when the head is done (decoding: all of them so far). */
     finalKeys: number,
+    /**
+     * The query heads that read these keys and values, when more than `view`'s (grouped-query
+     * attention, WorkUnit.heads): each chunk's keys enter the state once and every head reads them
+     * out. Null: `view`'s head alone, its running query maximum in `state`.
+     */
+    group: readonly GroupMember[] | null = null,
   ): number {
+    const members: readonly GroupMember[] = group ?? [{ view, scales, running: state }];
     const layout = this.layout!;
     const b = this.buffers!;
     const ex = this.exports;
@@ -1458,62 +1499,69 @@ export class Engine {
       return state.keyMax;
     };
 
+    const rowKeyMax = new Float64Array(C);
+    // Answers queries [i0, i0 + nq) of one query head: the state's keys [0, stateKeyEnd) (added
+    // here by the group's first head), then the keys past them pair by pair, in blocks of KEY_CHUNK
+    // (loaded once for the group: loadKeys keeps the last range). Returns its degenerate rows.
+    const answerBlock = (member: GroupMember, i0: number, nq: number, stateKeyEnd: number): number => {
+      const { view: head, scales: headScales, running } = member;
+      const nq4 = Math.ceil(nq / 4);
+      // Queries: z_i = σ_i · x_i, transposed to D × C.
+      const f32 = this.loadRows(head.q, head.qBase, i0, nq, D, b.qRaw, centered, b.qNorms, QUERY_ROWS);
+      const norms = b.qNorms >> 2;
+      const factors = b.qFactors >> 2;
+      for (let r = 0; r < nq; r++) {
+        const norm = f32[norms + r]!;
+        if (kind === 'prefix-max-norm' && norm > running.queryMax) running.queryMax = norm;
+        f32[factors + r] = queryFactor(kind, norm, running.queryMax, rowKeyMax[r]!, headScales, T, scale);
+      }
+      ex.transposeScaled(b.qRaw, nq, D, b.qFactors, b.xT, C, nq4 * 4);
+      f32.fill(0, b.o >> 2, (b.o >> 2) + C * W);
+      f32.fill(0, b.den >> 2, (b.den >> 2) + C);
+
+      if (path === 'factorized') {
+        advance(stateKeyEnd);
+        if (state.keys > 0) this.readOut(nq4, fStart, fEnd, sPtr, zPtr);
+      }
+      const directEnd = block % view.shares === view.share ? limitOf(i0 + nq - 1) : stateKeyEnd;
+      for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
+        const nk = Math.min(KEY_CHUNK, directEnd - k0);
+        loadKeys(k0, k0 + nk);
+        this.directBlock(head, limitOf, i0, nq, k0, nk, scratchKeys);
+      }
+
+      const width = head.valueDim;
+      const partial = head.partial;
+      if (partial !== null) {
+        this.refreshViews();
+        const o = b.o >> 2;
+        const outStart = partial.outBase + i0 * width;
+        if (W === width) partial.out.set(this.f32.subarray(o, o + nq * width), outStart);
+        else
+          for (let r = 0; r < nq; r++)
+            partial.out.set(this.f32.subarray(o + r * W, o + r * W + width), outStart + r * width);
+        partial.den.set(this.f32.subarray(b.den >> 2, (b.den >> 2) + nq), partial.denBase + i0);
+        return 0;
+      }
+      const degenerateRows = ex.normalizeRows(b.o, W, b.den, nq, width, b.stage);
+      this.refreshViews();
+      const stage = b.stage >> 2;
+      head.out.set(this.f32.subarray(stage, stage + nq * width), head.oBase + i0 * width);
+      return degenerateRows;
+    };
+
     for (let c = 0; c < schedule.length; c += 4) {
       const chunkStart = schedule[c]!;
       const chunkEnd = schedule[c + 1]!;
       const stateKeyEnd = path === 'direct' ? 0 : Math.min(schedule[c + 2]!, view.valid);
       for (let i0 = chunkStart; i0 < chunkEnd; i0 += C) {
         const nq = Math.min(C, chunkEnd - i0);
-        const nq4 = Math.ceil(nq / 4);
-        // Queries: z_i = σ_i · x_i, transposed to D × C.
-        const f32 = this.loadRows(view.q, view.qBase, i0, nq, D, b.qRaw, centered, b.qNorms, QUERY_ROWS);
-        const norms = b.qNorms >> 2;
-        const factors = b.qFactors >> 2;
-        for (let r = 0; r < nq; r++) {
-          const i = i0 + r;
-          const norm = f32[norms + r]!;
-          let keyMax = 0;
-          if (kind === 'prefix-max-norm') {
-            if (norm > state.queryMax) state.queryMax = norm;
-            keyMax = keyMaxUpTo(limitOf(i));
-          }
-          f32[factors + r] = queryFactor(kind, norm, state.queryMax, keyMax, scales, T, scale);
-        }
-        ex.transposeScaled(b.qRaw, nq, D, b.qFactors, b.xT, C, nq4 * 4);
-        f32.fill(0, b.o >> 2, (b.o >> 2) + C * W);
-        f32.fill(0, b.den >> 2, (b.den >> 2) + C);
-
-        if (path === 'factorized') {
-          advance(stateKeyEnd);
-          if (state.keys > 0) this.readOut(nq4, fStart, fEnd, sPtr, zPtr);
-        }
-        // Keys past the state, pair by pair, in blocks of KEY_CHUNK keys.
         block++;
-        const directEnd = block % view.shares === view.share ? limitOf(i0 + nq - 1) : stateKeyEnd;
-        for (let k0 = stateKeyEnd; k0 < directEnd; k0 += KEY_CHUNK) {
-          const nk = Math.min(KEY_CHUNK, directEnd - k0);
-          loadKeys(k0, k0 + nk);
-          this.directBlock(view, limitOf, i0, nq, k0, nk, scratchKeys);
-        }
-
-        const width = view.valueDim;
-        const partial = view.partial;
-        if (partial !== null) {
-          this.refreshViews();
-          const o = b.o >> 2;
-          const outStart = partial.outBase + i0 * view.valueDim;
-          if (W === width) partial.out.set(this.f32.subarray(o, o + nq * width), outStart);
-          else
-            for (let r = 0; r < nq; r++)
-              partial.out.set(this.f32.subarray(o + r * W, o + r * W + width), outStart + r * width);
-          partial.den.set(this.f32.subarray(b.den >> 2, (b.den >> 2) + nq), partial.denBase + i0);
-          continue;
-        }
-        degenerate += ex.normalizeRows(b.o, W, b.den, nq, width, b.stage);
-        this.refreshViews();
-        const stage = b.stage >> 2;
-        const outStart = view.oBase + i0 * view.valueDim;
-        view.out.set(this.f32.subarray(stage, stage + nq * width), outStart);
+        // prefix-max-norm: the largest key norm each row sees, the same for every head of a group
+        // (the scan behind keyMaxUpTo only moves forward).
+        if (kind === 'prefix-max-norm')
+          for (let r = 0; r < nq; r++) rowKeyMax[r] = keyMaxUpTo(limitOf(i0 + r));
+        for (const member of members) degenerate += answerBlock(member, i0, nq, stateKeyEnd);
       }
     }
     if (path === 'factorized') advance(finalKeys);

@@ -252,6 +252,55 @@ describe('threads', () => {
     });
   }
 
+  // Grouped-query attention: the query heads that read one key head run as one unit (WorkUnit.heads)
+  // in the calling thread and, when the model prefers it, on the workers: each key enters the state
+  // once for all of them. prefix-max-norm's per-row key maximum must be each row's own, not the
+  // maximum the previous head of the group reached. Bit for bit what the heads give one by one
+  // (the same sums in the same order), so equal to the oracle within the one-head tolerance.
+  for (const [order, causal, normalization] of [
+    [1, true, 'prefix-max-norm'],
+    [2, true, 'prefix-max-norm'],
+    [2, true, 'l2'],
+    [1, false, 'max-norm'],
+    [2, false, { scale: 0.3 }],
+  ] as const) {
+    for (const threads of [1, 2]) {
+      it(`runs 2 query heads per key head together (p = ${order}, ${causal ? 'causal' : 'non-causal'}, ${typeof normalization === 'string' ? normalization : 'scale'}, ${threads} thread(s))`, async () => {
+        const backend = cpuBackend({ threads, parallelThreshold: 0 });
+        const pool = await (
+          backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
+        ).poolForTesting();
+        const runs: WorkUnit[][] = [];
+        if (pool !== null) {
+          const run = pool.run.bind(pool);
+          pool.run = (job, batches, alongside) => {
+            runs.push(batches.flat());
+            return run(job, batches, alongside);
+          };
+        }
+        // 4 query heads over 2 key heads in each of 2 batches: 4 groups, 2 per worker.
+        const q = tensor([2, 4, 300, 16], 101, 2);
+        const k = tensor([2, 2, 300, 16], 102, 2);
+        const v = tensor([2, 2, 300, 12], 103);
+        const options: FastmaxOptions = {
+          order,
+          causal,
+          normalization,
+          path: 'factorized',
+          chunkSize: 16,
+          keyLengths: [300, 170],
+        };
+        const fm = await createFastmax({ backend });
+        const result = await fm.attention(q, k, v, options);
+        if (pool !== null) expect(runs[0]).toEqual([0, 2, 4, 6].map((head) => ({ head, heads: 2 })));
+        const reference = referenceAttention(q, k, v, options);
+        expect(result.degenerateRows).toBe(reference.degenerateRows);
+        expect(relativeError((result.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+        await fm.dispose();
+      });
+    }
+  }
+
   // A non-causal head with fewer than 256 features splits by keys, then by queries
   // (AttentionJob.keySplit): each share adds its keys to a partial state, then sums the head's
   // partial states and reads its queries out. max-norm's key divisor moves onto the queries. The
