@@ -41,8 +41,9 @@ import {
   batchUnits,
   Engine,
   evenRange,
+  type GroupMember,
   type HeadState,
-  kvHeadSlot,
+  type HeadView,
   MAX_CHUNK,
   momentStateFloats,
   type NormalizationSpec,
@@ -1038,13 +1039,18 @@ function wrapEngineError(error: unknown): FastmaxError {
 }
 
 /**
- * Recurrent decoding: one moment state per (batch, query head) in a WebAssembly instance of its own,
- * O(F·Dv) whatever the number of tokens. Each step runs core's causal chunk schedule over the new
- * tokens, starting from the state, then adds their keys to it.
+ * Recurrent decoding: one moment state per (batch, key head) in a WebAssembly instance of its own,
+ * O(F·Dv) whatever the number of tokens; the query heads of a key head (grouped-query attention)
+ * read it together (Engine.runHead's group), each with its own running query maximum. Each step
+ * runs core's causal chunk schedule over the new tokens, starting from the state, then adds their
+ * keys to it.
  */
 class CpuState implements BackendState {
   private count = 0;
-  private readonly heads: HeadState[] = [];
+  /** Per (batch, key head): the keys in the state and their running maximum norm. */
+  private readonly keyHeads: HeadState[] = [];
+  /** Per (batch, query head): prefix-max-norm's running maximum of its query norms. */
+  private readonly queryHeads: { queryMax: number }[] = [];
   private readonly setup;
   private closed = false;
 
@@ -1052,11 +1058,11 @@ class CpuState implements BackendState {
     private readonly options: ResolvedStateOptions,
     private readonly engine: Engine,
   ) {
-    const { headDim: D, valueDim: Dv, batch: B, heads: H } = options;
+    const { headDim: D, valueDim: Dv, batch: B, kvHeads: Hkv } = options;
     const resolved = options.options;
     this.setup = kernelSetup(D, resolved.order, resolved.coefficients, true);
-    refuseLargeState(stateBytes(this.setup.paddedFeatures, Dv) * B * H, `${B * H} decoding states`);
-    this.engine.prepare(this.setup, Dv, chooseChunkSize(D, Dv, resolved.order, 256), B * H);
+    refuseLargeState(stateBytes(this.setup.paddedFeatures, Dv) * B * Hkv, `${B * Hkv} decoding states`);
+    this.engine.prepare(this.setup, Dv, chooseChunkSize(D, Dv, resolved.order, 256), B * Hkv);
     this.reset();
   }
 
@@ -1079,41 +1085,49 @@ class CpuState implements BackendState {
     const out = new Float32Array(B * H * T * Dv);
     const normalization = normalizationSpec(resolved);
     let degenerateRows = 0;
+    const groupSize = H / Hkv;
     try {
-      for (let b = 0; b < B; b++) {
-        for (let h = 0; h < H; h++) {
-          const slot = b * H + h;
-          const kvHead = kvHeadSlot(slot, H, Hkv);
-          degenerateRows += this.engine.runStep(
-            {
-              q: q.data,
-              qBase: slot * T * D,
-              k: k.data,
-              kBase: kvHead * T * D,
-              v: v.data,
-              vBase: kvHead * T * Dv,
-              out,
-              oBase: slot * T * Dv,
-              rows: T,
-              keyOffset: n,
-              valid: n + T,
-              causal: true,
-              causalShift: n,
-              headDim: D,
-              valueDim: Dv,
-              featureStart: 0,
-              featureEnd: this.setup.paddedFeatures,
-              share: 0,
-              shares: 1,
-              partial: null,
-            },
-            schedule,
-            normalization,
-            resolved.temperature,
-            this.heads[slot]!,
-            slot,
-          );
-        }
+      for (let kvHead = 0; kvHead < B * Hkv; kvHead++) {
+        const first = kvHead * groupSize;
+        const headView = (head: number): HeadView => ({
+          q: q.data,
+          qBase: head * T * D,
+          k: k.data,
+          kBase: kvHead * T * D,
+          v: v.data,
+          vBase: kvHead * T * Dv,
+          out,
+          oBase: head * T * Dv,
+          rows: T,
+          keyOffset: n,
+          valid: n + T,
+          causal: true,
+          causalShift: n,
+          headDim: D,
+          valueDim: Dv,
+          featureStart: 0,
+          featureEnd: this.setup.paddedFeatures,
+          share: 0,
+          shares: 1,
+          partial: null,
+        });
+        const group = Array.from(
+          { length: groupSize },
+          (_, h): GroupMember => ({
+            view: headView(first + h),
+            scales: null,
+            running: this.queryHeads[first + h]!,
+          }),
+        );
+        degenerateRows += this.engine.runStep(
+          group[0]!.view,
+          schedule,
+          normalization,
+          resolved.temperature,
+          this.keyHeads[kvHead]!,
+          kvHead,
+          group,
+        );
       }
     } catch (error) {
       throw wrapEngineError(error);
@@ -1123,12 +1137,14 @@ class CpuState implements BackendState {
   }
 
   reset(): void {
-    const slots = this.options.batch * this.options.heads;
-    this.heads.length = 0;
-    for (let slot = 0; slot < slots; slot++) {
+    const { batch: B, heads: H, kvHeads: Hkv } = this.options;
+    this.keyHeads.length = 0;
+    for (let slot = 0; slot < B * Hkv; slot++) {
       this.engine.clearState(slot);
-      this.heads.push({ keys: 0, queryMax: 0, keyMax: 0 });
+      this.keyHeads.push({ keys: 0, queryMax: 0, keyMax: 0 });
     }
+    this.queryHeads.length = 0;
+    for (let head = 0; head < B * H; head++) this.queryHeads.push({ queryMax: 0 });
     this.count = 0;
   }
 

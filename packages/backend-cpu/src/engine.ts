@@ -1161,8 +1161,9 @@ export class Engine {
   }
 
   /**
-   * Decoding: appends the step's rows of one head to the state in slot `slot` (prefix-max-norm or
-   * scale only, causal, no padding). `schedule` is core's chunk schedule for this step.
+   * Decoding: appends the step's rows of one head, or of the query heads of one key head (`group`,
+   * as runHead's), to the state in slot `slot` (prefix-max-norm or scale only, causal, no
+   * padding). `schedule` is core's chunk schedule for this step.
    */
   runStep(
     view: HeadView,
@@ -1171,6 +1172,7 @@ export class Engine {
     temperature: number,
     state: HeadState,
     slot: number,
+    group: readonly GroupMember[] | null = null,
   ): number {
     this.stagedRows = null;
     return this.runHead(
@@ -1183,6 +1185,7 @@ export class Engine {
       state,
       slot,
       view.valid,
+      group,
     );
   }
 

@@ -1019,4 +1019,25 @@ describe('limits', () => {
     expect(relativeError((direct.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
     await fm.dispose();
   });
+
+  it('keeps one decoding state per key head: 128 query heads on 2 key heads fit where 128 states do not', async () => {
+    // p = 3, D = Dv = 64: F = 47,905 features, about 25 MB a state: 128 of them pass the 2 GiB
+    // limit, 2 (one per key head, read by 64 query heads each) do not.
+    const fm = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+    const options = { batch: 1, heads: 128, headDim: 64, valueDim: 64, order: 3 } as const;
+    const error = await fm.createState({ ...options, kvHeads: 128 }).then(
+      () => null,
+      (e: unknown) => e,
+    );
+    expect(isFastmaxError(error, 'RESOURCE_EXHAUSTED')).toBe(true);
+    const state = await fm.createState({ ...options, kvHeads: 2 });
+    const q = tensor([1, 128, 2, 64], 5);
+    const k = tensor([1, 2, 2, 64], 6);
+    const v = tensor([1, 2, 2, 64], 7);
+    const step = await state.step(q, k, v);
+    const reference = referenceAttention(q, k, v, { order: 3, causal: true });
+    expect(relativeError((step.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
+    state.dispose();
+    await fm.dispose();
+  });
 });
