@@ -246,7 +246,8 @@ const LARGEST_STAGED_OUTPUT_BYTES = 64 * 2 ** 20;
  * AttentionJob.shares), in order of share within each head (a scan's share waits for the one
  * before it, which therefore starts first), except the first `wholeHeads`, which go first as whole
  * heads (WorkUnit.whole). `skipShare`: that share of head 0 is left out (the calling thread runs it).
- * `groupSize` > 1 (whole heads only): the query heads of one key head make one unit (WorkUnit.heads).
+ * `groupSize` > 1: the query heads of one key head make one unit (WorkUnit.heads), or one a feature
+ * share.
  */
 function planUnits(
   heads: number,
@@ -260,7 +261,8 @@ function planUnits(
 ): WorkUnit[][] {
   const units: WorkUnit[] = [];
   if (groupSize > 1) {
-    for (let head = 0; head < heads; head += groupSize) units.push({ head, heads: groupSize });
+    for (let head = 0; head < heads; head += groupSize)
+      for (let share = 0; share < shares; share++) units.push({ head, heads: groupSize, share });
     return batchUnits(units, threads);
   }
   for (let head = 0; head < heads; head++) {
@@ -533,25 +535,36 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         PREPARATION_COST * (D + Dv);
       const headCost = N * readCost + shape.keyLength * keyCost;
       const groupCost = groupSize * N * readCost + shape.keyLength * keyCost;
+      // With many features, fewer groups than threads split by features too: every feature share
+      // of a group still adds each key once for all its heads.
+      const groupShares =
+        factorized && groupSize > 1 && plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT && workers !== null
+          ? sharesPerHead(groups, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
+          : 1;
+      // A group's share of the work, and what each of its feature shares repeats.
+      const groupShare = groupShares > 1 ? 1 / groupShares + fixedFeaturesFor(groupShares) / F : 1;
       const grouped =
         factorized &&
         groupSize > 1 &&
-        Math.ceil(groups / threadCount) * groupCost < 0.97 * (heads / threadCount) * headCost;
+        Math.ceil((groups * groupShares) / threadCount) * groupCost * groupShare <
+          0.97 * (heads / threadCount) * headCost;
       const shares =
-        workers === null || grouped
+        workers === null
           ? 1
-          : !factorized
-            ? sharesPerHead(heads, threadCount, directChunks, () => 0)
-            : byQueries
-              ? // Only the heads past whole rounds of the threads: a later query share folds the
-                // keys before its first query again, so splitting every head adds work (3 heads on
-                // 2 threads in 2 shares each took 1.21× whole heads' time at p = 1, N = 16384).
-                sharesPerHead(heads % threadCount, threadCount, F / 4, () => 0)
-              : plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT
-                ? sharesPerHead(heads, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
-                : byKeys
-                  ? sharesPerHead(heads, threadCount, Math.max(1, Math.floor(N / 64)), () => 0)
-                  : 1;
+          : grouped
+            ? groupShares
+            : !factorized
+              ? sharesPerHead(heads, threadCount, directChunks, () => 0)
+              : byQueries
+                ? // Only the heads past whole rounds of the threads: a later query share folds the
+                  // keys before its first query again, so splitting every head adds work (3 heads on
+                  // 2 threads in 2 shares each took 1.21× whole heads' time at p = 1, N = 16384).
+                  sharesPerHead(heads % threadCount, threadCount, F / 4, () => 0)
+                : plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT
+                  ? sharesPerHead(heads, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
+                  : byKeys
+                    ? sharesPerHead(heads, threadCount, Math.max(1, Math.floor(N / 64)), () => 0)
+                    : 1;
       const bySequence = shares > 1 && (byQueries || !factorized);
       // Heads that run whole in a split by queries (WorkUnit.whole).
       const wholeHeads = bySequence && factorized ? heads - (heads % threadCount) : 0;

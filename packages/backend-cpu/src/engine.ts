@@ -281,7 +281,8 @@ export interface WorkUnit {
   readonly whole?: boolean;
   /**
    * Query heads [head, head + heads) run together: they read the same key head (grouped-query
-   * attention), whose keys then enter the moment state once for all of them. Whole heads only.
+   * attention), whose keys then enter the moment state once for all of them. Whole heads, or the
+   * same feature share of each (AttentionJob.shares).
    */
   readonly heads?: number;
 }
@@ -694,15 +695,17 @@ export class Engine {
       shares,
       job.featureBounds,
     );
-    let partial: PartialTarget | null = null;
-    if (shares > 1) {
-      partial = {
-        out: share === 0 ? job.out : job.partialOut!,
-        outBase: share === 0 ? unit.head * N * Dv : (unit.head * (shares - 1) + share - 1) * N * Dv,
-        den: job.partialDen!,
-        denBase: (unit.head * shares + share) * N,
-      };
-    }
+    // Where feature share `share` of query head `head` leaves its unnormalized rows.
+    const partialOf = (head: number): PartialTarget | null =>
+      shares > 1
+        ? {
+            out: share === 0 ? job.out : job.partialOut!,
+            outBase: share === 0 ? head * N * Dv : (head * (shares - 1) + share - 1) * N * Dv,
+            den: job.partialDen!,
+            denBase: (head * shares + share) * N,
+          }
+        : null;
+    const partial = partialOf(unit.head);
     const view: HeadView = {
       q: job.q,
       qBase: unit.head * N * D,
@@ -731,7 +734,12 @@ export class Engine {
     if ((unit.heads ?? 1) > 1) {
       const group = Array.from({ length: unit.heads! }, (_, h): GroupMember => {
         if (h === 0) return { view, scales, running: state };
-        const head = { ...view, qBase: (unit.head + h) * N * D, oBase: (unit.head + h) * N * Dv };
+        const head = {
+          ...view,
+          qBase: (unit.head + h) * N * D,
+          oBase: (unit.head + h) * N * Dv,
+          partial: partialOf(unit.head + h),
+        };
         return { view: head, scales: this.queryScales(job, head), running: { queryMax: 0 } };
       });
       const schedule = job.schedules[b]!;

@@ -36,6 +36,42 @@ function relativeError(actual: ArrayLike<number>, expected: ArrayLike<number>): 
   return error / scale;
 }
 
+/** Largest |x − y| over the elements. */
+function largestDifference(x: ArrayLike<number>, y: ArrayLike<number>): number {
+  let error = 0;
+  for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
+  return error;
+}
+
+/**
+ * A split call's output `x` against one thread's `y` and the oracle: the splits group float32 sums
+ * otherwise than one thread, so both within 1e-5, not bit for bit.
+ */
+function expectLikeOneThread(
+  x: Float32Array,
+  y: Float32Array,
+  [q, k, v]: readonly [HostTensor, HostTensor, HostTensor],
+  options: FastmaxOptions,
+): void {
+  expect(largestDifference(x, y)).toBeLessThan(1e-5);
+  expect(relativeError(x, referenceAttention(q, k, v, options).output)).toBeLessThan(1e-5);
+}
+
+/** The units of each run the backend's pool receives from now on, one list a run. */
+async function recordUnits(backend: ReturnType<typeof cpuBackend>): Promise<WorkUnit[][]> {
+  const pool = await (
+    backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
+  ).poolForTesting();
+  const runs: WorkUnit[][] = [];
+  if (pool === null) return runs;
+  const run = pool.run.bind(pool);
+  pool.run = (job, batches, alongside) => {
+    runs.push(batches.flat());
+    return run(job, batches, alongside);
+  };
+  return runs;
+}
+
 describe('normalization', () => {
   // The engine re-derives z = σ·x per chunk in float64 from the float32 inputs; with order 1 and
   // a_0 = 0 the output of a single key is o = f(s)·v / f(s) = v, so instead compare through
@@ -190,9 +226,7 @@ describe('threads', () => {
         expect(relativeError((a.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
         const x = (a.output as HostTensor).data;
         const y = (b.output as HostTensor).data;
-        let error = 0;
-        for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
-        expect(error).toBeLessThan(1e-5);
+        expect(largestDifference(x, y)).toBeLessThan(1e-5);
         await serial.dispose();
         await parallel.dispose();
       });
@@ -214,16 +248,8 @@ describe('threads', () => {
   ] as const) {
     it(`splits ${heads} heads on ${threads} workers: ${label}`, async () => {
       const backend = cpuBackend({ threads, parallelThreshold: 0 });
-      const pool = await (
-        backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
-      ).poolForTesting();
       // The units of the first run (a split by keys runs a second, the readout, over the same).
-      const runs: WorkUnit[][] = [];
-      const run = pool!.run.bind(pool!);
-      pool!.run = (job, batches, alongside) => {
-        runs.push(batches.flat());
-        return run(job, batches, alongside);
-      };
+      const runs = await recordUnits(backend);
       // 600 rows: the direct path splits in blocks of 256 queries.
       const q = tensor([1, heads, 600, D], 91);
       const k = tensor([1, heads, 600, D], 92);
@@ -243,10 +269,7 @@ describe('threads', () => {
       expect(units).toHaveLength(wholeHeads + (heads - wholeHeads) * shares);
       const x = (a.output as HostTensor).data;
       const y = (b.output as HostTensor).data;
-      let error = 0;
-      for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
-      expect(error).toBeLessThan(1e-5);
-      expect(relativeError(x, referenceAttention(q, k, v, options).output)).toBeLessThan(1e-5);
+      expectLikeOneThread(x, y, [q, k, v], options);
       await serial.dispose();
       await parallel.dispose();
     });
@@ -267,17 +290,7 @@ describe('threads', () => {
     for (const threads of [1, 2]) {
       it(`runs 2 query heads per key head together (p = ${order}, ${causal ? 'causal' : 'non-causal'}, ${typeof normalization === 'string' ? normalization : 'scale'}, ${threads} thread(s))`, async () => {
         const backend = cpuBackend({ threads, parallelThreshold: 0 });
-        const pool = await (
-          backend as typeof backend & { poolForTesting(): Promise<WorkerPool | null> }
-        ).poolForTesting();
-        const runs: WorkUnit[][] = [];
-        if (pool !== null) {
-          const run = pool.run.bind(pool);
-          pool.run = (job, batches, alongside) => {
-            runs.push(batches.flat());
-            return run(job, batches, alongside);
-          };
-        }
+        const runs = await recordUnits(backend);
         // 4 query heads over 2 key heads in each of 2 batches: 4 groups, 2 per worker.
         const q = tensor([2, 4, 300, 16], 101, 2);
         const k = tensor([2, 2, 300, 16], 102, 2);
@@ -292,13 +305,37 @@ describe('threads', () => {
         };
         const fm = await createFastmax({ backend });
         const result = await fm.attention(q, k, v, options);
-        if (pool !== null) expect(runs[0]).toEqual([0, 2, 4, 6].map((head) => ({ head, heads: 2 })));
+        if (threads > 1) expect(runs[0]).toEqual([0, 2, 4, 6].map((head) => ({ head, heads: 2, share: 0 })));
         const reference = referenceAttention(q, k, v, options);
         expect(result.degenerateRows).toBe(reference.degenerateRows);
         expect(relativeError((result.output as HostTensor).data, reference.output)).toBeLessThan(1e-5);
         await fm.dispose();
       });
     }
+  }
+
+  // Fewer groups than threads, with many features: each group is split by features, and every
+  // feature share still adds each key once for the group's heads (F = 561 at p = 2, D = 32; one key
+  // head read by 4 query heads on 2 workers: 2 shares of the one group).
+  for (const causal of [true, false]) {
+    it(`splits a group of 4 query heads on one key head by features (${causal ? 'causal' : 'non-causal'})`, async () => {
+      const backend = cpuBackend({ threads: 2, parallelThreshold: 0 });
+      const runs = await recordUnits(backend);
+      const q = tensor([1, 4, 300, 32], 111, 2);
+      const k = tensor([1, 1, 300, 32], 112, 2);
+      const v = tensor([1, 1, 300, 12], 113);
+      const options: FastmaxOptions = { order: 2, causal, path: 'factorized', chunkSize: 16 };
+      const fm = await createFastmax({ backend });
+      const result = await fm.attention(q, k, v, options);
+      expect(runs[0]).toEqual([0, 1].map((share) => ({ head: 0, heads: 4, share })));
+      const serial = await createFastmax({ backend: cpuBackend({ threads: 1 }) });
+      const alone = await serial.attention(q, k, v, options);
+      const x = (result.output as HostTensor).data;
+      const y = (alone.output as HostTensor).data;
+      expectLikeOneThread(x, y, [q, k, v], options);
+      await serial.dispose();
+      await fm.dispose();
+    });
   }
 
   // A non-causal head with fewer than 256 features splits by keys, then by queries
@@ -486,11 +523,7 @@ describe('threads', () => {
           const b = await serial.attention(q, k, v, options);
           const x = (a.output as HostTensor).data;
           const y = (b.output as HostTensor).data;
-          let error = 0;
-          for (let i = 0; i < y.length; i++) error = Math.max(error, Math.abs(x[i]! - y[i]!));
-          expect(error).toBeLessThan(1e-5);
-          const reference = referenceAttention(q, k, v, options);
-          expect(relativeError(x, reference.output)).toBeLessThan(1e-5);
+          expectLikeOneThread(x, y, [q, k, v], options);
           await serial.dispose();
           await parallel.dispose();
         });
