@@ -541,12 +541,12 @@ export function cpuBackend(options: CpuBackendOptions = {}): CpuBackend {
         factorized && groupSize > 1 && plan.featureCount >= MIN_FEATURES_FOR_FEATURE_SPLIT && workers !== null
           ? sharesPerHead(groups, threadCount, F / 4, (s) => fixedFeaturesFor(s) / F)
           : 1;
-      // A group's share of the work, and what each of its feature shares repeats.
-      const groupShare = groupShares > 1 ? 1 / groupShares + fixedFeaturesFor(groupShares) / F : 1;
+      // One unit's part of its group's work: its features', plus what every feature share repeats.
+      const unitOfGroup = groupShares > 1 ? 1 / groupShares + fixedFeaturesFor(groupShares) / F : 1;
       const grouped =
         factorized &&
         groupSize > 1 &&
-        Math.ceil((groups * groupShares) / threadCount) * groupCost * groupShare <
+        Math.ceil((groups * groupShares) / threadCount) * groupCost * unitOfGroup <
           0.97 * (heads / threadCount) * headCost;
       const shares =
         workers === null

@@ -731,31 +731,20 @@ export class Engine {
     const state: HeadState = { keys: 0, queryMax: 0, keyMax: 0 };
     if (job.keySplit !== null) return this.runKeySplitShare(job, unit.head, share, view, state);
     const scales = this.queryScales(job, view);
-    if ((unit.heads ?? 1) > 1) {
-      const group = Array.from({ length: unit.heads! }, (_, h): GroupMember => {
-        if (h === 0) return { view, scales, running: state };
-        const head = {
-          ...view,
-          qBase: (unit.head + h) * N * D,
-          oBase: (unit.head + h) * N * Dv,
-          partial: partialOf(unit.head + h),
-        };
-        return { view: head, scales: this.queryScales(job, head), running: { queryMax: 0 } };
-      });
-      const schedule = job.schedules[b]!;
-      return this.runHead(
-        view,
-        schedule,
-        job.path,
-        job.normalization,
-        job.temperature,
-        scales,
-        state,
-        0,
-        0,
-        group,
-      );
-    }
+    // The other query heads of a group read their own queries; the key divisor is the group's.
+    const group =
+      (unit.heads ?? 1) > 1
+        ? Array.from({ length: unit.heads! }, (_, h): GroupMember => {
+            if (h === 0) return { view, scales, running: state };
+            const head = {
+              ...view,
+              qBase: (unit.head + h) * N * D,
+              oBase: (unit.head + h) * N * Dv,
+              partial: partialOf(unit.head + h),
+            };
+            return { view: head, scales: this.queryScales(job, head, scales), running: { queryMax: 0 } };
+          })
+        : null;
     let schedule = job.schedules[b]!;
     if (bySequence && unit.whole !== true) {
       const { first, end } = chunksStartingIn(
@@ -773,7 +762,18 @@ export class Engine {
       if (job.normalization.kind === 'prefix-max-norm' && schedule.length > 0)
         state.queryMax = this.maxCenteredNorm(view.q, view.qBase, 0, schedule[0]!, D, QUERY_ROWS);
     }
-    return this.runHead(view, schedule, job.path, job.normalization, job.temperature, scales, state, 0, 0);
+    return this.runHead(
+      view,
+      schedule,
+      job.path,
+      job.normalization,
+      job.temperature,
+      scales,
+      state,
+      0,
+      0,
+      group,
+    );
   }
 
   /**
@@ -1198,13 +1198,19 @@ export class Engine {
   }
 
   /**
-   * Per-head divisors that need the whole head first: max-norm's largest query and key norms.
+   * Per-head divisors that need the whole head first: max-norm's largest query and key norms
+   * (the key one taken from `sameKeys` when another head of its group found it already).
    * Returns null when the normalization needs none.
    */
-  private queryScales(job: AttentionJob, view: HeadView): HeadScales | null {
+  private queryScales(
+    job: AttentionJob,
+    view: HeadView,
+    sameKeys: HeadScales | null = null,
+  ): HeadScales | null {
     if (job.normalization.kind !== 'max-norm') return null;
     const queryMax = this.maxCenteredNorm(view.q, view.qBase, 0, view.rows, view.headDim, QUERY_ROWS);
-    const keyMax = this.maxCenteredNorm(view.k, view.kBase, 0, view.valid, view.headDim, KEY_ROWS);
+    const keyMax =
+      sameKeys?.keyDivisor ?? this.maxCenteredNorm(view.k, view.kBase, 0, view.valid, view.headDim, KEY_ROWS);
     return { queryDivisor: queryMax > 0 ? queryMax : 1, keyDivisor: keyMax > 0 ? keyMax : 1 };
   }
 
